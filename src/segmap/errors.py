@@ -1,0 +1,31 @@
+"""Exceptions for problems a user can act on.
+
+Every message is one line that names the file, series or key at fault and says what was expected. The CLI and the
+application turn a :class:`SegmapError` into that line on stderr and a non-zero exit code, without a traceback.
+"""
+
+
+class SegmapError(Exception):
+    """A problem with the user's input, files or configuration (not a bug in segmap)."""
+
+    exit_code = 2
+
+
+class TaskFileError(SegmapError):
+    """The Segmentation Task file is missing, unreadable or does not follow the MAIA format."""
+
+
+class ModelError(SegmapError):
+    """The model file is missing, corrupt, or lacks the embedded nnU-Net plans."""
+
+
+class MismatchError(SegmapError):
+    """The task file and the model disagree (modalities or segments)."""
+
+
+class InputError(SegmapError):
+    """The input folder or files cannot be used (empty, unreadable, nothing matches)."""
+
+
+class OutputError(SegmapError):
+    """The output location cannot be written."""
