@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    # highdicom logs every module it copies at INFO: keep the run log about the run.
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         return args.func(args)
     except SegmapError as e:

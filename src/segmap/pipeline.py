@@ -1,0 +1,205 @@
+"""The steps of a segmap run as plain functions: the Holoscan operators in ``operators/`` wrap these, and
+``segmap run`` calls them in sequence, so the container and the command line give the same result.
+
+load (NIfTI by File_Pattern, or DICOM: scan -> select series by Rules_Text -> volume) -> put every modality on
+the reference modality's grid -> nnU-Net inference -> write the label map (NIfTI) or a DICOM SEG -> run report.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError, SegmapError
+from .model import MonetModel, load_model
+from .tasks import SegmentationTask, load_task
+from .validate import check_agreement
+from .volume import Volume
+
+log = logging.getLogger("segmap")
+
+NIFTI_OUTPUT = "segmentation.nii.gz"
+SEG_OUTPUT = "segmentation.dcm"
+REPORT = "run_report.json"
+
+
+@dataclass
+class RunOptions:
+    model: Path
+    task: Path
+    input: Path
+    output: Path
+    task_name: str | None = None
+    #: "dicom", "nifti" or "auto" (dicom unless the input is or holds NIfTI files).
+    variant: str = "auto"
+    device: str = "auto"
+    mirroring: bool = False
+    omit_empty_frames: bool = False
+
+
+@dataclass
+class Inputs:
+    """What was loaded for one run: the stacked model input and where it came from."""
+
+    #: ``[c, z, y, x]`` in the task's (= model's) modality order, on the reference modality's grid.
+    volume: Volume
+    #: modality key -> the volume as loaded (before resampling onto the reference grid).
+    per_modality: dict[str, Volume]
+    variant: str
+    #: DICOM only: the reference series' instance headers in the volume's z order (the SEG references them).
+    reference_datasets: list | None = None
+    #: DICOM only: modality key -> segmap.dicom.selection.SeriesSelection.
+    selections: dict[str, Any] = field(default_factory=dict)
+
+
+def detect_variant(input_path: Path) -> str:
+    """``nifti`` when the input is a NIfTI file or a folder holding one at its top level, else ``dicom``."""
+    input_path = Path(input_path)
+    if not input_path.exists():
+        raise InputError(f"input {input_path} does not exist")
+    from .nifti_input import NIFTI_SUFFIXES
+
+    if input_path.is_file():
+        return "nifti" if input_path.name.endswith(NIFTI_SUFFIXES) else "dicom"
+    if any(p.name.endswith(NIFTI_SUFFIXES) for p in input_path.iterdir() if p.is_file()):
+        return "nifti"
+    return "dicom"
+
+
+def load_nifti_inputs(input_path: Path, task: SegmentationTask) -> Inputs:
+    from .nifti_input import find_modality_files, read_nifti
+
+    files = find_modality_files(input_path, task)
+    volumes = {}
+    for key, path in files.items():
+        volumes[key] = read_nifti(path)
+        volumes[key].meta["modality_key"] = key
+        log.info("modality '%s': %s, %s voxels (z, y, x) at %s mm", key, path.name, volumes[key].shape_zyx,
+                 tuple(round(s, 3) for s in volumes[key].spacing_zyx))
+    return Inputs(combine_modalities(volumes, task), volumes, "nifti")
+
+
+def load_dicom_inputs(input_path: Path, task: SegmentationTask) -> Inputs:
+    from .dicom.loading import scan_dicom_folder
+    from .dicom.selection import select_for_task
+    from .dicom.series_volume import series_to_volume, source_datasets
+
+    missing = [m.key for m in task.modalities if not m.rules]
+    if missing:
+        raise InputError(f"task '{task.name}' modality(ies) {', '.join(missing)} have no Rules_Text, so the task "
+                         f"cannot select DICOM series (use the NIfTI variant)")
+    scan = scan_dicom_folder(input_path)
+    selections = select_for_task(scan, {m.key: m.rules for m in task.modalities})
+    volumes = {}
+    for key, sel in selections.items():
+        volumes[key] = series_to_volume(sel.series)
+        volumes[key].meta["modality_key"] = key
+        log.info("modality '%s': series %s (%s, '%s', %d instances) selected by '%s'; %s voxels (z, y, x) at %s mm",
+                 key, sel.series.series_instance_uid, sel.series.modality, sel.series.description,
+                 len(sel.series.instances), sel.selection_name, volumes[key].shape_zyx,
+                 tuple(round(s, 3) for s in volumes[key].spacing_zyx))
+    ref = task.reference_modality
+    datasets = source_datasets(selections[ref].series, volumes[ref])
+    return Inputs(combine_modalities(volumes, task), volumes, "dicom", datasets, selections)
+
+
+def combine_modalities(volumes: dict[str, Volume], task: SegmentationTask) -> Volume:
+    """Stack modalities in task order, resampling each non-reference one onto the reference grid (linear)."""
+    reference = volumes[task.reference_modality]
+    if len(volumes) == 1:
+        return reference
+    from .dicom.resample import resample_to_reference
+
+    channels = []
+    for m in task.modalities:
+        v = volumes[m.key]
+        if v.shape_zyx != reference.shape_zyx or not np.allclose(v.affine, reference.affine, atol=1e-3):
+            log.info("resampling modality '%s' onto the grid of '%s'", m.key, task.reference_modality)
+            v = resample_to_reference(v, reference, order=1)
+        channels.append(v.array[0].astype(np.float32, copy=False))
+    return Volume(np.stack(channels), reference.affine.copy(), {**reference.meta, "modalities": task.modality_keys})
+
+
+def load_inputs(input_path: Path, task: SegmentationTask, variant: str = "auto") -> Inputs:
+    variant = detect_variant(input_path) if variant == "auto" else variant
+    if variant == "nifti":
+        return load_nifti_inputs(input_path, task)
+    if variant == "dicom":
+        return load_dicom_inputs(input_path, task)
+    raise SegmapError(f"unknown variant '{variant}' (use dicom, nifti or auto)")
+
+
+def write_outputs(staging_dir: Path, labels: np.ndarray, inputs: Inputs, task: SegmentationTask, *,
+                  omit_empty_frames: bool = False, algorithm_version: str | None = None) -> list[tuple[Path, str]]:
+    """Write the label map as NIfTI (nifti variant) or DICOM SEG (dicom variant) into ``staging_dir``."""
+    if inputs.variant == "nifti":
+        from .outputs.nifti import write_label_nifti
+
+        path = write_label_nifti(labels, inputs.volume.affine, Path(staging_dir) / NIFTI_OUTPUT)
+        return [(path, "nifti")]
+    from .outputs.seg import write_seg
+
+    path = write_seg(labels, inputs.reference_datasets, task.segments, Path(staging_dir) / SEG_OUTPUT,
+                     omit_empty_frames=omit_empty_frames)
+    return [(path, "dicom-seg")]
+
+
+def record_inputs(report, inputs: Inputs) -> None:
+    for key, vol in inputs.per_modality.items():
+        details = {"shape_zyx": list(vol.shape_zyx), "spacing_zyx": [round(s, 4) for s in vol.spacing_zyx]}
+        sel = inputs.selections.get(key)
+        if sel is not None:
+            report.add_input(key, files=vol.meta.get("file_paths", []), datasets=sel.series.datasets,
+                             selected_by=sel.selection_name, **details)
+        else:
+            report.add_input(key, files=vol.meta.get("source_files", []), **details)
+
+
+def prepare(model_path: Path, task_path: Path, task_name: str | None) -> tuple[MonetModel, SegmentationTask]:
+    """Load and cross-check the model and the task (fails before any input is read)."""
+    task = load_task(task_path, task_name)
+    model = load_model(model_path)
+    check_agreement(task, model.spec, task_source=task_path, model_source=model_path)
+    return model, task
+
+
+def run(opts: RunOptions) -> Path:
+    """One complete run; returns the path of the run report. Nothing is written unless the run succeeds."""
+    from .engine import EngineOptions, Segmenter
+    from .outputs.atomic import atomic_outputs, ensure_writable
+    from .outputs.report import RunReport
+
+    t0 = time.perf_counter()
+    model, task = prepare(opts.model, opts.task, opts.task_name)
+    out_dir = ensure_writable(opts.output)
+    report = RunReport(task_name=task.name, task_file=opts.task)
+    report.set_model(model.fold_files, path=opts.model, configuration=model.spec.configuration,
+                     folds=[f.parent.name for f in model.fold_files])
+    with report.stage("load"):
+        inputs = load_inputs(Path(opts.input), task, opts.variant)
+    with report.stage("load_model"):
+        segmenter = Segmenter(model, EngineOptions(device=opts.device, mirroring=opts.mirroring))
+    report.set_device(str(segmenter.device))
+    record_inputs(report, inputs)
+    with report.stage("inference"):
+        labels = segmenter.predict(inputs.volume.array, inputs.volume.spacing_zyx)
+    for k in ("preprocess", "network", "postprocess"):
+        report.timings_s[f"inference.{k}"] = segmenter.timings.get(k, 0.0)
+    report.set_segments(labels, inputs.volume.affine, task.segments)
+    with atomic_outputs(out_dir) as staging:
+        with report.stage("write"):
+            for path, kind in write_outputs(staging.dir, labels, inputs, task,
+                                            omit_empty_frames=opts.omit_empty_frames):
+                report.add_output(staging.final_path(path), kind)
+        report.finish("succeeded")
+        report.write(staging.dir / REPORT)
+    for seg in report.segments:
+        log.info("segment %s: %s voxels, %.1f mL", seg["name"], seg["voxels"],
+                 seg["volume_ml"])
+    log.info("done in %.1f s: %s", time.perf_counter() - t0, ", ".join(str(p) for p in staging.committed))
+    return out_dir / REPORT

@@ -1,0 +1,55 @@
+"""Shared fixtures: small nnU-Net networks with non-trivial outputs for the fidelity tests."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def trained(request):
+    """``trained(plans, fold, n_out) -> state_dict`` for the plans' PlainConvUNet (1 input channel).
+
+    One network is trained briefly on phantoms (spleen, liver, bone) and cached; folds > 0 are perturbed copies, and
+    region-based heads are derived from the class heads (class minus background logit).
+    """
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("dynamic_network_architectures")
+    from segmap.demo.plans import build_network
+    from segmap.demo.train import fit_phantom_network
+
+    cache = Path(request.config.cache.mkdir("segmap")) / "fidelity-net-v1.pt"
+    base = None
+    if cache.exists():
+        try:
+            base = torch.load(cache, weights_only=True)
+        except Exception:
+            base = None
+
+    def make(plans: dict, fold: int, n_out: int = 4) -> dict:
+        nonlocal base
+        if base is None:
+            net = build_network(plans, "3d_fullres", 1, 4)
+            fit_phantom_network(net, steps=60, seed=0, extra_labels=True, patch=(24, 48, 48),
+                                spacing=(3.0, 1.5, 1.5), intensity_properties=plans[
+                                    "foreground_intensity_properties_per_channel"]["0"])
+            base = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            torch.save(base, cache)
+        state = {k: v.clone() for k, v in base.items()}
+        head_w = [k for k in state if k.startswith("decoder.seg_layers") and k.endswith("weight")][-1]
+        head_b = head_w[:-len("weight")] + "bias"
+        if n_out == 3:  # region-based: logit(class) - logit(background), positive where the class wins
+            state[head_w] = state[head_w][1:] - state[head_w][:1]
+            state[head_b] = state[head_b][1:] - state[head_b][:1]
+        if fold:
+            g = torch.Generator().manual_seed(fold)
+            for k, v in state.items():
+                if v.is_floating_point() and v.ndim > 1:
+                    state[k] = v * (1 + 0.05 * torch.randn(v.shape, generator=g))
+        return state
+
+    return make
