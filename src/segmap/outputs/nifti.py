@@ -1,0 +1,89 @@
+"""NIfTI label-map output, written with nibabel.
+
+The label map arrives as ``[z, y, x]`` (segmap's convention) and is stored as NIfTI expects, voxel ``(i, j, k) =
+(x, y, z)``, by a transpose that costs nothing: the transposed array is Fortran-ordered, which is the order nibabel
+writes. The affine is stored unchanged in both the sform and the qform (codes 1/1 unless the caller passes the
+source's codes), so the output lies exactly on the input image's grid. NIfTI-1 keeps the sform in float32, so the
+affine read back equals the given one to float32 precision; the qform cannot hold a sheared affine and is then an
+approximation that readers ignore while the sform code is set.
+
+Values are stored as they are: uint8 (uint16 when a label exceeds 255), no scaling (``scl_slope`` NaN), intent
+"label", ``cal_min``/``cal_max`` 0 and the largest label so viewers pick a sensible colour range.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from ..errors import OutputError
+
+_SUFFIXES = (".nii", ".nii.gz")
+
+
+def write_label_nifti(labels_zyx: np.ndarray, affine: np.ndarray, path: str | Path, *,
+                      sform_code: int = 1, qform_code: int = 1) -> Path:
+    """Write a ``[z, y, x]`` label map on the grid ``affine`` (voxel ``(x, y, z)`` -> RAS+ mm) to ``path``.
+
+    ``path`` must end in ``.nii`` or ``.nii.gz``. ``sform_code``/``qform_code``: the NIfTI codes to record (pass
+    the source image's to preserve them; 1 = scanner anatomical). Returns ``path``.
+    """
+    path = Path(path)
+    if not path.name.endswith(_SUFFIXES):
+        raise ValueError(f"{path}: a NIfTI file name must end in .nii or .nii.gz")
+    labels = np.asarray(labels_zyx)
+    if labels.ndim != 3:
+        raise ValueError(f"labels_zyx must be a [z, y, x] array, got shape {labels.shape}")
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
+        raise ValueError(f"affine must be a finite 4x4 matrix, got shape {affine.shape}")
+    if abs(np.linalg.det(affine[:3, :3])) == 0:
+        raise ValueError("affine is singular: its 3x3 part has determinant 0")
+
+    dtype = _label_dtype(labels)
+    data_xyz = (labels if labels.dtype == dtype else labels.astype(dtype)).transpose(2, 1, 0)
+
+    header = nib.Nifti1Header()
+    header.set_data_dtype(dtype)
+    img = nib.Nifti1Image(data_xyz, affine=None, header=header)
+    img.set_sform(affine, code=int(sform_code))
+    img.set_qform(affine, code=int(qform_code))
+    hdr = img.header
+    hdr.set_xyzt_units("mm", "sec")
+    hdr.set_intent("label")
+    hdr.set_slope_inter(np.nan, np.nan)
+    hdr["cal_min"] = 0
+    hdr["cal_max"] = int(labels.max()) if labels.size else 0
+    try:
+        nib.save(img, path)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write the NIfTI label map ({e.strerror or e})") from e
+    return path
+
+
+def read_label_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a label map back as ``(labels_zyx, affine)``; the affine is nibabel's best one (sform when set)."""
+    img = nib.load(Path(path))
+    data_xyz = np.asanyarray(img.dataobj)
+    if data_xyz.ndim == 4 and data_xyz.shape[3] == 1:
+        data_xyz = data_xyz[..., 0]
+    if data_xyz.ndim != 3:
+        raise ValueError(f"{path}: expected a 3D label map, got shape {data_xyz.shape}")
+    return data_xyz.transpose(2, 1, 0), np.asarray(img.affine, dtype=np.float64)
+
+
+def _label_dtype(labels: np.ndarray) -> type:
+    if labels.dtype == np.bool_:
+        return np.uint8
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels_zyx must hold integer label values, got dtype {labels.dtype}")
+    if labels.size == 0:
+        return np.uint8
+    if np.issubdtype(labels.dtype, np.signedinteger) and labels.min() < 0:
+        raise ValueError(f"label map holds negative value {int(labels.min())}")
+    top = int(labels.max())
+    if top > 0xFFFF:
+        raise ValueError(f"label map holds value {top}; labels are stored as uint16 (at most 65535)")
+    return np.uint8 if top <= 0xFF else np.uint16
