@@ -84,28 +84,41 @@ def load_nifti_inputs(input_path: Path, task: SegmentationTask) -> Inputs:
     return Inputs(combine_modalities(volumes, task), volumes, "nifti")
 
 
-def load_dicom_inputs(input_path: Path, task: SegmentationTask) -> Inputs:
-    from .dicom.loading import scan_dicom_folder
+def select_dicom_series(scan, task: SegmentationTask) -> dict:
+    """One series per modality of the task, chosen by its Rules_Text (see segmap.dicom.selection)."""
     from .dicom.selection import select_for_task
-    from .dicom.series_volume import series_to_volume, source_datasets
 
     missing = [m.key for m in task.modalities if not m.rules]
     if missing:
         raise InputError(f"task '{task.name}' modality(ies) {', '.join(missing)} have no Rules_Text, so the task "
                          f"cannot select DICOM series (use the NIfTI variant)")
-    scan = scan_dicom_folder(input_path)
     selections = select_for_task(scan, {m.key: m.rules for m in task.modalities})
+    for key, sel in selections.items():
+        log.info("modality '%s': series %s (%s, '%s', %d instances) selected by '%s'", key,
+                 sel.series.series_instance_uid, sel.series.modality, sel.series.description,
+                 len(sel.series.instances), sel.selection_name)
+    return selections
+
+
+def dicom_inputs(selections: dict, task: SegmentationTask) -> Inputs:
+    """Decode the selected series into volumes and stack them on the reference modality's grid."""
+    from .dicom.series_volume import series_to_volume, source_datasets
+
     volumes = {}
     for key, sel in selections.items():
         volumes[key] = series_to_volume(sel.series)
         volumes[key].meta["modality_key"] = key
-        log.info("modality '%s': series %s (%s, '%s', %d instances) selected by '%s'; %s voxels (z, y, x) at %s mm",
-                 key, sel.series.series_instance_uid, sel.series.modality, sel.series.description,
-                 len(sel.series.instances), sel.selection_name, volumes[key].shape_zyx,
+        log.info("modality '%s': %s voxels (z, y, x) at %s mm", key, volumes[key].shape_zyx,
                  tuple(round(s, 3) for s in volumes[key].spacing_zyx))
     ref = task.reference_modality
     datasets = source_datasets(selections[ref].series, volumes[ref])
     return Inputs(combine_modalities(volumes, task), volumes, "dicom", datasets, selections)
+
+
+def load_dicom_inputs(input_path: Path, task: SegmentationTask) -> Inputs:
+    from .dicom.loading import scan_dicom_folder
+
+    return dicom_inputs(select_dicom_series(scan_dicom_folder(input_path), task), task)
 
 
 def combine_modalities(volumes: dict[str, Volume], task: SegmentationTask) -> Volume:
@@ -160,46 +173,85 @@ def record_inputs(report, inputs: Inputs) -> None:
             report.add_input(key, files=vol.meta.get("source_files", []), **details)
 
 
+def resolve_model_path(path: Path) -> Path:
+    """A model file or fold folder; a folder holding exactly one model folder (a MAP's models/<name>/) is entered."""
+    path = Path(path)
+    if path.is_dir() and not (path / "model.ts").exists() and not any(path.glob("fold_*/model.ts")):
+        subdirs = [d for d in path.iterdir() if d.is_dir() and ((d / "model.ts").exists() or any(d.glob("fold_*/model.ts")))]
+        if len(subdirs) == 1:
+            return subdirs[0]
+    return path
+
+
 def prepare(model_path: Path, task_path: Path, task_name: str | None) -> tuple[MonetModel, SegmentationTask]:
     """Load and cross-check the model and the task (fails before any input is read)."""
     task = load_task(task_path, task_name)
-    model = load_model(model_path)
+    model = load_model(resolve_model_path(model_path))
     check_agreement(task, model.spec, task_source=task_path, model_source=model_path)
     return model, task
 
 
+class Run:
+    """One run's state, shared by the steps (and by the application's operators)."""
+
+    def __init__(self, opts: RunOptions) -> None:
+        from .outputs.atomic import ensure_writable
+        from .outputs.report import RunReport
+
+        self.t0 = time.perf_counter()
+        self.opts = opts
+        self.model, self.task = prepare(opts.model, opts.task, opts.task_name)
+        self.out_dir = ensure_writable(opts.output)
+        self.report = RunReport(task_name=self.task.name, task_file=opts.task)
+        self.report.set_model(self.model.fold_files, path=opts.model, configuration=self.model.spec.configuration,
+                              folds=[f.parent.name for f in self.model.fold_files])
+        self.segmenter = None
+        self.error: SegmapError | None = None
+        self.report_path: Path | None = None
+
+    @property
+    def variant(self) -> str:
+        return detect_variant(self.opts.input) if self.opts.variant == "auto" else self.opts.variant
+
+    def segment(self, inputs: Inputs) -> np.ndarray:
+        from .engine import EngineOptions, Segmenter
+
+        record_inputs(self.report, inputs)
+        if self.segmenter is None:
+            with self.report.stage("load_model"):
+                self.segmenter = Segmenter(self.model, EngineOptions(device=self.opts.device,
+                                                                     mirroring=self.opts.mirroring))
+            self.report.set_device(str(self.segmenter.device))
+        with self.report.stage("inference"):
+            labels = self.segmenter.predict(inputs.volume.array, inputs.volume.spacing_zyx)
+        for k in ("preprocess", "network", "postprocess"):
+            self.report.timings_s[f"inference.{k}"] = self.segmenter.timings.get(k, 0.0)
+        return labels
+
+    def finish(self, labels: np.ndarray, inputs: Inputs) -> Path:
+        """Write the outputs and the report atomically; returns the report's path."""
+        from .outputs.atomic import atomic_outputs
+
+        self.report.set_segments(labels, inputs.volume.affine, self.task.segments)
+        with atomic_outputs(self.out_dir) as staging:
+            with self.report.stage("write"):
+                for path, kind in write_outputs(staging.dir, labels, inputs, self.task,
+                                                omit_empty_frames=self.opts.omit_empty_frames):
+                    self.report.add_output(staging.final_path(path), kind)
+            self.report.finish("succeeded")
+            self.report.write(staging.dir / REPORT)
+        for seg in self.report.segments:
+            log.info("segment %s: %s voxels, %.1f mL", seg["name"], seg["voxels"], seg["volume_ml"])
+        log.info("done in %.1f s: %s", time.perf_counter() - self.t0,
+                 ", ".join(str(p) for p in staging.committed))
+        self.report_path = self.out_dir / REPORT
+        return self.report_path
+
+
 def run(opts: RunOptions) -> Path:
     """One complete run; returns the path of the run report. Nothing is written unless the run succeeds."""
-    from .engine import EngineOptions, Segmenter
-    from .outputs.atomic import atomic_outputs, ensure_writable
-    from .outputs.report import RunReport
-
-    t0 = time.perf_counter()
-    model, task = prepare(opts.model, opts.task, opts.task_name)
-    out_dir = ensure_writable(opts.output)
-    report = RunReport(task_name=task.name, task_file=opts.task)
-    report.set_model(model.fold_files, path=opts.model, configuration=model.spec.configuration,
-                     folds=[f.parent.name for f in model.fold_files])
-    with report.stage("load"):
-        inputs = load_inputs(Path(opts.input), task, opts.variant)
-    with report.stage("load_model"):
-        segmenter = Segmenter(model, EngineOptions(device=opts.device, mirroring=opts.mirroring))
-    report.set_device(str(segmenter.device))
-    record_inputs(report, inputs)
-    with report.stage("inference"):
-        labels = segmenter.predict(inputs.volume.array, inputs.volume.spacing_zyx)
-    for k in ("preprocess", "network", "postprocess"):
-        report.timings_s[f"inference.{k}"] = segmenter.timings.get(k, 0.0)
-    report.set_segments(labels, inputs.volume.affine, task.segments)
-    with atomic_outputs(out_dir) as staging:
-        with report.stage("write"):
-            for path, kind in write_outputs(staging.dir, labels, inputs, task,
-                                            omit_empty_frames=opts.omit_empty_frames):
-                report.add_output(staging.final_path(path), kind)
-        report.finish("succeeded")
-        report.write(staging.dir / REPORT)
-    for seg in report.segments:
-        log.info("segment %s: %s voxels, %.1f mL", seg["name"], seg["voxels"],
-                 seg["volume_ml"])
-    log.info("done in %.1f s: %s", time.perf_counter() - t0, ", ".join(str(p) for p in staging.committed))
-    return out_dir / REPORT
+    state = Run(opts)
+    with state.report.stage("load"):
+        inputs = load_inputs(Path(opts.input), state.task, state.variant)
+    labels = state.segment(inputs)
+    return state.finish(labels, inputs)

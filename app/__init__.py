@@ -1,0 +1,1 @@
+"""The segmap MONAI Deploy application (the MAP payload)."""
