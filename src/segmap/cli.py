@@ -58,9 +58,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo.run import run_demo
+    from .demo.run import DEMO_MODEL, DEMO_TASK, run_demo
 
-    run_demo(Path(args.out), device=args.device)
+    run_demo(Path(args.out), device=args.device, model=Path(args.model or DEMO_MODEL),
+             task=Path(args.task or DEMO_TASK))
     return 0
 
 
@@ -104,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run both variants on a freshly generated phantom study with the bundled demo model")
     p.add_argument("--out", default="out/demo", help="where to write the phantom study and the results")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    p.add_argument("--model", default=None, help="model to use instead of the bundled models/demo-spleen/model.ts")
+    p.add_argument("--task", default=None, help="task file to use instead of tasks/spleen.yaml")
     p.set_defaults(func=_cmd_demo)
     return parser
 
