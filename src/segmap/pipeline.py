@@ -167,7 +167,7 @@ def record_inputs(report, inputs: Inputs) -> None:
         details = {"shape_zyx": list(vol.shape_zyx), "spacing_zyx": [round(s, 4) for s in vol.spacing_zyx]}
         sel = inputs.selections.get(key)
         if sel is not None:
-            report.add_input(key, files=vol.meta.get("file_paths", []), datasets=sel.series.datasets,
+            report.add_input(key, files=vol.meta.get("source_paths", []), datasets=sel.series.datasets,
                              selected_by=sel.selection_name, **details)
         else:
             report.add_input(key, files=vol.meta.get("source_files", []), **details)

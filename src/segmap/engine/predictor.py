@@ -80,8 +80,11 @@ def logits_to_labels(logits: torch.Tensor, shape: Sequence[int], spec: ModelSpec
 
 def _optimized(network):
     """A frozen, oneDNN-fused copy of a TorchScript network, or the network itself where torch cannot do it."""
+    import warnings
+
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch points to torch.compile; TorchScript is our input
             return torch.jit.optimize_for_inference(torch.jit.freeze(network.eval()))
     except Exception as e:  # an unusual graph: run it as it is
         log.debug("network not optimised for CPU inference: %s", e)
