@@ -12,6 +12,7 @@ setting (app.yaml key)     environment                  default
 variant                    SEGMAP_VARIANT               auto (dicom unless the input holds NIfTI)
 task_file                  SEGMAP_TASK_FILE             task.yaml (relative to the config's folder)
 task_name                  SEGMAP_TASK_NAME             the only task in the file
+model                      SEGMAP_MODEL                 the model folder under the models path (the only one)
 device                     SEGMAP_DEVICE                auto (CUDA when available)
 mirroring                  SEGMAP_MIRRORING             false
 omit_empty_frames          SEGMAP_OMIT_EMPTY_FRAMES     false
@@ -34,7 +35,8 @@ from segmap.errors import SegmapError
 from segmap.pipeline import RunOptions, detect_variant
 
 HERE = Path(__file__).resolve().parent
-DEFAULTS: dict[str, Any] = {"variant": "auto", "task_file": "task.yaml", "task_name": None, "device": "auto",
+DEFAULTS: dict[str, Any] = {"variant": "auto", "task_file": "task.yaml", "task_name": None, "model": None,
+                            "device": "auto",
                             "mirroring": False, "omit_empty_frames": False, "log_level": "INFO"}
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -75,6 +77,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _model_path(flag: str | None, env_path: str | None, configured: str | None) -> Path:
+    """``-m`` wins; otherwise the models path, or the configured model (relative to the models path)."""
+    if flag:
+        return Path(flag)
+    base = Path(env_path or "models")
+    if configured:
+        return base / configured if not Path(configured).is_absolute() else Path(configured)
+    return base
+
+
 def load_settings(argv: list[str] | None = None) -> AppSettings:
     args = _parser().parse_args(argv)
     env = os.environ
@@ -108,7 +120,7 @@ def load_settings(argv: list[str] | None = None) -> AppSettings:
     if variant == "auto":
         variant = detect_variant(input_path)
     options = RunOptions(
-        model=Path(args.model or env.get("HOLOSCAN_MODEL_PATH") or "models"),
+        model=_model_path(args.model, env.get("HOLOSCAN_MODEL_PATH"), values["model"]),
         task=task_file,
         task_name=values["task_name"] or None,
         input=input_path,

@@ -19,6 +19,7 @@ examples:
   segmap validate --task tasks/spleen.yaml --model models/demo-spleen/model.ts
   segmap run --model models/demo-spleen/model.ts --task tasks/spleen.yaml -i ct.nii.gz -o out/
   segmap demo
+  segmap package --model models/demo-spleen/model.ts --task tasks/spleen.yaml --tag segmap/spleen:0.1 --cpu
 
 A model is a MONet model.ts (TorchScript with nnU-Net plans embedded) or a folder of fold_K/model.ts files,
 which runs as an ensemble. A task file is a MAIA Segmentation Task YAML; one that holds a single task needs no
@@ -102,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--omit-empty-frames", action="store_true",
                    help="DICOM SEG: leave out frames with no segmented voxel (smaller files; some viewers mis-place them)")
     p.set_defaults(func=_cmd_run)
+
+    from .packager.cli import add_package_parser
+
+    add_package_parser(sub)
 
     p = sub.add_parser("demo", help="run both variants on a freshly generated phantom study with the bundled demo model")
     p.add_argument("--out", default="out/demo", help="where to write the phantom study and the results")

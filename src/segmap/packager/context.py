@@ -1,0 +1,365 @@
+"""Docker build contexts for MAPs (MONAI Application Packages).
+
+A context is a plain folder that ``docker build`` turns into one MAP image::
+
+    Dockerfile                  rendered from templates/Dockerfile.in (base image, uid/gid, timeout)
+    app/                        the application (run as ``python3 /opt/holoscan/app``)
+    models/<name>/fold_K/model.ts   the model; several folds are an ensemble
+    task/<task file>            the Segmentation Task file
+    app.yaml                    -> /var/holoscan/app.yaml: variant, task and run-time defaults baked in
+    app.json, pkg.json          -> /etc/holoscan/: the MAP manifests
+    tools                       -> /var/holoscan/tools: the entry point
+    requirements.txt, requirements-nodeps.txt, wheelhouse/deps/*.whl, wheelhouse/segmap/segmap-*.whl
+
+The same inputs give a byte-identical folder: file lists are sorted, nothing holds a time stamp or a random name,
+and the segmap wheel is built with a fixed ``SOURCE_DATE_EPOCH``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import resources as importlib_resources
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import yaml
+
+from ..errors import SegmapError
+from .baseimage import CPU_BASE_IMAGE, KNOWN_PYTHON
+from .wheelhouse import (build_segmap_wheel, copy_wheels, download_wheels, requirement_sets)
+
+VARIANTS = ("dicom", "nifti")
+API_VERSION = "1.0.0"
+SDK = "monai-deploy"
+SDK_VERSION = "4.0.0"
+
+APP_ROOT = "/opt/holoscan/app"
+MODEL_ROOT = "/opt/holoscan/models"
+TASK_ROOT = "/opt/holoscan/task"
+WORKDIR = "/var/holoscan"
+CONFIG_PATH = "/var/holoscan/app.yaml"
+APP_MANIFEST = "/etc/holoscan/app.json"
+PKG_MANIFEST = "/etc/holoscan/pkg.json"
+
+#: The image's environment; app.json lists it too.
+ENVIRONMENT = {
+    "HOLOSCAN_APPLICATION": APP_ROOT,
+    "HOLOSCAN_INPUT_PATH": f"{WORKDIR}/input",
+    "HOLOSCAN_OUTPUT_PATH": f"{WORKDIR}/output",
+    "HOLOSCAN_MODEL_PATH": MODEL_ROOT,
+    "HOLOSCAN_WORKDIR": WORKDIR,
+    "HOLOSCAN_CONFIG_PATH": CONFIG_PATH,
+    "HOLOSCAN_APP_MANIFEST_PATH": APP_MANIFEST,
+    "HOLOSCAN_PKG_MANIFEST_PATH": PKG_MANIFEST,
+    "HOLOSCAN_LOGS_PATH": f"{WORKDIR}/logs",
+}
+
+#: What each variant reads and writes (app.json ``input/output.formats``).
+FORMATS = {
+    "dicom": (["application/dicom"], ["application/dicom", "application/json"]),
+    "nifti": (["application/x-nifti"], ["application/x-nifti", "application/json"]),
+}
+TITLES = {"dicom": "DICOM SEG", "nifti": "NIfTI"}
+
+#: Run-time settings baked into app.yaml; the container's SEGMAP_* variables override them (``docker run -e``).
+RUNTIME_DEFAULTS = {"device": "auto", "mirroring": False, "omit_empty_frames": False, "log_level": "INFO"}
+RUNTIME_ENV = {"device": "SEGMAP_DEVICE", "mirroring": "SEGMAP_MIRRORING",
+               "omit_empty_frames": "SEGMAP_OMIT_EMPTY_FRAMES", "log_level": "SEGMAP_LOG_LEVEL"}
+
+GPU_RESOURCES = {"cpu": 2, "gpu": 1, "memory": "16Gi", "gpuMemory": "8Gi", "sharedMemory": "1Gi"}
+CPU_RESOURCES = {"cpu": 4, "gpu": 0, "memory": "16Gi", "gpuMemory": "0Gi", "sharedMemory": "1Gi"}
+
+_FOLD_DIR = re.compile(r"^fold_(\d+|all)$")
+_NAME_OK = re.compile(r"[^a-z0-9._-]+")
+_JUNK = ("__pycache__", ".pytest_cache", ".mypy_cache", ".git", ".DS_Store")
+
+
+class ContextError(SegmapError):
+    """A build context cannot be written from the given inputs."""
+
+
+@dataclass(frozen=True)
+class ImageName:
+    """``NAME:VERSION`` as the user typed it; the NIfTI variant's tag gets a ``-nifti`` suffix."""
+
+    repository: str
+    version: str
+
+    @classmethod
+    def parse(cls, tag: str) -> "ImageName":
+        repo, sep, version = tag.rpartition(":")
+        if not sep or "/" in version or not repo or not version:
+            raise ContextError(f"--tag {tag!r}: expected NAME:VERSION, e.g. segmap/spleen:1.0")
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", version):
+            raise ContextError(f"--tag {tag!r}: version {version!r} is not a valid Docker tag")
+        if repo != repo.lower():
+            raise ContextError(f"--tag {tag!r}: Docker image names must be lower case")
+        return cls(repo, version)
+
+    def for_variant(self, variant: str) -> str:
+        suffix = "" if variant == "dicom" else f"-{variant}"
+        return f"{self.repository}:{self.version}{suffix}"
+
+    @property
+    def short_name(self) -> str:
+        """The last path component, usable as a folder name (the model's name inside the image)."""
+        return _NAME_OK.sub("-", self.repository.rsplit("/", 1)[-1].lower()).strip("-.") or "model"
+
+
+def _template(name: str) -> str:
+    return importlib_resources.files("segmap.packager").joinpath("templates", name).read_text(encoding="utf-8")
+
+
+def render_dockerfile(*, base_image: str, uid: int = 1000, gid: int = 1000, timeout: int = 0) -> str:
+    """The Dockerfile template with its build-argument defaults filled in."""
+    text = _template("Dockerfile.in")
+    for key, value in (("BASE_IMAGE", base_image), ("MAP_UID", uid), ("MAP_GID", gid), ("TIMEOUT", timeout)):
+        text = text.replace(f"@{key}@", str(value))
+    leftover = re.findall(r"@[A-Z_]+@", text)
+    if leftover:  # pragma: no cover - a template bug
+        raise RuntimeError(f"Dockerfile template placeholders left: {leftover}")
+    return text
+
+
+def app_manifest(*, variant: str, version: str, timeout: int = 0) -> dict[str, Any]:
+    """``/etc/holoscan/app.json``."""
+    inputs, outputs = FORMATS[variant]
+    return {
+        "apiVersion": API_VERSION,
+        "command": json.dumps(["python3", APP_ROOT]),
+        "environment": dict(ENVIRONMENT, HOLOSCAN_TIMEOUT=str(timeout)),
+        "input": {"path": "input/", "formats": inputs},
+        "liveness": None,
+        "output": {"path": "output/", "formats": outputs},
+        "readiness": None,
+        "sdk": SDK,
+        "sdkVersion": SDK_VERSION,
+        "timeout": timeout,
+        "version": version,
+        "workingDirectory": WORKDIR,
+    }
+
+
+def pkg_manifest(*, model_name: str, version: str, cpu: bool,
+                 resources: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``/etc/holoscan/pkg.json``."""
+    return {
+        "apiVersion": API_VERSION,
+        "applicationRoot": APP_ROOT,
+        "modelRoot": MODEL_ROOT,
+        "models": {model_name: f"{MODEL_ROOT}/{model_name}"},
+        "resources": dict(resources or (CPU_RESOURCES if cpu else GPU_RESOURCES)),
+        "version": version,
+        "platformConfig": "cpu" if cpu else "dgpu",
+    }
+
+
+def app_config(*, variant: str, task_file: str, task_name: str, model_name: str, version: str, cpu: bool,
+               resources: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``/var/holoscan/app.yaml``: holoscan-cli's ``application``/``resources`` keys plus segmap's own section."""
+    inputs, outputs = FORMATS[variant]
+    return {
+        "application": {
+            "title": f"segmap {task_name} ({TITLES[variant]})",
+            "version": version,
+            "input-formats": inputs,
+            "output-formats": outputs,
+        },
+        "resources": dict(resources or (CPU_RESOURCES if cpu else GPU_RESOURCES)),
+        "segmap": {
+            "variant": variant,
+            "task_file": f"{TASK_ROOT}/{task_file}",
+            "task_name": task_name,
+            "model": model_name,
+            **RUNTIME_DEFAULTS,
+        },
+    }
+
+
+_CONFIG_HEADER = """\
+# Configuration of a segmap MAP, written by `segmap package`.
+# segmap.model is a folder name under HOLOSCAN_MODEL_PATH. The run-time settings (device, mirroring,
+# omit_empty_frames, log_level) are defaults: SEGMAP_DEVICE, SEGMAP_MIRRORING, SEGMAP_OMIT_EMPTY_FRAMES and
+# SEGMAP_LOG_LEVEL override them, e.g. docker run -e SEGMAP_DEVICE=cpu ...
+"""
+
+
+def _write(path: Path, text: str | bytes, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, str):
+        path.write_text(text, encoding="utf-8", newline="\n")
+    else:
+        path.write_bytes(text)
+    path.chmod(mode)
+
+
+def _json(data: Mapping[str, Any]) -> str:
+    return json.dumps(data, indent=2) + "\n"
+
+
+def _copy_tree(src: Path, dest: Path) -> None:
+    """Copy a source folder without caches; files 0644 (0755 if executable), folders 0755."""
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src)
+        if any(part in _JUNK for part in rel.parts) or path.suffix in (".pyc", ".pyo"):
+            continue
+        target = dest / rel
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            target.chmod(0o755)
+        elif path.is_file():
+            _write(target, path.read_bytes(), 0o755 if path.stat().st_mode & 0o111 else 0o644)
+    dest.mkdir(parents=True, exist_ok=True)
+    dest.chmod(0o755)
+
+
+def model_files(model: Path) -> list[tuple[str, Path]]:
+    """``(relative path inside models/<name>/, source file)`` for a model.ts or a folder of fold_K/model.ts."""
+    from ..model import find_fold_files
+
+    out = []
+    for f in find_fold_files(Path(model)):
+        out.append((f"{f.parent.name}/{f.name}" if _FOLD_DIR.match(f.parent.name) else f.name, f))
+    return out
+
+
+def resolve_task_name(task: Path, task_name: str | None) -> str:
+    """The task to bake in: the one named, or the only one in the file."""
+    from ..tasks import list_tasks
+
+    names = list_tasks(task)
+    if task_name is not None:
+        if task_name not in names:
+            raise ContextError(f"{task}: no task {task_name!r} (tasks: {', '.join(names) or 'none'})")
+        return task_name
+    if len(names) != 1:
+        raise ContextError(f"{task}: holds {len(names)} tasks ({', '.join(names)}); choose one with --task-name")
+    return names[0]
+
+
+def resolve_python(base_image: str, python_version: str | None) -> str:
+    """The Python (major.minor) the wheels must fit: given, known for segmap's base images, or asked of the image."""
+    if python_version:
+        if not re.fullmatch(r"3\.\d+", python_version):
+            raise ContextError(f"--python-version {python_version!r}: expected 3.N, e.g. 3.11")
+        return python_version
+    if base_image in KNOWN_PYTHON:
+        return KNOWN_PYTHON[base_image]
+    from .baseimage import probe_python
+
+    try:
+        found = probe_python(base_image)
+    except SegmapError:
+        found = None
+    if not found:
+        raise ContextError(f"cannot tell which Python base image {base_image} has: pass --python-version 3.N "
+                           "(or --wheelhouse with wheels for it)")
+    return found
+
+
+def prepare_wheelhouse(dest: Path, *, package_source: Path, python_version: str) -> Path:
+    """Download the image's third-party wheels into ``dest`` (one wheelhouse shared by several variants)."""
+    with tempfile.TemporaryDirectory(prefix="segmap-wheel-") as tmp:
+        wheel = build_segmap_wheel(package_source, Path(tmp))
+        with_deps, no_deps = requirement_sets(wheel)
+    download_wheels(dest, with_deps, no_deps, python_version=python_version)
+    return dest
+
+
+def _prepare_out_dir(out_dir: Path) -> None:
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise ContextError(f"{out_dir}: exists and is not a folder")
+        entries = list(out_dir.iterdir())
+        if entries and not ((out_dir / "Dockerfile").is_file() and (out_dir / "pkg.json").is_file()):
+            raise ContextError(f"{out_dir}: folder is not empty and is not a segmap build context; choose another")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    out_dir.chmod(0o755)
+
+
+def write_context(out_dir: str | Path, *, model: str | Path, task: str | Path, task_name: str | None, variant: str,
+                  base_image: str = CPU_BASE_IMAGE, uid: int = 1000, gid: int = 1000,
+                  wheelhouse: str | Path | None = None, app_dir: str | Path, package_source: str | Path,
+                  version: str | None = None, tag: str, cpu: bool | None = None, python_version: str | None = None,
+                  model_name: str | None = None, resources: Mapping[str, Any] | None = None, timeout: int = 0,
+                  requirements: tuple[Sequence[str], Sequence[str]] | None = None) -> Path:
+    """Write the build context of one MAP variant into ``out_dir`` (replacing an earlier context there).
+
+    ``wheelhouse`` is a folder of wheels for the image's Python (``pip download`` fills one when it is None);
+    ``requirements`` overrides the ``(with_deps, no_deps)`` requirement lines (tests use it for small images).
+    ``cpu`` defaults to whether ``base_image`` is segmap's CPU base. Returns ``out_dir``.
+    """
+    if variant not in VARIANTS:
+        raise ContextError(f"variant {variant!r}: expected one of {', '.join(VARIANTS)}")
+    for what, value in (("uid", uid), ("gid", gid)):
+        if not isinstance(value, int) or value < 0:
+            raise ContextError(f"--{what} {value!r}: expected a non-negative integer")
+    name = ImageName.parse(tag)
+    version = version or name.version
+    cpu = (base_image == CPU_BASE_IMAGE) if cpu is None else cpu
+    model_name = model_name or name.short_name
+    if _NAME_OK.sub("", model_name) != model_name:
+        raise ContextError(f"model name {model_name!r}: use lower-case letters, digits, '.', '_' or '-'")
+    task, app_dir, package_source = Path(task), Path(app_dir), Path(package_source)
+    if not task.is_file():
+        raise ContextError(f"{task}: task file not found")
+    if not app_dir.is_dir() or not any(app_dir.glob("*.py")):
+        raise ContextError(f"{app_dir}: application folder not found or holds no .py file (expected __main__.py)")
+    files = model_files(Path(model))
+    task_name = resolve_task_name(task, task_name)
+
+    out = Path(out_dir)
+    _prepare_out_dir(out)
+    _write(out / "Dockerfile", render_dockerfile(base_image=base_image, uid=uid, gid=gid, timeout=timeout))
+    _write(out / "tools", _template("tools"), 0o755)
+
+    _copy_tree(app_dir, out / "app")
+    operators = app_dir.parent / "operators"
+    if operators.is_dir() and not (app_dir / "operators").exists() and any(operators.glob("*.py")):
+        # The repository keeps operators beside app/; inside the image they must be importable from the app folder.
+        _copy_tree(operators, out / "app" / "operators")
+    for rel, src in files:
+        _write(out / "models" / model_name / rel, src.read_bytes())
+    for d in sorted({p.parent for p in (out / "models").rglob("*")} | {out / "models"}):
+        d.chmod(0o755)
+    _write(out / "task" / task.name, task.read_bytes())
+    (out / "task").chmod(0o755)
+
+    config = app_config(variant=variant, task_file=task.name, task_name=task_name, model_name=model_name,
+                        version=version, cpu=cpu, resources=resources)
+    _write(out / "app.yaml", _CONFIG_HEADER + yaml.safe_dump(config, sort_keys=False, default_flow_style=False))
+    _write(out / "app.json", _json(app_manifest(variant=variant, version=version, timeout=timeout)))
+    _write(out / "pkg.json", _json(pkg_manifest(model_name=model_name, version=version, cpu=cpu, resources=resources)))
+
+    segmap_dir = out / "wheelhouse" / "segmap"
+    wheel = build_segmap_wheel(package_source, segmap_dir)
+    with_deps, no_deps = requirements if requirements is not None else requirement_sets(wheel)
+    _write(out / "requirements.txt", _requirements_text(with_deps, "installed with their dependencies"))
+    _write(out / "requirements-nodeps.txt", _requirements_text(no_deps, "installed without their dependencies"))
+    deps_dir = out / "wheelhouse" / "deps"
+    if wheelhouse is not None:
+        copy_wheels(Path(wheelhouse), deps_dir)
+    elif with_deps or no_deps:
+        download_wheels(deps_dir, with_deps, no_deps, python_version=resolve_python(base_image, python_version))
+    deps_dir.mkdir(parents=True, exist_ok=True)
+    for d in (out / "wheelhouse", segmap_dir, deps_dir):
+        d.chmod(0o755)
+    for f in deps_dir.iterdir():
+        if f.stat().st_mode & 0o777 != 0o644 and f.stat().st_nlink == 1:
+            f.chmod(0o644)
+    return out
+
+
+def _requirements_text(lines: Iterable[str], how: str) -> str:
+    return f"# Python packages of the image, {how}, from wheelhouse/deps.\n" + "".join(f"{ln}\n" for ln in lines)
+
+
+def context_files(root: str | Path) -> list[str]:
+    """Every file of a context, relative and sorted (for comparisons and listings)."""
+    root = Path(root)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
