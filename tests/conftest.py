@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -53,3 +55,34 @@ def trained(request):
         return state
 
     return make
+
+
+def _no_engine(reason: str):
+    """Skip outside CI; in CI the Docker tests must run, so a missing engine fails them."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI needs a Docker engine: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def engine():
+    """A Docker engine holding the CPU base image; .ci/docker-setup.sh starts one here when we may (root)."""
+    from segmap.packager.baseimage import CPU_BASE_IMAGE
+    from segmap.packager.engine import DockerEngineError, connect, image_exists
+
+    setup = Path(__file__).resolve().parents[1] / ".ci" / "docker-setup.sh"
+    try:
+        api = connect()
+    except DockerEngineError as e:
+        if os.geteuid() != 0 or not setup.is_file():
+            _no_engine(f"no Docker engine: {e}")
+        done = subprocess.run(["bash", str(setup)], capture_output=True, text=True, timeout=900)
+        try:
+            api = connect()
+        except DockerEngineError:
+            _no_engine(f"no Docker engine could be started: {(done.stderr or done.stdout).strip()[-300:]}")
+    if not image_exists(api, CPU_BASE_IMAGE):
+        done = subprocess.run(["bash", str(setup)], capture_output=True, text=True, timeout=900)
+        if done.returncode != 0 or not image_exists(api, CPU_BASE_IMAGE):
+            pytest.fail(f"the Docker engine runs but {CPU_BASE_IMAGE} could not be made: {done.stderr.strip()[-300:]}")
+    return api

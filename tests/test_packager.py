@@ -450,30 +450,6 @@ def test_build_errors_name_the_step_and_its_last_output():
         follow(stream, "docker build of t:1")
 
 
-@pytest.fixture(scope="module")
-def engine():
-    """A Docker engine holding the CPU base image; .ci/docker-setup.sh starts one here when we may (root)."""
-    try:
-        api = connect()
-    except DockerEngineError as e:
-        setup = REPO / ".ci" / "docker-setup.sh"
-        if os.geteuid() != 0 or not setup.is_file():
-            pytest.skip(f"no Docker engine: {e}")
-        done = subprocess.run(["bash", str(setup)], capture_output=True, text=True, timeout=900)
-        try:
-            api = connect()
-        except DockerEngineError:
-            pytest.skip(f"no Docker engine could be started: {(done.stderr or done.stdout).strip()[-300:]}")
-    from segmap.packager.engine import image_exists
-
-    if not image_exists(api, CPU_BASE_IMAGE):
-        done = subprocess.run(["bash", str(REPO / ".ci" / "docker-setup.sh")], capture_output=True, text=True,
-                              timeout=900)
-        if done.returncode != 0 or not image_exists(api, CPU_BASE_IMAGE):
-            pytest.fail(f"the Docker engine runs but {CPU_BASE_IMAGE} could not be made: {done.stderr.strip()[-300:]}")
-    return api
-
-
 def _docker_run(image: str, *args: str, mounts: dict[Path, tuple[str, str]] = {}, user: str | None = None,
                 env: dict[str, str] = {}) -> subprocess.CompletedProcess:
     cmd = ["docker", "run", "--rm"]
