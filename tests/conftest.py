@@ -42,11 +42,9 @@ def trained(request):
             base = {k: v.detach().clone() for k, v in net.state_dict().items()}
             torch.save(base, cache)
         state = {k: v.clone() for k, v in base.items()}
-        head_w = [k for k in state if k.startswith("decoder.seg_layers") and k.endswith("weight")][-1]
-        head_b = head_w[:-len("weight")] + "bias"
         if n_out == 3:  # region-based: logit(class) - logit(background), positive where the class wins
-            state[head_w] = state[head_w][1:] - state[head_w][:1]
-            state[head_b] = state[head_b][1:] - state[head_b][:1]
+            for key in [k for k in state if k.startswith("decoder.seg_layers")]:
+                state[key] = state[key][1:] - state[key][:1]
         if fold:
             g = torch.Generator().manual_seed(fold)
             for k, v in state.items():

@@ -55,6 +55,8 @@ def compare(tmp_path: Path, trained, image_czyx: np.ndarray, spacing_zyx, *, pla
     assert agreement >= 0.995, (agreement, dice)
     for label in present:
         assert dice[label] >= 0.99, (label, dice)
+    print(f"fidelity: agreement {agreement:.5f}, Dice {{{', '.join(f'{k}: {v:.4f}' for k, v in dice.items())}}}, "
+          f"voxels per label {counts.tolist()}")
     return dice, agreement
 
 
