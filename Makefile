@@ -21,7 +21,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) bench/bench_engine.py
+	$(PY) bench/bench_engine.py --scenario demo-clinical
+	$(PY) bench/bench_engine.py --scenario medium-net
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -82,16 +82,31 @@ def results_folder_from_monet(model_path: Path, folder: Path) -> tuple[Path, int
     return folder, len(states)
 
 
+SCENARIOS = {
+    "demo-clinical": {"model": ROOT / "models" / "demo-spleen" / "model.ts", "shape": (120, 512, 512),
+                      "spacing": (2.5, 0.78, 0.78),
+                      "help": "the bundled demo model (3 mm) on a 512x512x120 CT-like phantom at 0.78 mm"},
+    "medium-net": {"model": None, "shape": (80, 256, 256), "spacing": (2.5, 0.78, 0.78),
+                   "help": "a synthetic 5-stage PlainConvUNet (16..256 features, patch 48x112x112) on 256x256x80"},
+}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=None,
-                    help="MONet model.ts (default: a synthetic 5-stage PlainConvUNet, 16..256 features)")
-    ap.add_argument("--shape", type=int, nargs=3, default=(80, 256, 256), help="phantom size z y x")
-    ap.add_argument("--spacing", type=float, nargs=3, default=(2.5, 0.78, 0.78), help="phantom spacing z y x, mm")
+    ap.add_argument("--scenario", choices=sorted(SCENARIOS), default="demo-clinical",
+                    help="; ".join(f"{k}: {v['help']}" for k, v in sorted(SCENARIOS.items())))
+    ap.add_argument("--model", type=Path, default=None, help="MONet model.ts (overrides the scenario's)")
+    ap.add_argument("--shape", type=int, nargs=3, default=None, help="phantom size z y x (overrides the scenario's)")
+    ap.add_argument("--spacing", type=float, nargs=3, default=None, help="phantom spacing z y x, mm")
     ap.add_argument("--mirroring", action="store_true", help="test-time mirroring on both sides")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    scenario = SCENARIOS[args.scenario]
+    args.shape = args.shape or scenario["shape"]
+    args.spacing = args.spacing or scenario["spacing"]
+    if args.model is None and scenario["model"] is not None:
+        args.model = scenario["model"]
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -100,7 +115,7 @@ def main(argv=None) -> int:
         phantom = make_phantom(tuple(args.shape), tuple(args.spacing), seed=1234, extra_labels=True)
         image = phantom.hu[None].astype(np.float32)
         spacing = tuple(args.spacing)
-        print(f"model {model_path} ({folds} fold(s)); input {image.shape[1:]} at {spacing} mm; "
+        print(f"scenario {args.scenario}: model {model_path} ({folds} fold(s)); input {image.shape[1:]} at {spacing} mm; "
               f"mirroring {'on' if args.mirroring else 'off'}; {args.threads} torch threads")
 
         with PeakRSS() as mem_ref:
