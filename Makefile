@@ -21,6 +21,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e ".[bench]"
+	$(PY) bench/bench_dicom.py --slices 300 --repeat 3
 	$(PY) bench/bench_engine.py --scenario demo-clinical
 	$(PY) bench/bench_engine.py --scenario medium-net
 

@@ -2,7 +2,8 @@
 
 :func:`scan_dicom_folder` walks the folder recursively and reads every file's header with pydicom. Pixel data is not
 decoded here (that happens in :mod:`segmap.dicom.series_volume`, for the selected series only); it is only checked to
-be present and complete, so a truncated slice is reported at once instead of breaking the volume later.
+be present and complete, so a truncated slice is reported at once instead of breaking the volume later. Where
+uncompressed pixel data lie in the file is recorded, so the volume step reads them without parsing the file again.
 
 Tolerance: hospital exports mix DICOM with other files (``DICOMDIR``, reports, ``.DS_Store``, half-copied slices).
 Every file that cannot be used is skipped, recorded in :attr:`DicomScan.skipped` with the reason, and logged as a
@@ -40,7 +41,7 @@ from typing import Iterator
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from ..errors import InputError
 
@@ -54,6 +55,8 @@ MAX_FILE_WARNINGS = 50
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloatPixelData
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+#: Transfer syntaxes whose Pixel Data value is the plain little-endian pixels at a fixed place in the file.
+_NATIVE_IN_FILE = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
 
 #: Modalities of objects that are not images to segment (they may carry pixels, but not a patient image).
 NON_IMAGE_MODALITIES = frozenset({
@@ -77,6 +80,10 @@ class DicomInstance:
     forced: bool = False
     #: What segmap repaired or generated in this header, e.g. "SOPInstanceUID from file meta".
     repairs: list[str] = field(default_factory=list)
+    #: ``(byte offset, length)`` of the Pixel Data value in the file when it is stored uncompressed in little-endian
+    #: byte order (so the volume step can read the pixels without parsing the file again); ``None`` otherwise
+    #: (encapsulated or deflated data, a file without file meta, no Pixel Data).
+    pixel_data_at: tuple[int, int] | None = None
 
     @property
     def sop_instance_uid(self) -> str:
@@ -177,11 +184,11 @@ def scan_dicom_folder(folder: str | os.PathLike) -> DicomScan:
     found: list[DicomInstance] = []
     for path in files:
         try:
-            ds, forced = _read_header(path)
+            ds, forced, pixel_data_at = _read_header(path)
         except _Skip as why:
             skipped.append((path, str(why)))
             continue
-        found.append(DicomInstance(path, ds, forced, _repair_sop_uids(ds, path)))
+        found.append(DicomInstance(path, ds, forced, _repair_sop_uids(ds, path), pixel_data_at))
 
     if not found:
         _report_skipped(skipped, base)
@@ -228,7 +235,8 @@ def _looks_like_raw_dataset(path: Path) -> bool:
     return len(head) == 4 and head[:2] in (b"\x08\x00", b"\x02\x00") and head[2:4] != b"\x00\x00"
 
 
-def _read_header(path: Path) -> tuple[Dataset, bool]:
+def _read_header(path: Path) -> tuple[Dataset, bool, tuple[int, int] | None]:
+    """The header (pixel data dropped), whether it was read without file meta, and where native pixels lie."""
     forced = False
     try:
         try:
@@ -252,8 +260,12 @@ def _read_header(path: Path) -> tuple[Dataset, bool]:
         raise _Skip("no data elements (an empty or truncated file)")
     if forced and not (_text(ds, "SOPClassUID") or _text(ds, "Modality")):
         raise _Skip("not a DICOM file")
-    _check_and_drop_pixels(ds, path)
-    return ds, forced
+    # A deflated data set is parsed from its inflated copy: offsets there are not offsets in the file.
+    deflated = meta is not None and meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+    pixel_data_at = _check_and_drop_pixels(ds, path, offsets_in_file=not deflated)
+    if forced or meta is None or meta.get("TransferSyntaxUID") not in _NATIVE_IN_FILE:
+        pixel_data_at = None
+    return ds, forced, pixel_data_at
 
 
 def _is_image_storage(ds: Dataset) -> bool:
@@ -264,22 +276,30 @@ def _is_image_storage(ds: Dataset) -> bool:
     return "Rows" in ds and "Columns" in ds
 
 
-def _check_and_drop_pixels(ds: Dataset, path: Path) -> None:
-    """Make sure an image's pixel data is there and complete, then drop it from the header (decoded later)."""
+def _check_and_drop_pixels(ds: Dataset, path: Path, offsets_in_file: bool = True) -> tuple[int, int] | None:
+    """Make sure an image's pixel data is there and complete, then drop it from the header (decoded later).
+
+    Returns ``(offset, length)`` of a defined-length Pixel Data value in the file, else ``None``. Without
+    ``offsets_in_file`` (a deflated file) neither is checked nor returned; decoding it later finds any damage.
+    """
     tags = [t for t in _PIXEL_TAGS if t in ds]
     if not tags:
         if _is_image_storage(ds):
             raise _Skip("truncated or damaged: the image has no pixel data")
-        return
+        return None
     elem = ds.get_item(tags[0], keep_deferred=True)
     length = getattr(elem, "length", None)
     offset = getattr(elem, "value_tell", None)
-    if length is not None and offset is not None and length != _UNDEFINED_LENGTH:
+    location = None
+    if offsets_in_file and length is not None and offset is not None and length != _UNDEFINED_LENGTH:
         size = path.stat().st_size
         if offset + length > size:
             raise _Skip(f"truncated: pixel data needs {offset + length} bytes, the file has {size}")
+        if tags[0] == _PIXEL_TAGS[0]:
+            location = (int(offset), int(length))
     for t in tags:
         del ds[t]
+    return location
 
 
 def _repair_sop_uids(ds: Dataset, path: Path) -> list[str]:
