@@ -1,7 +1,8 @@
 """Entry point for ``python -m app`` and for a MAP's ``python3 /opt/holoscan/app``.
 
 The operators live beside the app: in the repository at ``../operators``, in a MAP at ``/opt/holoscan/app/operators``
-(copied there by the packager, or ``--add``-ed by ``monai-deploy package``). Both places are put on ``sys.path``.
+(copied there by ``segmap package``, or by the staging step before ``monai-deploy package``, see
+docs/monai-deploy-package.md). Both places are put on ``sys.path``.
 """
 
 import os

@@ -10,7 +10,7 @@
 setting (app.yaml key)     environment                  default
 ========================== ============================ ===========================================
 variant                    SEGMAP_VARIANT               auto (dicom unless the input holds NIfTI)
-task_file                  SEGMAP_TASK_FILE             task.yaml (relative to the config's folder)
+task_file                  SEGMAP_TASK_FILE             task.yaml (beside the config file, else in app/)
 task_name                  SEGMAP_TASK_NAME             the only task in the file
 model                      SEGMAP_MODEL                 the model folder under the models path (the only one)
 device                     SEGMAP_DEVICE                auto (CUDA when available)
@@ -112,7 +112,10 @@ def load_settings(argv: list[str] | None = None) -> AppSettings:
 
     task_file = Path(values["task_file"])
     if not task_file.is_absolute():
-        task_file = config_path.parent / task_file
+        # Relative to the configuration file; a packager that moved app.yaml away (holoscan-cli copies it to
+        # /var/holoscan) leaves the task file in the app folder, so look there next.
+        beside_config, in_app = config_path.parent / task_file, HERE / task_file
+        task_file = beside_config if beside_config.exists() or not in_app.exists() else in_app
     input_path = Path(args.input or env.get("HOLOSCAN_INPUT_PATH") or "input")
     variant = str(values["variant"]).lower()
     if variant not in ("auto", "dicom", "nifti"):
