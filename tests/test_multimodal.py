@@ -4,7 +4,6 @@ reference grid (T1), channels stacked in the model's order, outputs on the refer
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

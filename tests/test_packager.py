@@ -2,7 +2,6 @@
 
 The context tests need neither Docker nor the network. The image tests build and run a small image (the local CPU
 base image, the segmap wheel, a stand-in app) and are skipped only when no Docker engine can be reached or started.
-``SEGMAP_FULL_IMAGE_TEST=1`` adds a build with every run-time package (torch, Holoscan, MONAI Deploy; minutes).
 """
 
 from __future__ import annotations

@@ -365,7 +365,7 @@ def _group_series(found: list[DicomInstance], base: Path, skipped: list[tuple[Pa
             m.repairs.append("SeriesInstanceUID generated")
         by_uid[(study, uid)].extend(members)
         generated.add((study, uid))
-        modality, _number, description = attrs[0], attrs[1], attrs[2]
+        modality, description = attrs[0], attrs[2]
         log.warning("%d %s file(s) in '%s' (series %r) have no SeriesInstanceUID; grouped them by folder and series "
                     "attributes and gave them the generated UID %s (the same on every run for these files; a SEG made "
                     "from them references this UID, which the PACS does not know)", len(members), modality or "?",
