@@ -190,6 +190,17 @@ def _as_stored(ds: Dataset, tags: tuple[int, ...]) -> tuple:
 
 
 def _position(inst: DicomInstance, name: str) -> np.ndarray:
+    # Read while still raw: pydicom's DS conversion (with validation) costs more than the rest of the slice's
+    # geometry; anything unusual goes through the converted value and its checks.
+    elem = inst.dataset.get_item(0x00200032)
+    raw = None if elem is None else elem.value
+    if isinstance(raw, bytes):
+        try:
+            values = np.array([float(v) for v in raw.split(b"\\")], dtype=np.float64)
+        except ValueError:
+            values = None
+        if values is not None and values.shape == (3,) and np.all(np.isfinite(values)):
+            return values
     return _floats(inst.dataset, "ImagePositionPatient", 3, inst, name)
 
 
