@@ -318,7 +318,7 @@ def _package(*argv: str) -> tuple[int, str, str]:
     import contextlib
     import io
 
-    from segmap.packager.cli import main
+    from segmap.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import SegmapError
 from .baseimage import CPU_BASE_IMAGE, GPU_BASE_IMAGE
 from .context import VARIANTS, ContextError, ImageName, prepare_wheelhouse, resolve_python, write_context
 
-log = logging.getLogger(__name__)
 
 EPILOG = f"""\
 examples:
@@ -94,14 +89,6 @@ def parse_variants(text: str) -> list[str]:
     return list(dict.fromkeys(variants))
 
 
-def _validate(model: Path, task: Path, task_name: str | None) -> None:
-    from ..model import load_model
-    from ..tasks import load_task
-    from ..validate import check_agreement
-
-    check_agreement(load_task(task, task_name), load_model(model).spec, task_source=task, model_source=model)
-
-
 def package(args: argparse.Namespace) -> int:
     """Run ``segmap package``; return the exit code (user mistakes raise :class:`SegmapError`)."""
     model, task = Path(args.model), Path(args.task)
@@ -111,7 +98,9 @@ def package(args: argparse.Namespace) -> int:
     source = Path(args.source) if args.source else find_source_root()
     if not (source / "app").is_dir():
         raise ContextError(f"{source}: no app/ folder (the application that goes into the image)")
-    _validate(model, task, args.task_name)
+    from ..pipeline import prepare
+
+    prepare(model, task, args.task_name)  # the model and the task must agree before anything is built
 
     api = None
     if args.dry_run is None:
@@ -151,25 +140,3 @@ def package(args: argparse.Namespace) -> int:
                                                     model_name=name.short_name))
             print(f"{variant}: built {tag} ({built.size_bytes / 1e9:.2f} GB) in {built.seconds:.0f} s")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m segmap.packager.cli``: the package command on its own, until ``segmap`` wires it in."""
-    parser = argparse.ArgumentParser(prog="segmap")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    add_package_parser(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    start = time.monotonic()
-    try:
-        code = args.func(args)
-    except SegmapError as e:
-        print(f"segmap: error: {e}", file=sys.stderr)
-        return e.exit_code
-    log.debug("done in %.0f s", time.monotonic() - start)
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())
