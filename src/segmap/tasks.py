@@ -358,24 +358,3 @@ class _TaskParser:
                 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in doc)):
             raise self.error(where, f"expected [r, g, b] with three integers 0-255, got {doc!r}")
         return (doc[0], doc[1], doc[2])
-
-
-def as_mapping(task: SegmentationTask) -> Mapping[str, Any]:
-    """The task as plain data (for run reports and packaged configuration)."""
-
-    def code(c: Code | None) -> dict | None:
-        return None if c is None else {"code": c.value, "scheme": c.scheme, "meaning": c.meaning}
-
-    return {
-        "name": task.name,
-        "source": str(task.source),
-        "reference_modality": task.reference_modality,
-        "modalities": [{"key": m.key, "file_pattern": m.file_pattern, "rules": m.rules} for m in task.modalities],
-        "segments": [
-            {"value": i, "label": s.label, "category": code(s.category), "type": code(s.type),
-             "type_modifier": code(s.type_modifier), "anatomic_region": code(s.anatomic_region),
-             "algorithm_name": s.algorithm_name, "algorithm_version": s.algorithm_version,
-             "color_rgb": list(s.color_rgb) if s.color_rgb else None}
-            for i, s in enumerate(task.segments, start=1)
-        ],
-    }
