@@ -210,17 +210,28 @@ def _locate_network_class(name: str, path: Path):
     except ImportError as e:
         raise ModelError(f"{path}: rebuilding an nnU-Net network needs dynamic-network-architectures "
                          "(pip install 'segmap[nnunet]')") from e
-    cls = pydoc.locate(name)
+    problems: list[str] = []
+    cls = _locate(name, problems)
     if cls is None:  # nnU-Net also finds a bare class name anywhere in dynamic_network_architectures.architectures
         short = name.rsplit(".", 1)[-1]
         for module in ("unet", "residual_unet", "primus"):
-            cls = pydoc.locate(f"{_DNA}.architectures.{module}.{short}")
+            cls = _locate(f"{_DNA}.architectures.{module}.{short}", problems)
             if cls is not None:
                 break
     if cls is None:
+        why = f"; {problems[0]}" if problems else ""
         raise ModelError(f"{path}: network class '{name}' cannot be imported; segmap rebuilds architectures from "
-                         f"{_DNA} (installed: {_dna_version()})")
+                         f"{_DNA} (installed: {_dna_version()}){why}")
     return cls
+
+
+def _locate(dotted: str, problems: list[str]):
+    """``pydoc.locate`` that reports a module failing to import (e.g. a torchvision mismatch) instead of raising."""
+    try:
+        return pydoc.locate(dotted)
+    except pydoc.ErrorDuringImport as e:
+        problems.append(f"importing {e.filename} failed: {_first_line(e.value)}")
+        return None
 
 
 def _dna_version() -> str:
@@ -241,7 +252,8 @@ def build_network(plans: Mapping, configuration: str, num_input_channels: int, n
     kwargs = copy.deepcopy(kwargs)
     for key in requires_import:
         if kwargs.get(key) is not None:
-            located = pydoc.locate(kwargs[key])
+            problems: list[str] = []
+            located = _locate(kwargs[key], problems)
             if located is None:
                 raise ModelError(f"{path}: arch_kwargs '{key}' names '{kwargs[key]}', which cannot be imported")
             kwargs[key] = located

@@ -49,13 +49,26 @@ def _label_lines(spec: ModelSpec) -> list[str]:
     return lines
 
 
+def spec_architecture(model: MonetModel) -> str | None:
+    """The plans' ``network_class_name`` of the model's configuration, where the plans name one."""
+    try:
+        config = model.inference["plans"]["configurations"][model.spec.configuration]
+        return config.get("architecture", {}).get("network_class_name")
+    except (KeyError, TypeError, AttributeError):
+        return None
+
+
 def describe_model(model: MonetModel) -> str:
     """Multi-line, human-readable description of a model (plans, channels, labels, folds)."""
     spec = model.spec
     meta = spec.metadata or {}
     lines = [f"model: {model.path}"]
+    if model.source == "nnunet-results":
+        arch = (spec_architecture(model) or "?").rsplit(".", 1)[-1]
+        lines.append(f"  source: nnU-Net results folder, {getattr(model, 'checkpoint', '?')} per fold; network "
+                     f"rebuilt from the plans ({arch}; needs dynamic-network-architectures)")
     if model.num_folds == 1:
-        lines.append("  folds: 1 (single model.ts)")
+        lines.append("  folds: 1 (single model.ts)" if model.source == "model.ts" else "  folds: 1")
         if model.fold_files[0] != model.path:
             lines.append(f"    {model.fold_files[0]}")
     else:
