@@ -160,6 +160,9 @@ def convert_results_folder(results: str | Path, out: str | Path, *, metadata: Ma
     clashes = [out / n / "model.ts" for n in names if (out / n / "model.ts").exists()]
     if clashes and not force:
         raise OutputError(f"{clashes[0]} already exists (use --force to replace it)")
+    # Rebuild the first fold before anything is created: an architecture that cannot be rebuilt leaves no trace.
+    first = model.build_fold_network(0, "cpu")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         staging = out / STAGING
@@ -171,7 +174,7 @@ def convert_results_folder(results: str | Path, out: str | Path, *, metadata: Ma
     converted = []
     try:
         for i, name in enumerate(names):
-            network = model.build_fold_network(i, "cpu")
+            network = first if i == 0 else model.build_fold_network(i, "cpu")
             module = _script(network, model.fold_files[i]) if script else trace_network(network, model.spec)
             fold = name[5:] if name.startswith("fold_") else name
             target = staging / name / "model.ts"
@@ -194,8 +197,12 @@ def convert_results_folder(results: str | Path, out: str | Path, *, metadata: Ma
         for name in names:
             (out / name).mkdir(exist_ok=True)
             os.replace(staging / name / "model.ts", out / name / "model.ts")
-    finally:
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
     return converted
 
 
