@@ -265,3 +265,16 @@ def test_module_that_does_not_return_a_tensor_is_refused(tmp_path):
     with pytest.raises(ModelError) as info:
         load_model(path).load_networks("cpu")
     assert "the network returns int; expected logits (Tensor)" in str(info.value)
+
+
+def test_an_nnunet_checkpoint_given_as_the_model_points_to_its_results_folder(tmp_path):
+    plans = plans_for(features=(4, 8), patch_size=(16, 16, 16))
+    folder = write_nnunet_results_folder(tmp_path / "results", plans, make_dataset_json(LABELS),
+                                         [build_network(plans, "3d_fullres", 1, 4).state_dict()])
+    checkpoint = folder / "fold_0" / "checkpoint_final.pth"
+    with pytest.raises(ModelError) as info:
+        load_model(checkpoint)
+    assert str(info.value) == (f"{checkpoint}: a PyTorch checkpoint, not a TorchScript model.ts; for an nnU-Net "
+                               "checkpoint give its results folder (plans.json, dataset.json, fold_K/) or convert it "
+                               "with segmap convert")
+    assert load_model(folder).source == "nnunet-results"

@@ -205,12 +205,16 @@ class MonetModel:
 
     def load_networks(self, device: str = "cpu") -> list:
         """Deserialise every fold's TorchScript network onto ``device``, in eval mode, each returning logits."""
+        import warnings
+
         import torch
 
         networks = []
         for f in self.fold_files:
             try:
-                net = torch.jit.load(str(f), map_location=device)
+                with warnings.catch_warnings():  # TorchScript is what MONet writes; docs/models.md has the way on
+                    warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated", category=DeprecationWarning)
+                    net = torch.jit.load(str(f), map_location=device)
             except Exception as e:  # torch raises RuntimeError subclasses with long C++ traces
                 raise ModelError(f"{f}: cannot load the TorchScript network ({_first_line(e)})") from e
             net.eval()
@@ -312,6 +316,10 @@ def read_extra_files(path: Path) -> dict[str, dict]:
         raise ModelError(f"{path}: cannot read the model file ({e})") from e
     if not any(n.endswith("/data.pkl") or n.endswith("/constants.pkl") for n in names):
         raise ModelError(f"{path}: the archive holds no TorchScript module (expected a MONet model.ts)")
+    if not found.get(INFERENCE_JSON) and not any("/code/" in n for n in names):
+        # torch.save's archive (a checkpoint, a state dict), not TorchScript
+        raise ModelError(f"{path}: a PyTorch checkpoint, not a TorchScript model.ts; for an nnU-Net checkpoint give "
+                         f"its results folder (plans.json, dataset.json, fold_K/) or convert it with segmap convert")
     if not found.get(INFERENCE_JSON):
         raise ModelError(
             f"{path}: no embedded inference.json with nnU-Net plans; export the model in the MONet format "

@@ -37,7 +37,8 @@ def _label_lines(spec: ModelSpec) -> list[str]:
         lines = ["  regions (value: name = union of training labels; sigmoid > 0.5 per region, painted in "
                  f"regions_class_order {list(spec.regions_class_order)}):"]
         value_of = {n: v for v, n in spec.foreground_labels}
-        for name, region in spec.labels.items():
+        # by painted value (MONet's files list the regions alphabetically; the value is what a task describes)
+        for name, region in sorted(spec.labels.items(), key=lambda kv: (kv[0] in value_of, value_of.get(kv[0], 0))):
             members = list(region) if isinstance(region, (list, tuple)) else [region]
             value = value_of.get(name)
             lines.append(f"    {value if value is not None else '-'}: {name} = {members}"
