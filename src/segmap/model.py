@@ -213,7 +213,8 @@ class MonetModel:
         for f in self.fold_files:
             try:
                 with warnings.catch_warnings():  # TorchScript is what MONet writes; docs/models.md has the way on
-                    warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated", category=DeprecationWarning)
+                    warnings.filterwarnings("ignore", message=".*torch.jit.* is deprecated",
+                                            category=DeprecationWarning)
                     net = torch.jit.load(str(f), map_location=device)
             except Exception as e:  # torch raises RuntimeError subclasses with long C++ traces
                 raise ModelError(f"{f}: cannot load the TorchScript network ({_first_line(e)})") from e

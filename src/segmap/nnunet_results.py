@@ -291,10 +291,10 @@ def rebuild_network(checkpoint: Path, plans: Mapping, spec: ModelSpec, *, device
             f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
             f"{len(wrong)} of another shape (e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)} vs "
             f"{tuple(expected[wrong[0]].shape)})" if wrong else "") if part)
-        raise ModelError(f"{checkpoint}: the weights do not fit the network the plans describe "
-                         f"({resolved_configuration(plans, spec.configuration, checkpoint)['architecture']['network_class_name']}"
-                         f" for trainer {spec.trainer_class_name}): {detail}; a trainer that builds its own "
-                         "architecture cannot be rebuilt")
+        name = architecture_of(plans, spec.configuration, checkpoint)[0]
+        raise ModelError(f"{checkpoint}: the weights do not fit the network the plans describe ({name} for trainer "
+                         f"{spec.trainer_class_name}): {detail}; a trainer that builds its own architecture cannot "
+                         "be rebuilt")
     with torch.no_grad():
         net.load_state_dict(state, strict=True)
     return net.to(device).eval()
