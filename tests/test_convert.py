@@ -13,7 +13,7 @@ pytest.importorskip("dynamic_network_architectures")
 
 from segmap.cli import main  # noqa: E402
 from segmap.convert import ConvertedFold, convert_results_folder  # noqa: E402
-from segmap.demo.plans import build_network, make_dataset_json, make_plans, write_nnunet_results_folder  # noqa: E402
+from segmap_tools.plans import build_network, make_dataset_json, make_plans, write_nnunet_results_folder  # noqa: E402
 from segmap.errors import ModelError  # noqa: E402
 from segmap.model import load_model  # noqa: E402
 

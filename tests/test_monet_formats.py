@@ -25,7 +25,7 @@ from monet_bundle import (  # noqa: E402
     write_archived_monet,
 )
 from segmap.demo.phantom import make_phantom  # noqa: E402
-from segmap.demo.plans import build_network, make_dataset_json, make_plans, write_nnunet_results_folder  # noqa: E402
+from segmap_tools.plans import build_network, make_dataset_json, make_plans, write_nnunet_results_folder  # noqa: E402
 from segmap.engine import EngineOptions, Segmenter  # noqa: E402
 from segmap.errors import ModelError  # noqa: E402
 from segmap.model import export_monet, load_model, parse_spec  # noqa: E402
@@ -72,6 +72,7 @@ def assert_matches_nnunet(results: Path, folds: int, model_path: Path, image, sp
 # ------------------------------------------------------------------------------------------- the archived format
 
 
+@pytest.mark.fidelity
 def test_archived_format_with_multi_configuration_plans_matches_nnunet(tmp_path, trained):
     pytest.importorskip("nnunetv2")
     plans = multi_configuration_plans(plans_for())
@@ -174,6 +175,7 @@ def test_ignore_label_is_not_an_output():
 # -------------------------------------------------------------------------------------------- scripted networks
 
 
+@pytest.mark.fidelity
 @pytest.mark.parametrize("case", ["ct", "transpose", "regions-alphabetical", "two-folds"])
 def test_scripted_network_matches_nnunet(tmp_path, trained, case):
     pytest.importorskip("nnunetv2")

@@ -20,7 +20,7 @@ pytest.importorskip("dynamic_network_architectures")
 from segmap.cli import main  # noqa: E402
 from segmap.convert import convert_results_folder  # noqa: E402
 from segmap.demo.phantom import make_phantom, write_nifti  # noqa: E402
-from segmap.demo.plans import make_dataset_json, make_plans, write_nnunet_results_folder  # noqa: E402
+from segmap_tools.plans import make_dataset_json, make_plans, write_nnunet_results_folder  # noqa: E402
 from segmap.engine import EngineOptions, Segmenter  # noqa: E402
 from segmap.errors import ModelError  # noqa: E402
 from segmap.model import load_model  # noqa: E402
@@ -79,6 +79,7 @@ def image_case(seed=5, shape=(32, 80, 80), spacing=(3.0, 1.5, 1.5)):
 # ------------------------------------------------------------------------------------------------ same label map
 
 
+@pytest.mark.fidelity
 def test_results_folder_equals_its_converted_model_and_nnunet(tmp_path, results):
     pytest.importorskip("nnunetv2")
     from nnunet_reference import dice_per_label, nnunet_predict
@@ -104,6 +105,7 @@ def test_results_folder_equals_its_converted_model_and_nnunet(tmp_path, results)
     print(f"results folder vs converted model.ts: identical; Dice vs nnUNetPredictor {dice}")
 
 
+@pytest.mark.e2e
 def test_run_inspect_validate_take_a_results_folder(tmp_path, results, capsys):
     task = task_file(tmp_path / "task.yaml")
     assert main(["inspect", str(results)]) == 0

@@ -201,9 +201,9 @@ class MonetModel:
     @property
     def fold_names(self) -> list[str]:
         """``fold_K`` of each file (the file name where it is not in a fold folder)."""
-        return [f.parent.name if _FOLD_DIR.match(f.parent.name) else f.name for f in self.fold_files]
+        return [f.parent.name if FOLD_DIR.match(f.parent.name) else f.name for f in self.fold_files]
 
-    def load_networks(self, device: str = "cpu") -> list:
+    def load_networks(self, device: str) -> list:
         """Deserialise every fold's TorchScript network onto ``device``, in eval mode, each returning logits."""
         import warnings
 
@@ -527,7 +527,7 @@ def parse_spec(inference: Mapping[str, Any], metadata: Mapping[str, Any], path: 
     )
 
 
-_FOLD_DIR = re.compile(r"^fold_(\d+|all)$")
+FOLD_DIR = re.compile(r"^fold_(\d+|all)$")
 
 
 def _fold_sort_key(name: str) -> tuple[bool, int]:
@@ -546,7 +546,7 @@ def parse_folds(text: str | Sequence[int | str] | None) -> tuple[str, ...] | Non
         if not item:
             continue
         name = item if item.startswith("fold_") else f"fold_{item}"
-        if not _FOLD_DIR.match(name):
+        if not FOLD_DIR.match(name):
             raise ModelError(f"fold '{item}' is not a fold number or 'all' (e.g. --folds 0,1,2)")
         if name not in names:
             names.append(name)
@@ -577,7 +577,7 @@ def find_fold_files(path: Path, folds: Sequence[int | str] | None = None) -> lis
     if not path.is_dir():
         raise ModelError(f"{path}: model not found (expected a model.ts file, a folder of fold_K/model.ts or an "
                          f"nnU-Net results folder)")
-    found = {d.name: d / "model.ts" for d in path.iterdir() if _FOLD_DIR.match(d.name) and (d / "model.ts").is_file()}
+    found = {d.name: d / "model.ts" for d in path.iterdir() if FOLD_DIR.match(d.name) and (d / "model.ts").is_file()}
     if found:
         return select_folds(found, folds, path, "fold_K/model.ts")
     if (path / "model.ts").is_file() and folds is None:

@@ -134,7 +134,7 @@ class ResultsFolderModel(MonetModel):
         eval mode on ``device``."""
         return rebuild_network(self.fold_files[index], self.plans, self.spec, device=device)
 
-    def load_networks(self, device: str = "cpu") -> list:
+    def load_networks(self, device: str) -> list:
         """Every fold's rebuilt network, traced on a patch of zeros (the TorchScript graph a converted model.ts
         holds), in eval mode on ``device``."""
         networks = []
