@@ -62,7 +62,7 @@ def one_error_line(capsys) -> str:
 
 def checkpoint_network(results: Path, fold: int):
     model = load_model(results, folds=str(fold))
-    return model.build_fold_network(0)
+    return model.build_fold_network(0, "cpu")
 
 
 # ------------------------------------------------------------------------------------------------ what it writes
@@ -138,7 +138,7 @@ def test_chosen_folds_and_checkpoint(tmp_path, results):
     assert done[0].max_abs_diff == 0.0 and done[0].max_abs_logit > 0
     x = torch.randn(1, 1, *PATCH, generator=torch.Generator().manual_seed(1))
     net = torch.jit.load(str(tmp_path / "m" / "fold_0" / "model.ts"))
-    best_net = load_model(folder, folds="0", checkpoint="best").build_fold_network(0)
+    best_net = load_model(folder, folds="0", checkpoint="best").build_fold_network(0, "cpu")
     with torch.no_grad():
         assert torch.equal(net(x), best_net(x))
 

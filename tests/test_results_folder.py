@@ -154,7 +154,7 @@ def test_fold_and_checkpoint_selection(results, trained):
     assert best.fold_files == [results / "fold_0" / "checkpoint_best.pth"]
     x = torch.randn(1, 1, 24, 48, 48, generator=torch.Generator().manual_seed(0))
     final = load_model(results, folds="0")
-    expected = rebuild_network(results / "fold_0" / "checkpoint_best.pth", final.plans, final.spec)
+    expected = rebuild_network(results / "fold_0" / "checkpoint_best.pth", final.plans, final.spec, "cpu")
     with torch.no_grad():
         want = expected(x)
     assert torch.equal(first_logits(best, x), want)

@@ -160,6 +160,7 @@ def convert_results_folder(results: str | Path, out: str | Path, *, metadata: Ma
     clashes = [out / n / "model.ts" for n in names if (out / n / "model.ts").exists()]
     if clashes and not force:
         raise OutputError(f"{clashes[0]} already exists (use --force to replace it)")
+    # Conversion runs on the CPU: the saved weights are device-independent and the check must be exact.
     # Rebuild the first fold before anything is created: an architecture that cannot be rebuilt leaves no trace.
     first = model.build_fold_network(0, "cpu")
     created = not out.exists()
@@ -175,7 +176,7 @@ def convert_results_folder(results: str | Path, out: str | Path, *, metadata: Ma
     try:
         for i, name in enumerate(names):
             network = first if i == 0 else model.build_fold_network(i, "cpu")
-            module = _script(network, model.fold_files[i]) if script else trace_network(network, model.spec)
+            module = _script(network, model.fold_files[i]) if script else trace_network(network, model.spec, "cpu")
             fold = name[5:] if name.startswith("fold_") else name
             target = staging / name / "model.ts"
             export_monet(target, module, model.plans, model.dataset_json, model.spec.configuration,

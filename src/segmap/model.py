@@ -650,6 +650,11 @@ def default_metadata(dataset_json: Mapping[str, Any], *, name: str = "", descrip
     }
 
 
+#: The device entry of MONet's bundle config: an expression MONAI's ConfigParser evaluates when MONet's tools build
+#: their predictor (segmap never evaluates it).
+MONET_DEVICE_EXPRESSION = "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')"
+
+
 def monet_inference_document(plans: Mapping, dataset_json: Mapping, configuration: str, *,
                              trainer_class_name: str = "nnUNetTrainer",
                              mirroring_axes: Sequence[int] | None = (0, 1, 2), fold: int | str = 0,
@@ -667,7 +672,7 @@ def monet_inference_document(plans: Mapping, dataset_json: Mapping, configuratio
         "bundle_root": ".",
         "fold_id": fold if isinstance(fold, str) and not str(fold).isdigit() else int(fold),
         "model_name": checkpoint_name,
-        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
+        "device": MONET_DEVICE_EXPRESSION,
         "nnunet_trainer_class_name": trainer_class_name,
         "nnunet_configuration": configuration,
         "plans": dict(plans),

@@ -129,17 +129,17 @@ class ResultsFolderModel(MonetModel):
     def dataset_json(self) -> dict:
         return self.inference["dataset_json"]
 
-    def build_fold_network(self, index: int, device: str = "cpu"):
+    def build_fold_network(self, index: int, device: str):
         """Fold ``index``'s network rebuilt from the plans with the checkpoint's weights: a plain (eager) module in
         eval mode on ``device``."""
-        return rebuild_network(self.fold_files[index], self.plans, self.spec, device=device)
+        return rebuild_network(self.fold_files[index], self.plans, self.spec, device)
 
     def load_networks(self, device: str) -> list:
         """Every fold's rebuilt network, traced on a patch of zeros (the TorchScript graph a converted model.ts
         holds), in eval mode on ``device``."""
         networks = []
         for i, f in enumerate(self.fold_files):
-            traced = trace_network(self.build_fold_network(i, device), self.spec, device=device)
+            traced = trace_network(self.build_fold_network(i, device), self.spec, device)
             networks.append(checked_network(traced, self.spec, f))
         return networks
 
@@ -274,7 +274,7 @@ def _strip_prefixes(state: Mapping[str, Any]) -> dict:
     return out
 
 
-def rebuild_network(checkpoint: Path, plans: Mapping, spec: ModelSpec, *, device: str = "cpu"):
+def rebuild_network(checkpoint: Path, plans: Mapping, spec: ModelSpec, device: str):
     """The network of one checkpoint, rebuilt from the plans, weights loaded strictly, eval mode, on ``device``."""
     import torch
 
@@ -300,7 +300,7 @@ def rebuild_network(checkpoint: Path, plans: Mapping, spec: ModelSpec, *, device
     return net.to(device).eval()
 
 
-def trace_network(network, spec: ModelSpec, *, device: str = "cpu"):
+def trace_network(network, spec: ModelSpec, device: str):
     """``network`` traced on one ``[1, C, *patch]`` tile of zeros (nnU-Net networks have no data-dependent
     control flow with deep supervision off, so the trace is the network)."""
     import warnings
