@@ -219,3 +219,12 @@ def test_architectures_that_cannot_be_rebuilt_are_refused(tmp_path, results, cha
 def test_results_folder_summary(results):
     summary = describe_model(load_model(results, folds="1", checkpoint="final"))
     assert "folds: 1" in summary and "fold_1/checkpoint_final.pth" in summary
+
+
+def test_where_model_ts_files_are_needed_a_results_folder_says_convert_first(results):
+    from segmap.model import find_fold_files
+
+    with pytest.raises(ModelError) as info:
+        find_fold_files(results)
+    assert str(info.value) == (f"{results}: an nnU-Net results folder holds no model.ts files; convert it first: "
+                               f"segmap convert {results} -o MODEL_DIR")

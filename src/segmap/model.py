@@ -582,6 +582,11 @@ def find_fold_files(path: Path, folds: Sequence[int | str] | None = None) -> lis
         return select_folds(found, folds, path, "fold_K/model.ts")
     if (path / "model.ts").is_file() and folds is None:
         return [path / "model.ts"]
+    from .nnunet_results import is_results_folder
+
+    if is_results_folder(path):  # reached by callers that need model.ts files (e.g. packaging), not load_model
+        raise ModelError(f"{path}: an nnU-Net results folder holds no model.ts files; convert it first: "
+                         f"segmap convert {path} -o MODEL_DIR")
     raise ModelError(f"{path}: folder holds neither model.ts nor fold_K/model.ts files (nor an nnU-Net results "
                      f"folder's plans.json and dataset.json)")
 
