@@ -91,11 +91,19 @@ def choose_slices(labels_ras: np.ndarray, axial: int) -> tuple[list[int], int]:
     return axial_idx, coronal
 
 
+#: Grey-level window for CT (Hounsfield units): the usual soft-tissue window, level 40, width 400.
+CT_WINDOW = (-160.0, 240.0)
+
+
 def _window(image: np.ndarray, window: tuple[float, float] | None) -> tuple[float, float]:
+    """``window``, else the soft-tissue window for an image in Hounsfield units (air at about -1000), else the
+    1st-99th percentile of the nonzero values (MR and other modalities have no fixed scale)."""
     if window is not None:
         return float(window[0]), float(window[1])
     values = image[image != 0] if np.any(image != 0) else image.ravel()
     lo, hi = np.percentile(values, [1.0, 99.0])
+    if lo <= -900.0 and hi > 0:
+        return CT_WINDOW
     return float(lo), float(hi if hi > lo else lo + 1.0)
 
 
@@ -134,7 +142,7 @@ def render_overlay(image: Volume, labels: Volume, segments: Sequence[Any], *,
     :class:`~segmap.tasks.Segment` or a name) on channel 0 of ``image``; both on the same grid.
 
     ``volumes_ml``: per segment (default: computed from ``labels`` and its affine). ``window``: grey-level window
-    (default: the 1st-99th percentile of the image's nonzero values).
+    (default: soft tissue for CT, else the 1st-99th percentile of the image's nonzero values).
     """
     from PIL import Image, ImageDraw, ImageFont
 
