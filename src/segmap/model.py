@@ -101,6 +101,9 @@ class ModelSpec:
     probabilities_resampling: ResamplingSpec
     trainer_class_name: str = "nnUNetTrainer"
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    #: For region-based models: the region name behind each network output channel (``regions_class_order``
+    #: position), paired by value (see :func:`pair_region_names`).
+    region_names: tuple[str, ...] = ()
 
     @property
     def num_channels(self) -> int:
@@ -109,10 +112,6 @@ class ModelSpec:
     @property
     def has_regions(self) -> bool:
         return self.regions_class_order is not None
-
-    #: For region-based models: the region name behind each network output channel (``regions_class_order``
-    #: position), paired by value (see :func:`pair_region_names`).
-    region_names: tuple[str, ...] = ()
 
     @property
     def num_outputs(self) -> int:
@@ -451,10 +450,6 @@ def parse_spec(inference: Mapping[str, Any], metadata: Mapping[str, Any], path: 
     configs = _require(plans, "configurations", path, "plans")
     ckpt = _config_ckpt(inference, path)
     configuration = _configuration(inference, ckpt, configs, path)
-    if configuration not in configs:
-        raise ModelError(
-            f"{path}: configuration '{configuration}' is not in the plans (found: {', '.join(sorted(configs))})"
-        )
     config = resolved_configuration(plans, configuration, path)
     where = f"plans configuration '{configuration}'"
     patch_size = tuple(int(v) for v in _require(config, "patch_size", path, where))
