@@ -27,8 +27,10 @@ from segmap.model import load_model  # noqa: E402
 from segmap.nnunet_results import ResultsFolderModel, rebuild_network  # noqa: E402
 from segmap.summary import describe_model  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning",
-                                        "ignore:.*torch.jit.* is deprecated:DeprecationWarning")
+# The module's results folder holds the fidelity network (trained once per machine and cached): the fidelity tier.
+pytestmark = [pytest.mark.fidelity,
+              pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning",
+                                         "ignore:.*torch.jit.* is deprecated:DeprecationWarning")]
 
 CT_PROPS = {"mean": 80.0, "std": 250.0, "percentile_00_5": -150.0, "percentile_99_5": 1000.0}
 LABELS = {"background": 0, "spleen": 1, "liver": 2, "bone": 3}
@@ -79,7 +81,6 @@ def image_case(seed=5, shape=(32, 80, 80), spacing=(3.0, 1.5, 1.5)):
 # ------------------------------------------------------------------------------------------------ same label map
 
 
-@pytest.mark.fidelity
 def test_results_folder_equals_its_converted_model_and_nnunet(tmp_path, results):
     pytest.importorskip("nnunetv2")
     from nnunet_reference import dice_per_label, nnunet_predict
