@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_not_installed("segmap package", "the packager"))
     else:
         add_package_parser(sub)
+    from .convert import add_convert_parser; add_convert_parser(sub)  # noqa: E702
 
     p = sub.add_parser("demo", help="run both variants on a freshly generated phantom study with the bundled demo model")
     p.add_argument("--out", default="out/demo", help="where to write the phantom study and the results")
