@@ -152,8 +152,9 @@ def test_app_yaml_bakes_in_variant_task_and_model(dicom_context):
     config = yaml.safe_load((dicom_context / "app.yaml").read_text())
     assert config["segmap"] == {"input_kind": "dicom", "output_format": "dicom-seg",
                                 "task_file": "/opt/holoscan/task/spleen.yaml", "task_name": "Spleen",
-                                "model": "spleen", "device": "auto", "mirroring": False,
-                                "omit_empty_frames": False, "log_level": "INFO"}
+                                "model": "spleen", "folds": None, "checkpoint": None, "device": "auto",
+                                "mirroring": False, "omit_empty_frames": False, "overlay": True,
+                                "log_level": "INFO"}
     # The keys holoscan-cli's `monai-deploy package` requires of an app.yaml.
     assert config["application"]["title"] and config["application"]["version"] == "1.2"
     assert {"cpu", "gpu", "memory", "gpuMemory"} <= set(config["resources"])

@@ -36,6 +36,8 @@ from .validate import check_agreement
 from .volume import Volume
 
 log = logging.getLogger("segmap")
+#: The picture a person checks the result with (settings.overlay).
+OVERLAY_NAME = "overlay.png"
 T = TypeVar("T")
 
 
@@ -206,11 +208,16 @@ def combine_modalities(volumes: dict[str, Volume], task: SegmentationTask) -> Vo
 
 
 def resolve_model_path(path: Path) -> Path:
-    """A model file or fold folder; a folder holding exactly one model folder (a MAP's models/<name>/) is entered."""
+    """A model file, fold folder or results folder; a folder holding exactly one of those (a MAP's models/<name>/)
+    is entered."""
+    from .nnunet_results import is_results_folder
+
+    def is_model(d: Path) -> bool:
+        return (d / "model.ts").exists() or any(d.glob("fold_*/model.ts")) or is_results_folder(d)
+
     path = Path(path)
-    if path.is_dir() and not (path / "model.ts").exists() and not any(path.glob("fold_*/model.ts")):
-        subdirs = [d for d in path.iterdir()
-                   if d.is_dir() and ((d / "model.ts").exists() or any(d.glob("fold_*/model.ts")))]
+    if path.is_dir() and not is_model(path):
+        subdirs = [d for d in path.iterdir() if d.is_dir() and is_model(d)]
         if len(subdirs) == 1:
             return subdirs[0]
     return path
@@ -220,7 +227,9 @@ def prepare(settings: Settings) -> tuple[MonetModel, SegmentationTask]:
     """Load and cross-check the model and the task (fails before any input is read)."""
     task = load_task(settings.task_file, settings.task_name)
     model_path = resolve_model_path(settings.model_path)
-    model = load_model(model_path)
+    from .model import parse_folds
+
+    model = load_model(model_path, folds=parse_folds(settings.folds), checkpoint=settings.checkpoint)
     check_agreement(task, model.spec, task_source=settings.task_file, model_source=model_path)
     return model, task
 
@@ -266,6 +275,7 @@ class ResultWriter:
         self.format = output_format(settings.output_format, kind)
         self.writer = self.format.make_writer(task, settings)
         self.task = task
+        self.overlay = settings.overlay
         self.out_dir = ensure_writable(settings.output)
         self.report = RunReport(task_name=task.name, task_file=settings.task_file)
         self.report.set_model(model.fold_files, path=settings.model_path, configuration=model.spec.configuration,
@@ -286,6 +296,12 @@ class ResultWriter:
             with report.stage("write"):
                 path = self.writer.write(labels, image, staging.dir)
                 report.add_output(staging.final_path(path), self.format.name)
+                if self.overlay:
+                    from .outputs.overlay import write_overlay
+
+                    png = write_overlay(image.volume, labels, self.task.segments, staging.dir / OVERLAY_NAME,
+                                        volumes_ml=[s["volume_ml"] for s in report.segments])
+                    report.add_output(staging.final_path(png), "overlay-png")
             report.finish("succeeded")
             report.write(staging.dir / REPORT_NAME)
         for seg in report.segments:
