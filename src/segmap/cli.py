@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from . import signals
 from .errors import SegmapError
 
 EPILOG = """\
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signals.install_sigterm_handler()  # docker stop / Kubernetes: clean up, one line, exit 143
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     # highdicom logs every module it copies at INFO: keep the run log about the run.

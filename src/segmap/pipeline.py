@@ -153,7 +153,8 @@ def write_outputs(staging_dir: Path, labels: np.ndarray, inputs: Inputs, task: S
     if inputs.variant == "nifti":
         from .outputs.nifti import write_label_nifti
 
-        path = write_label_nifti(labels, inputs.volume.affine, Path(staging_dir) / NIFTI_OUTPUT)
+        path = write_label_nifti(labels, inputs.volume.affine, Path(staging_dir) / NIFTI_OUTPUT,
+                                 source_header=inputs.volume.meta.get("nifti_header"))
         return [(path, "nifti")]
     from .outputs.seg import write_seg
 
@@ -163,8 +164,11 @@ def write_outputs(staging_dir: Path, labels: np.ndarray, inputs: Inputs, task: S
 
 
 def record_inputs(report, inputs: Inputs) -> None:
+    from .outputs.report import input_notes
+
     for key, vol in inputs.per_modality.items():
-        details = {"shape_zyx": list(vol.shape_zyx), "spacing_zyx": [round(s, 4) for s in vol.spacing_zyx]}
+        details = {"shape_zyx": list(vol.shape_zyx), "spacing_zyx": [round(s, 4) for s in vol.spacing_zyx],
+                   **input_notes(vol.meta)}
         sel = inputs.selections.get(key)
         if sel is not None:
             report.add_input(key, files=vol.meta.get("source_paths", []), datasets=sel.series.datasets,
@@ -195,13 +199,13 @@ class Run:
     """One run's state, shared by the steps (and by the application's operators)."""
 
     def __init__(self, opts: RunOptions) -> None:
-        from .outputs.atomic import ensure_writable
+        from .outputs.atomic import claim_output_folder
         from .outputs.report import RunReport
 
         self.t0 = time.perf_counter()
         self.opts = opts
         self.model, self.task = prepare(opts.model, opts.task, opts.task_name)
-        self.out_dir = ensure_writable(opts.output)
+        self.out_dir = claim_output_folder(opts.output, input_path=opts.input)
         self.report = RunReport(task_name=self.task.name, task_file=opts.task)
         self.report.set_model(self.model.fold_files, path=opts.model, configuration=self.model.spec.configuration,
                               folds=[f.parent.name for f in self.model.fold_files])

@@ -61,6 +61,7 @@ from pydicom.multival import MultiValue
 
 from ..errors import InputError, TaskFileError
 from .loading import DicomScan, DicomSeries
+from .stacks import refuse_ambiguous_stacks
 
 log = logging.getLogger(__name__)
 
@@ -381,6 +382,7 @@ def _distinct_assignment(options: list[list[DicomSeries]], budget: int = 100_000
 def _make_selection(key: str, sel: _Selection, series: DicomSeries, ranked: list[tuple[DicomSeries, int]],
                     shared: bool = False) -> SeriesSelection:
     alternatives = tuple(s for s, i in ranked if i == sel.index and s is not series)
+    refuse_ambiguous_stacks(key, series, alternatives)
     log.info("modality '%s': selection '%s' chose %s", key, sel.name, series.summary())
     if alternatives:
         log.info("modality '%s': %d other series also matched '%s' (%s); chose the one with the most images, then "

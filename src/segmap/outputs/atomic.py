@@ -14,12 +14,22 @@ The staging folder is a hidden ``.segmap-staging-*`` directory created *inside* 
 If the ``with`` block raises (including KeyboardInterrupt), the staging folder is deleted and the output folder is
 left exactly as it was. On success, files are moved in sorted path order with ``run_report.json`` last, so a
 consumer that waits for the report sees every other file already in place; same-named files from an earlier run
-are replaced. Sub-folders are recreated in the output folder. A process killed outright (SIGKILL, power loss) can
-leave a staging folder behind; it is hidden and never mistaken for output.
+are replaced. Sub-folders are recreated in the output folder.
+
+One run per output folder. :func:`claim_output_folder` (called once at the start of a run) takes an exclusive
+``flock`` on the output folder itself, held until the process ends or :func:`release_output_folder`; a second run
+into the same folder fails at once with a line naming it, instead of both succeeding and the last writer silently
+winning. The lock is on the folder's own file descriptor, so no lock file is left behind; the kernel drops it
+when the process dies, however it dies. Holding the lock, the run then removes ``.segmap-staging-*`` folders left
+by a run that was killed outright (SIGKILL, power loss): no other run can be writing them. SIGTERM is handled
+like Ctrl-C (see :mod:`segmap.signals`), so the ``with`` block's clean-up runs and nothing is left.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import logging
 import os
 import shutil
 import tempfile
@@ -28,7 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import OutputError
+from ..errors import InputError, OutputError
+
+log = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".segmap-staging-"
 #: Files moved into place after all others.
@@ -53,6 +65,62 @@ def ensure_writable(folder: str | Path) -> Path:
     except OSError as e:
         raise OutputError(f"{folder}: output folder is not writable ({e.strerror or e})") from e
     return folder
+
+
+#: Output folder (absolute, resolved) -> the open descriptor holding its lock, for this process.
+_LOCKS: dict[Path, int] = {}
+
+
+def claim_output_folder(folder: str | Path, *, input_path: str | Path | None = None) -> Path:
+    """Make ``folder`` this run's output folder: create it, prove it writable, lock it, clear stale staging.
+
+    ``input_path``: checked to exist first, so a mistyped input does not leave an empty output folder behind
+    (:class:`~segmap.errors.InputError`). Raises :class:`~segmap.errors.OutputError` naming the folder when it is
+    not writable or another process holds its lock. Claiming a folder this process already holds is a no-op.
+    Returns the folder as an absolute path.
+    """
+    if input_path is not None and not Path(input_path).exists():
+        raise InputError(f"input {input_path} does not exist")
+    folder = ensure_writable(folder)
+    key = folder.resolve()
+    if key in _LOCKS:
+        return folder
+    try:
+        fd = os.open(key, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as e:
+        raise OutputError(f"{folder}: cannot open the output folder ({e.strerror or e})") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise OutputError(f"{folder}: another segmap run is writing into this output folder; wait for it to "
+                              "finish or choose another output folder") from None
+        raise OutputError(f"{folder}: cannot lock the output folder ({e.strerror or e})") from e
+    _LOCKS[key] = fd
+    remove_stale_staging(folder)
+    return folder
+
+
+def release_output_folder(folder: str | Path) -> None:
+    """Release the lock :func:`claim_output_folder` took (the end of the process releases it too)."""
+    fd = _LOCKS.pop(Path(folder).absolute().resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the only descriptor drops the flock
+
+
+def remove_stale_staging(folder: str | Path) -> list[Path]:
+    """Remove ``.segmap-staging-*`` folders in ``folder``; call only while holding its lock (then they are stale:
+    left by a run that was killed outright). Returns the removed paths."""
+    removed = []
+    for stale in sorted(Path(folder).glob(STAGING_PREFIX + "*")):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+            removed.append(stale)
+    if removed:
+        log.warning("%s: removed %d staging folder(s) left by an earlier run that was killed (%s)", folder,
+                    len(removed), ", ".join(p.name for p in removed))
+    return removed
 
 
 @dataclass
