@@ -282,3 +282,19 @@ def test_lossy_input_is_warned_about_and_recorded(phantom, tmp_path, caplog):
     assert report["inputs"][0]["lossy_compression"] == "LossyImageCompression 01, ratio 10"
     assert any("lossy-compressed input" in r.getMessage() for r in caplog.records)
     assert report["status"] == "succeeded"
+
+
+def test_claiming_a_folder_removes_stale_staging_of_study_subfolders_too(tmp_path):
+    from segmap.outputs.atomic import claim_output_folder, release_output_folder
+
+    out = tmp_path / "out"
+    for stale in (out / f"{STAGING_PREFIX}a", out / "study-0123456789ab" / f"{STAGING_PREFIX}b"):
+        stale.mkdir(parents=True)
+        (stale / "segmentation.dcm").write_bytes(b"")
+    (out / "study-0123456789ab" / "segmentation.dcm").write_bytes(b"kept")
+    claim_output_folder(out)
+    try:
+        assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == [
+            "study-0123456789ab", "study-0123456789ab/segmentation.dcm"]
+    finally:
+        release_output_folder(out)

@@ -111,15 +111,17 @@ def release_output_folder(folder: str | Path) -> None:
 
 def remove_stale_staging(folder: str | Path) -> list[Path]:
     """Remove ``.segmap-staging-*`` folders in ``folder``; call only while holding its lock (then they are stale:
-    left by a run that was killed outright). Returns the removed paths."""
+    left by a run that was killed outright), also one level down (the per-study folders of a multi-study run).
+    Returns the removed paths."""
     removed = []
-    for stale in sorted(Path(folder).glob(STAGING_PREFIX + "*")):
+    folder = Path(folder)
+    for stale in sorted([*folder.glob(STAGING_PREFIX + "*"), *folder.glob("*/" + STAGING_PREFIX + "*")]):
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
             removed.append(stale)
     if removed:
         log.warning("%s: removed %d staging folder(s) left by an earlier run that was killed (%s)", folder,
-                    len(removed), ", ".join(p.name for p in removed))
+                    len(removed), ", ".join(str(p.relative_to(folder)) for p in removed))
     return removed
 
 
