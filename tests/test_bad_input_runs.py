@@ -298,3 +298,18 @@ def test_claiming_a_folder_removes_stale_staging_of_study_subfolders_too(tmp_pat
             "study-0123456789ab", "study-0123456789ab/segmentation.dcm"]
     finally:
         release_output_folder(out)
+
+
+def test_report_says_which_series_was_chosen_and_which_were_passed_over(phantom, tmp_path):
+    import pydicom
+
+    write_dicom_series(phantom, tmp_path / "in" / "ct", series_number=2)
+    study_uid = pydicom.dcmread(tmp_path / "in" / "ct" / "slice_0001.dcm").StudyInstanceUID
+    write_dicom_series(make_phantom((2, 80, 80), (3.0, 1.8, 1.8), seed=1), tmp_path / "in" / "scout",
+                       series_description="Topogram", study_uid=study_uid, series_number=1)
+    report = json.loads(run(options(tmp_path / "in", tmp_path / "out")).read_text())
+    entry = report["inputs"][0]
+    assert entry["SeriesDescription"] == "Phantom CT" and entry["selected_by"] == "CT Series"
+    assert [(p["summary"].split(" (")[0], p["reason"]) for p in entry["passed_over"]] == [
+        ("CT #1 'Topogram'", "matched 'CT Series' too, but the chosen series has more images (24 > 2)")]
+    assert "PHANTOM" not in json.dumps(report)

@@ -85,11 +85,15 @@ def test_candidates_passed_over_are_listed_with_the_reason(tmp_path):
     scan = scan_dicom_folder(tmp_path)
     selections = select_for_task(scan, {"image": CT})
     assert selections["image"].series.series_instance_uid == "1.2.3.1"
-    reasons = {e["series_instance_uid"]: e["reason"] for e in passed_over(scan, selections)}
+    reasons = {e["series_instance_uid"]: e["reason"] for e in selections["image"].passed_over}
     assert reasons == {
-        "1.2.3.2": "matched 'CT' of modality 'image' too, but the chosen series has more images (5 > 3)",
-        "1.2.3.3": "modality 'image': does not match ImageType=['!LOCALIZER']",
+        "1.2.3.2": "matched 'CT' too, but the chosen series has more images (5 > 3)",
+        "1.2.3.3": "does not match ImageType=['!LOCALIZER']",
     }
+    assert passed_over(scan, selections) == {"image": list(selections["image"].passed_over)}
+    two = select_for_task(scan, {"a": CT, "b": CT})  # the second modality gets the second-best series
+    assert {e["series_instance_uid"]: e["reason"] for e in two["b"].passed_over}["1.2.3.1"] == \
+        "chosen for modality 'a'"
 
 
 def test_studies_are_processed_one_by_one_and_a_failure_does_not_stop_the_others(tmp_path):

@@ -172,7 +172,7 @@ def record_inputs(report, inputs: Inputs) -> None:
         sel = inputs.selections.get(key)
         if sel is not None:
             report.add_input(key, files=vol.meta.get("source_paths", []), datasets=sel.series.datasets,
-                             selected_by=sel.selection_name, **details)
+                             selected_by=sel.selection_name, passed_over=list(sel.passed_over), **details)
         else:
             report.add_input(key, files=vol.meta.get("source_files", []), **details)
 

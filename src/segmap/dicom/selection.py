@@ -89,6 +89,9 @@ class SeriesSelection:
     alternatives: tuple[DicomSeries, ...] = ()
     #: True when this series also serves another modality because nothing else matched (see :func:`select_for_task`).
     shared: bool = False
+    #: The other series of the scan, each with why it was not chosen for this modality (see
+    #: :func:`segmap.dicom.studies.passed_over`); filled by :func:`select_for_task`.
+    passed_over: tuple[dict, ...] = ()
 
 
 def select_series(scan: DicomScan, rules: Mapping[str, Any], *, modality_key: str = "image") -> SeriesSelection:
@@ -130,7 +133,16 @@ def select_for_task(scan: DicomScan, modality_rules: Mapping[str, Mapping[str, A
         index = next(i for t, i in options[k] if t is s)
         result[k] = _make_selection(k, compiled[k][index], s, options[k],
                                     shared=s.series_instance_uid in shared_uids)
-    return result
+    return _with_passed_over(scan, result)
+
+
+def _with_passed_over(scan: DicomScan, result: dict[str, SeriesSelection]) -> dict[str, SeriesSelection]:
+    from dataclasses import replace
+
+    from .studies import passed_over
+
+    notes = passed_over(scan, result)
+    return {k: replace(sel, passed_over=tuple(notes[k])) for k, sel in result.items()}
 
 
 # ---- compiled rules

@@ -81,21 +81,35 @@ def check_one_study(selections: Mapping[str, Any]) -> None:
                     "the others (same study)", ", ".join(frames[""]))
 
 
-def passed_over(scan: DicomScan, selections: Mapping[str, Any]) -> list[dict]:
-    """Every candidate series of ``scan`` that was not chosen, with the reason, for the report and the log.
+#: Candidates listed per modality in the report before the rest are only counted.
+MAX_PASSED_OVER = 50
 
-    Each entry: ``series_instance_uid``, ``summary`` (modality, number, description, stack, instance count; no
-    patient data) and ``reason``.
+
+def passed_over(scan: DicomScan, selections: Mapping[str, Any]) -> dict[str, list[dict]]:
+    """For each modality key, the series of ``scan`` not chosen for it and why (for the run report and the log).
+
+    Each entry: ``series_instance_uid``, ``summary`` (modality, number, description, stack, instance count; never
+    patient data) and ``reason``: chosen for another modality, not an image series, matched too but another was
+    preferred (and by which rule), or the first condition it fails. At most :data:`MAX_PASSED_OVER` per modality,
+    then one entry counting the rest.
     """
-    chosen = {id(sel.series): key for key, sel in selections.items()}
-    out = []
-    for series in scan.series:
-        if id(series) in chosen:
-            continue
-        out.append({"series_instance_uid": series.series_instance_uid, "summary": series.summary(),
-                    "reason": _why_not(series, selections)})
-    for entry in out:
-        log.info("passed over %s: %s", entry["summary"], entry["reason"])
+    chosen_for = {id(sel.series): key for key, sel in selections.items()}
+    out: dict[str, list[dict]] = {}
+    for key, sel in selections.items():
+        entries = []
+        for series in scan.series:
+            if series is sel.series:
+                continue
+            if id(series) in chosen_for:
+                reason = f"chosen for modality '{chosen_for[id(series)]}'"
+            else:
+                reason = _why_not(series, sel)
+            entries.append({"series_instance_uid": series.series_instance_uid, "summary": series.summary(),
+                            "reason": reason})
+            log.info("modality '%s': passed over %s: %s", key, series.summary(), reason)
+        if len(entries) > MAX_PASSED_OVER:
+            entries = entries[:MAX_PASSED_OVER] + [{"more": len(entries) - MAX_PASSED_OVER}]
+        out[key] = entries
     return out
 
 
@@ -203,18 +217,13 @@ def _first_text(series: DicomSeries, keyword: str) -> str:
     return ""
 
 
-def _why_not(series: DicomSeries, selections: Mapping[str, Any]) -> str:
+def _why_not(series: DicomSeries, sel: Any) -> str:
     if not series.is_image:
         return "not an image series"
-    reasons = []
-    for key, sel in selections.items():
-        if any(a is series for a in sel.alternatives):
-            reasons.append(f"matched '{sel.selection_name}' of modality '{key}' too, but {_preferred(sel.series, series)}")
-            continue
-        failing = _failing_condition(series, sel.conditions)
-        reasons.append(f"modality '{key}': {failing}" if failing else
-                       f"modality '{key}': matched a later selection than '{sel.selection_name}'")
-    return "; ".join(reasons)
+    if any(a is series for a in sel.alternatives):
+        return f"matched '{sel.selection_name}' too, but {_preferred(sel.series, series)}"
+    failing = _failing_condition(series, sel.conditions)
+    return failing or f"matches only a selection tried after '{sel.selection_name}'"
 
 
 def _preferred(chosen: DicomSeries, other: DicomSeries) -> str:
