@@ -313,3 +313,14 @@ def test_report_says_which_series_was_chosen_and_which_were_passed_over(phantom,
     assert [(p["summary"].split(" (")[0], p["reason"]) for p in entry["passed_over"]] == [
         ("CT #1 'Topogram'", "matched 'CT Series' too, but the chosen series has more images (24 > 2)")]
     assert "PHANTOM" not in json.dumps(report)
+
+
+def test_two_studies_in_one_folder_are_not_mixed_or_guessed(phantom, tmp_path):
+    write_dicom_series(phantom, tmp_path / "in" / "today", study_uid="1.2.826.7.1", patient_id="PAT-A")
+    write_dicom_series(make_phantom((30, 80, 80), (3.0, 1.8, 1.8), seed=2), tmp_path / "in" / "prior",
+                       study_uid="1.2.826.7.2", patient_id="PAT-B")
+    with pytest.raises(InputError) as e:
+        run(options(tmp_path / "in", tmp_path / "out"))
+    assert "holds 2 studies with series that match the task's rules (1.2.826.7.1, 1.2.826.7.2)" in str(e.value)
+    assert "PAT-" not in str(e.value)
+    assert list((tmp_path / "out").iterdir()) == []

@@ -47,7 +47,13 @@ def test_study_folder_names_are_stable_hashes_without_patient_data():
 def test_channels_from_two_studies_are_refused_naming_them(tmp_path):
     write_series(tmp_path / "a", 3, study_uid="1.2.826.1.1", series_uid="1.2.826.1.1.1", series_description="T1")
     write_series(tmp_path / "b", 3, study_uid="1.2.826.1.2", series_uid="1.2.826.1.2.1", series_description="T2")
-    selections = select_for_task(scan_dicom_folder(tmp_path), {"t1": T1, "t2": T2})
+    scan = scan_dicom_folder(tmp_path)
+    with pytest.raises(InputError) as e:  # selecting across the studies is refused ...
+        select_for_task(scan, {"t1": T1, "t2": T2})
+    assert str(e.value) == (f"{tmp_path} holds 2 studies with series that match the task's rules (1.2.826.1.1, "
+                            "1.2.826.1.2); one result must come from one study: process each study on its own")
+    a, b = split_by_study(scan)  # ... and series chosen in two studies cannot make one input
+    selections = {"t1": select_for_task(a, {"t1": T1})["t1"], "t2": select_for_task(b, {"t2": T2})["t2"]}
     with pytest.raises(InputError) as e:
         check_one_study(selections)
     assert str(e.value) == ("the series chosen for one model input come from different studies (t1: study "
@@ -57,24 +63,24 @@ def test_channels_from_two_studies_are_refused_naming_them(tmp_path):
 def test_channels_in_two_frames_of_reference_are_refused(tmp_path):
     write_series(tmp_path / "a", 3, series_uid="1.2.3.1", series_description="T1", frame_of_reference_uid="1.2.3.91")
     write_series(tmp_path / "b", 3, series_uid="1.2.3.2", series_description="T2", frame_of_reference_uid="1.2.3.92")
-    selections = select_for_task(scan_dicom_folder(tmp_path), {"t1": T1, "t2": T2})
     with pytest.raises(InputError, match=r"different frames of reference \(t1: 1\.2\.3\.91; t2: 1\.2\.3\.92\)"):
-        check_one_study(selections)
+        select_for_task(scan_dicom_folder(tmp_path), {"t1": T1, "t2": T2})
 
 
 def test_one_study_two_patients_is_refused_without_naming_them(tmp_path):
     write_series(tmp_path / "a", 3, series_uid="1.2.3.1", series_description="T1", PatientID="PAT-A")
     write_series(tmp_path / "b", 3, series_uid="1.2.3.2", series_description="T2", PatientID="PAT-B")
-    selections = select_for_task(scan_dicom_folder(tmp_path), {"t1": T1, "t2": T2})
     with pytest.raises(InputError) as e:
-        check_one_study(selections)
+        select_for_task(scan_dicom_folder(tmp_path), {"t1": T1, "t2": T2})
     assert "2 different patients" in str(e.value) and "PAT-" not in str(e.value)
 
 
 def test_one_study_one_frame_of_reference_passes(tmp_path):
     write_series(tmp_path / "a", 3, series_uid="1.2.3.1", series_description="T1")
     write_series(tmp_path / "b", 3, series_uid="1.2.3.2", series_description="T2")
-    check_one_study(select_for_task(scan_dicom_folder(tmp_path), {"t1": T1, "t2": T2}))
+    selections = select_for_task(scan_dicom_folder(tmp_path), {"t1": T1, "t2": T2})
+    check_one_study(selections)
+    assert {k: s.series.series_instance_uid for k, s in selections.items()} == {"t1": "1.2.3.1", "t2": "1.2.3.2"}
 
 
 def test_candidates_passed_over_are_listed_with_the_reason(tmp_path):

@@ -62,6 +62,7 @@ from pydicom.multival import MultiValue
 from ..errors import InputError, TaskFileError
 from .loading import DicomScan, DicomSeries
 from .stacks import refuse_ambiguous_stacks
+from .studies import refuse_several_studies
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ def select_for_task(scan: DicomScan, modality_rules: Mapping[str, Mapping[str, A
     """One series per modality key (keys in task order), distinct where possible (see the module docstring)."""
     compiled = {key: _compile_rules(rules, key) for key, rules in modality_rules.items()}
     options = {key: _ranked_matches(scan, sels, key) for key, sels in compiled.items()}
+    refuse_several_studies(scan, [s for ranked in options.values() for s, _ in ranked])
     keys = list(options)
 
     chosen = _distinct_assignment([[s for s, _ in options[k]] for k in keys])
@@ -139,8 +141,9 @@ def select_for_task(scan: DicomScan, modality_rules: Mapping[str, Mapping[str, A
 def _with_passed_over(scan: DicomScan, result: dict[str, SeriesSelection]) -> dict[str, SeriesSelection]:
     from dataclasses import replace
 
-    from .studies import passed_over
+    from .studies import check_one_study, passed_over
 
+    check_one_study(result)
     notes = passed_over(scan, result)
     return {k: replace(sel, passed_over=tuple(notes[k])) for k, sel in result.items()}
 

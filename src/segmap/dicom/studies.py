@@ -6,7 +6,8 @@ today's scan). The rules:
 
 - :func:`split_by_study` divides a scan into one :class:`~segmap.dicom.loading.DicomScan` per StudyInstanceUID;
   series selection then runs inside each study, so the channels of one model input come from one study;
-- :func:`check_one_study` is the guard on the chosen series themselves: one StudyInstanceUID, one patient, and one
+- :func:`refuse_several_studies` (called by series selection) refuses to choose among candidates of several
+  studies; :func:`check_one_study` is the guard on the chosen series themselves: one StudyInstanceUID, one patient, and one
   FrameOfReferenceUID (resampling one series onto another's grid is only meaningful in a shared frame of
   reference), else :class:`~segmap.errors.InputError` naming the studies / frames (never the patient);
 - :func:`process_studies` runs a callback per study into its own output subfolder named by
@@ -50,6 +51,17 @@ def study_folder_name(study_instance_uid: str) -> str:
     """Output subfolder of one study: ``study-`` and 12 hex digits of the SHA-256 of its StudyInstanceUID (the same
     name on every run, different for different studies, and nothing about the patient in it)."""
     return STUDY_FOLDER_PREFIX + hashlib.sha256(study_instance_uid.encode()).hexdigest()[:12]
+
+
+def refuse_several_studies(scan: DicomScan, candidates: list[DicomSeries]) -> None:
+    """Refuse to select among ``candidates`` (the series matching a task's rules) when they lie in several studies:
+    which study is meant cannot be guessed (today's or the prior, patient A or B). A run over such an input splits it
+    with :func:`split_by_study` first and never gets here."""
+    studies = sorted({s.study_instance_uid for s in candidates})
+    if len(studies) > 1:
+        raise InputError(f"{scan.folder} holds {len(studies)} studies with series that match the task's rules "
+                         f"({', '.join(studies)}); one result must come from one study: process each study on "
+                         "its own")
 
 
 def check_one_study(selections: Mapping[str, Any]) -> None:
