@@ -29,9 +29,9 @@ from .errors import InputError
 
 log = logging.getLogger(__name__)
 
-#: Part of the available memory one decoded image may take (the model input, its resampled copy and the logits
-#: need the rest).
-MEMORY_SHARE = 0.5
+#: Part of the available memory one decoded image may take before it is refused. The whole of it: the check is
+#: there for headers that are wrong by orders of magnitude; a real image that nearly fits is left to try.
+MEMORY_SHARE = 1.0
 
 
 def replace_nonfinite(array: np.ndarray, what: str) -> tuple[np.ndarray, int]:
@@ -95,7 +95,7 @@ def available_memory() -> int | None:
 
 def check_allocation(nbytes: int, what: str, declared: str) -> None:
     """Refuse (one line) an image of ``nbytes`` that would take more than :data:`MEMORY_SHARE` of the available
-    memory. ``what`` names the file or series, ``declared`` says what its header declares (e.g. "60000 x 60000 x 3
+    memory (nothing is refused when the available memory cannot be found out). ``what`` names the file or series, ``declared`` says what its header declares (e.g. "60000 x 60000 x 3
     voxels")."""
     available = available_memory()
     if available is None or nbytes <= MEMORY_SHARE * available:

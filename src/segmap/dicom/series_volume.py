@@ -527,7 +527,7 @@ def _check_declared_size(slices: list[_Slice], shape: tuple[int, int], name: str
         bits = int(first.dataset.get("BitsAllocated", 16) or 16)
     except (TypeError, ValueError):
         bits = 16
-    frame_bytes = shape[0] * shape[1] * max(bits, 8) // 8
+    frame_bytes = (shape[0] * shape[1] * bits + 7) // 8
     for s in slices:
         at = s.instance.pixel_data_at
         if at is not None and at[1] < frame_bytes:

@@ -19,8 +19,9 @@ are replaced. Sub-folders are recreated in the output folder.
 One run per output folder. :func:`claim_output_folder` (called once at the start of a run) takes an exclusive
 ``flock`` on the output folder itself, held until the process ends or :func:`release_output_folder`; a second run
 into the same folder fails at once with a line naming it, instead of both succeeding and the last writer silently
-winning. The lock is on the folder's own file descriptor, so no lock file is left behind; the kernel drops it
-when the process dies, however it dies. Holding the lock, the run then removes ``.segmap-staging-*`` folders left
+winning. The lock is on the folder's own file descriptor, so no lock file is left behind (on a file system that
+cannot lock a folder, NFS, on a hidden ``.segmap-lock`` file; with no working locks at all, a warning says so and
+the run goes on unguarded); the kernel drops it when the process dies, however it dies. Holding the lock, the run then removes ``.segmap-staging-*`` folders left
 by a run that was killed outright (SIGKILL, power loss): no other run can be writing them. SIGTERM is handled
 like Ctrl-C (see :mod:`segmap.signals`), so the ``with`` block's clean-up runs and nothing is left.
 """
@@ -43,6 +44,8 @@ from ..errors import InputError, OutputError
 log = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".segmap-staging-"
+#: Lock file, only where the output folder itself cannot be locked (see :func:`claim_output_folder`).
+LOCK_FILE = ".segmap-lock"
 #: Files moved into place after all others.
 COMMIT_LAST = ("run_report.json",)
 
@@ -86,20 +89,43 @@ def claim_output_folder(folder: str | Path, *, input_path: str | Path | None = N
     if key in _LOCKS:
         return folder
     try:
-        fd = os.open(key, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        fd = _lock(key)
+    except _Busy:
+        raise OutputError(f"{folder}: another segmap run is writing into this output folder; wait for it to finish "
+                          "or choose another output folder") from None
     except OSError as e:
-        raise OutputError(f"{folder}: cannot open the output folder ({e.strerror or e})") from e
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise OutputError(f"{folder}: another segmap run is writing into this output folder; wait for it to "
-                              "finish or choose another output folder") from None
-        raise OutputError(f"{folder}: cannot lock the output folder ({e.strerror or e})") from e
+        # A file system without working locks (some network or FUSE mounts): run, but say what is not guarded.
+        log.warning("%s: cannot lock the output folder (%s); a concurrent run into it would not be detected, and "
+                    "staging folders of killed runs are left alone", folder, e.strerror or e)
+        return folder
     _LOCKS[key] = fd
     remove_stale_staging(folder)
     return folder
+
+
+class _Busy(Exception):
+    """Another process holds the output folder's lock."""
+
+
+def _lock(folder: Path) -> int:
+    """An open descriptor holding an exclusive flock on ``folder``: on the folder itself, or where that is not
+    supported (NFS needs a descriptor open for writing) on a hidden ``.segmap-lock`` file in it."""
+    def take(fd: int) -> int:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise _Busy() from None
+            raise
+        return fd
+
+    try:
+        return take(os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)))
+    except _Busy:
+        raise
+    except OSError:
+        return take(os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644))
 
 
 def release_output_folder(folder: str | Path) -> None:
