@@ -82,16 +82,22 @@ def test_declared_image_larger_than_its_pixel_data_is_refused_before_decoding(tm
 # ----------------------------------------------------------------------------- 6 no preamble, no file meta
 
 
-@pytest.mark.parametrize("implicit", [True, False], ids=["implicit-VR", "explicit-VR"])
-def test_data_sets_without_preamble_or_file_meta_are_decoded(tmp_path, implicit):
+@pytest.mark.parametrize("form", ["implicit-VR", "explicit-VR", "meta-no-preamble"])
+def test_data_sets_without_preamble_or_file_meta_are_decoded(tmp_path, form):
     write_series(tmp_path / "normal", 4, series_uid="1.2.3.66")
+    (tmp_path / "raw").mkdir()
     for k in range(4):
         ds = make_slice(pixels=default_pixels(k, 6, 7), position=(-10.0, -20.0, 30.0 + 2.0 * k),
                         instance_number=k + 1, series_uid="1.2.3.66")
-        del ds.file_meta
-        (tmp_path / "raw").mkdir(exist_ok=True)
-        dcmwrite(tmp_path / "raw" / f"s{k}", ds, implicit_vr=implicit, little_endian=True, enforce_file_format=False)
-    assert (tmp_path / "raw" / "s0").read_bytes()[:4] == b"\x08\x00\x08\x00"  # a bare data set, no "DICM"
+        if form == "meta-no-preamble":
+            ds.preamble = None
+            dcmwrite(tmp_path / "raw" / f"s{k}", ds, enforce_file_format=False)
+        else:
+            del ds.file_meta
+            dcmwrite(tmp_path / "raw" / f"s{k}", ds, implicit_vr=form == "implicit-VR", little_endian=True,
+                     enforce_file_format=False)
+    head = (tmp_path / "raw" / "s0").read_bytes()[:4]
+    assert head == (b"\x02\x00\x02\x00" if form == "meta-no-preamble" else b"\x08\x00\x08\x00")  # no "DICM"
     raw = series_to_volume(scan_dicom_folder(tmp_path / "raw").series[0])
     normal = series_to_volume(scan_dicom_folder(tmp_path / "normal").series[0])
     np.testing.assert_array_equal(raw.array, normal.array)
