@@ -112,7 +112,12 @@ def refuse_ambiguous_stacks(modality_key: str, chosen, also_matched: Sequence) -
 
 
 def _position_key(ds: Dataset) -> tuple | None:
-    value = ds.get("ImagePositionPatient")
+    # From the raw value where it is still raw: pydicom's DS conversion of every slice of every series costs more
+    # than the whole split (the volume step reads positions the same way).
+    elem = ds.get_item(0x00200032)
+    value = None if elem is None else elem.value
+    if isinstance(value, bytes):
+        value = value.split(b"\\")
     try:
         return tuple(round(float(v), 2) for v in value) if value is not None and len(value) == 3 else None
     except (TypeError, ValueError):
