@@ -24,10 +24,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tools"))
 
 from nnunet_reference import dice_per_label, nnunet_predict  # noqa: E402
 from segmap.demo.phantom import make_phantom  # noqa: E402
-from segmap.demo.plans import build_network, make_dataset_json, make_plans, write_nnunet_results_folder  # noqa: E402
+from segmap_tools.plans import build_network, make_dataset_json, make_plans, write_nnunet_results_folder  # noqa: E402
 from segmap.engine import EngineOptions, Segmenter  # noqa: E402
 from segmap.model import export_monet, load_model  # noqa: E402
 

@@ -22,7 +22,8 @@ from segmap.demo.phantom import make_phantom, write_dicom_series, write_nifti
 from segmap.errors import InputError
 from segmap.outputs.atomic import STAGING_PREFIX
 from segmap.outputs.nifti import read_label_nifti
-from segmap.pipeline import RunOptions, run
+from segmap.pipeline import run
+from segmap.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODEL = ROOT / "models" / "demo-spleen" / "model.ts"
@@ -37,8 +38,8 @@ def phantom():
     return make_phantom((24, 80, 80), (3.0, 1.8, 1.8), seed=8)
 
 
-def options(inp: Path, out: Path) -> RunOptions:
-    return RunOptions(model=DEMO_MODEL, task=SPLEEN_TASK, input=inp, output=out, device="cpu")
+def options(inp: Path, out: Path) -> Settings:
+    return Settings(models=DEMO_MODEL, task_file=SPLEEN_TASK, input=inp, output=out, device="cpu")
 
 
 def cli(inp: Path, out: Path, **popen) -> subprocess.Popen:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import InputError, OutputError
+from .report import REPORT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ STAGING_PREFIX = ".segmap-staging-"
 #: Lock file, only where the output folder itself cannot be locked (see :func:`claim_output_folder`).
 LOCK_FILE = ".segmap-lock"
 #: Files moved into place after all others.
-COMMIT_LAST = ("run_report.json",)
+COMMIT_LAST = (REPORT_NAME,)
 
 
 def ensure_writable(folder: str | Path) -> Path:
