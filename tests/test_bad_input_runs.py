@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from segmap.demo.phantom import make_phantom, write_dicom_series, write_nifti
+from segmap.dicom.studies import study_folder_name
 from segmap.errors import InputError
 from segmap.outputs.atomic import STAGING_PREFIX
 from segmap.outputs.nifti import read_label_nifti
@@ -316,12 +317,45 @@ def test_report_says_which_series_was_chosen_and_which_were_passed_over(phantom,
     assert "PHANTOM" not in json.dumps(report)
 
 
-def test_two_studies_in_one_folder_are_not_mixed_or_guessed(phantom, tmp_path):
-    write_dicom_series(phantom, tmp_path / "in" / "today", study_uid="1.2.826.7.1", patient_id="PAT-A")
-    write_dicom_series(make_phantom((30, 80, 80), (3.0, 1.8, 1.8), seed=2), tmp_path / "in" / "prior",
+def two_studies(phantom, folder: Path) -> tuple[str, str]:
+    """Today's study (patient A) and a 2020 prior of patient B with more slices (what "most images" would pick)."""
+    write_dicom_series(phantom, folder / "today", study_uid="1.2.826.7.1", patient_id="PAT-A")
+    write_dicom_series(make_phantom((30, 80, 80), (3.0, 1.8, 1.8), seed=2), folder / "prior",
                        study_uid="1.2.826.7.2", patient_id="PAT-B")
-    with pytest.raises(InputError) as e:
-        run(options(tmp_path / "in", tmp_path / "out"))
-    assert "holds 2 studies with series that match the task's rules (1.2.826.7.1, 1.2.826.7.2)" in str(e.value)
-    assert "PAT-" not in str(e.value)
-    assert list((tmp_path / "out").iterdir()) == []
+    return study_folder_name("1.2.826.7.1"), study_folder_name("1.2.826.7.2")
+
+
+def test_two_studies_in_one_folder_are_processed_one_by_one(phantom, tmp_path):
+    import pydicom
+
+    today, prior = two_studies(phantom, tmp_path / "in")
+    out = tmp_path / "out"
+    summary = json.loads(run(options(tmp_path / "in", out)).read_text())
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == sorted([
+        "run_summary.json", today, f"{today}/run_report.json", f"{today}/segmentation.dcm",
+        prior, f"{prior}/run_report.json", f"{prior}/segmentation.dcm"])
+    assert summary["status"] == "succeeded" and summary["studies_total"] == 2
+    for folder, uid, slices in ((today, "1.2.826.7.1", 24), (prior, "1.2.826.7.2", 30)):
+        report = json.loads((out / folder / "run_report.json").read_text())
+        assert report["inputs"][0]["StudyInstanceUID"] == uid and report["inputs"][0]["instances"] == slices
+        seg = pydicom.dcmread(out / folder / "segmentation.dcm")
+        assert seg.StudyInstanceUID == uid  # each SEG belongs to its own study
+    assert "PAT-" not in json.dumps(summary)
+
+
+def test_a_failed_study_is_reported_and_does_not_stop_the_others(phantom, tmp_path):
+    today, prior = two_studies(phantom, tmp_path / "in")
+    (tmp_path / "in" / "prior" / "slice_0010.dcm").unlink()  # a missing slice: that study cannot be segmented
+    out = tmp_path / "out"
+    proc = cli(tmp_path / "in", out)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("segmap: error: ")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"segmap: error: 1 of 2 studies failed ({prior}; see run_summary.json); first: {prior}: series ")
+    assert "not evenly spaced" in errors[0]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == sorted([
+        "run_summary.json", today, f"{today}/run_report.json", f"{today}/segmentation.dcm"])
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert [(s["folder"], s["status"]) for s in summary["studies"]] == [(today, "succeeded"), (prior, "failed")]
+    assert summary["status"] == "partly failed"

@@ -309,10 +309,34 @@ def _record_inputs(report, image: InputImage) -> None:
 
 
 def run(settings: Settings) -> Path:
-    """One complete run; returns the path of the run report. Nothing is written unless the run succeeds."""
+    """One complete run; returns the path of the run report (of ``run_summary.json`` for a DICOM input of several
+    studies, see :func:`run_studies`). Nothing is written unless the run (the study) succeeds."""
     kind = input_kind(settings)
     model, task = prepare(settings)
     writer = ResultWriter(settings, model, task, kind)
+    inference = Inference(model, settings)
+    if kind == "dicom":
+        return run_studies(scan_study(settings.input), settings, model, task, writer, inference)
     image = load_image(settings.input, task, kind)
-    labels = Inference(model, settings).segment(image)
-    return writer.write(labels, image)
+    return writer.write(inference.segment(image), image)
+
+
+def run_studies(study: Study, settings: Settings, model: MonetModel, task: SegmentationTask, writer: ResultWriter,
+                inference: Inference) -> Path:
+    """A DICOM input study by study (:mod:`segmap.dicom.studies`): one study is written with ``writer`` at the top
+    of the output folder as always; several go into ``study-<hash>/`` subfolders, each with its own report, then
+    ``run_summary.json``; any failed study ends the run with one line (exit code 2) after the others are done."""
+    from .dicom.studies import process_studies, raise_if_any_failed, write_summary
+
+    def one(scan, folder: Path) -> Path:
+        study_writer = writer if folder == writer.out_dir else \
+            ResultWriter(settings.with_values(output=folder), model, task, "dicom")
+        image = load_series(choose_series(Study(scan, dict(study.timings_s)), task), task)
+        return study_writer.write(inference.segment(image), image)
+
+    results = process_studies(study.scan, writer.out_dir, one)
+    if len(results) == 1:
+        return results[0].report
+    summary = write_summary(results, writer.out_dir)
+    raise_if_any_failed(results)
+    return summary

@@ -177,6 +177,9 @@ def process_studies(scan: DicomScan, out_dir: Path,
             result.error = (lines[0] if lines else "") if isinstance(e, SegmapError) else \
                 f"internal error: {type(e).__name__}: {lines[0] if lines else ''}"
             log.error("study %s (%s) failed: %s", uid, result.folder, result.error)
+        finally:
+            if not single:
+                _close_study_folder(target)
         results.append(result)
     return results
 
@@ -219,6 +222,18 @@ def raise_if_any_failed(results: list[StudyResult]) -> None:
 
 
 # ---- helpers
+
+
+def _close_study_folder(folder: Path) -> None:
+    """Release a study folder's lock (the output folder's own lock guards the run) and remove it when the study
+    left nothing in it (it failed before writing)."""
+    from ..outputs.atomic import release_output_folder
+
+    release_output_folder(folder)
+    try:
+        folder.rmdir()  # only succeeds when empty
+    except OSError:
+        pass
 
 
 def _first_text(series: DicomSeries, keyword: str) -> str:
