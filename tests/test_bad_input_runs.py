@@ -359,3 +359,19 @@ def test_a_failed_study_is_reported_and_does_not_stop_the_others(phantom, tmp_pa
     summary = json.loads((out / "run_summary.json").read_text())
     assert [(s["folder"], s["status"]) for s in summary["studies"]] == [(today, "succeeded"), (prior, "failed")]
     assert summary["status"] == "partly failed"
+
+
+def test_the_application_processes_studies_one_by_one_too(phantom, tmp_path):
+    pytest.importorskip("holoscan")
+    today, prior = two_studies(phantom, tmp_path / "in")
+    (tmp_path / "in" / "prior" / "slice_0010.dcm").unlink()
+    out = tmp_path / "out"
+    env = {**ENV, "SEGMAP_TASK_FILE": str(SPLEEN_TASK), "SEGMAP_DEVICE": "cpu"}
+    proc = subprocess.run([sys.executable, str(ROOT / "app"), "-i", str(tmp_path / "in"), "-o", str(out), "-m",
+                           str(DEMO_MODEL)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("segmap: error: ")]
+    assert len(errors) == 1 and f"1 of 2 studies failed ({prior}; see run_summary.json)" in errors[0]
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == sorted([
+        "run_summary.json", today, f"{today}/run_report.json", f"{today}/segmentation.dcm"])
