@@ -39,6 +39,12 @@ How the defects of the original are fixed:
   images (frames) wins, then the lowest Series Number (a missing number counts last), then the smallest Series
   Instance UID; the others are logged and kept in :attr:`SeriesSelection.alternatives`.
 
+- A 4D series (phases, echoes at the same positions) offers each stack as a candidate of its own; two stacks of one
+  series matching one selection is refused with the condition that would pick one (:mod:`segmap.dicom.stacks`).
+- Candidates in several studies are refused, and the series chosen for one task must share one study, one patient
+  and one frame of reference (:mod:`segmap.dicom.studies`); a run splits a multi-study input by study first.
+- :attr:`SeriesSelection.passed_over` lists every other series with the reason it was not chosen (logged too).
+
 Several modalities (:func:`select_for_task`): each modality gets its own series. Among all the ways of giving the
 modalities distinct series, the one that prefers the modalities in task order is taken: the first modality gets its
 best match, the second its best among the rest, ..., backtracking when a later modality would be left without a
@@ -52,7 +58,7 @@ import logging
 import math
 import operator
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
@@ -62,7 +68,7 @@ from pydicom.multival import MultiValue
 from ..errors import InputError, TaskFileError
 from .loading import DicomScan, DicomSeries
 from .stacks import refuse_ambiguous_stacks
-from .studies import refuse_several_studies
+from .studies import check_one_study, passed_over, refuse_several_studies
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +145,6 @@ def select_for_task(scan: DicomScan, modality_rules: Mapping[str, Mapping[str, A
 
 
 def _with_passed_over(scan: DicomScan, result: dict[str, SeriesSelection]) -> dict[str, SeriesSelection]:
-    from dataclasses import replace
-
-    from .studies import check_one_study, passed_over
-
     check_one_study(result)
     notes = passed_over(scan, result)
     return {k: replace(sel, passed_over=tuple(notes[k])) for k, sel in result.items()}
