@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from . import signals
 from .errors import SegmapError
 from .logs import configure_logging
 from .settings import setting
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signals.install_sigterm_handler()  # docker stop / Kubernetes: clean up, one line, exit 143
     configure_logging(args.log_level or setting("log_level").default)
     try:
         return args.func(args)

@@ -267,7 +267,7 @@ class ResultWriter:
     """
 
     def __init__(self, settings: Settings, model: MonetModel, task: SegmentationTask, kind: str) -> None:
-        from .outputs.atomic import ensure_writable
+        from .outputs.atomic import claim_output_folder
         from .outputs.formats import output_format
         from .outputs.report import RunReport
 
@@ -276,7 +276,7 @@ class ResultWriter:
         self.writer = self.format.make_writer(task, settings)
         self.task = task
         self.overlay = settings.overlay
-        self.out_dir = ensure_writable(settings.output)
+        self.out_dir = claim_output_folder(settings.output, input_path=settings.input)
         self.report = RunReport(task_name=task.name, task_file=settings.task_file)
         self.report.set_model(model.fold_files, path=settings.model_path, configuration=model.spec.configuration,
                               folds=[f.parent.name for f in model.fold_files])
@@ -311,21 +311,48 @@ class ResultWriter:
 
 
 def _record_inputs(report, image: InputImage) -> None:
+    from .outputs.report import input_notes
+
     for key, vol in image.per_modality.items():
-        details = {"shape_zyx": list(vol.shape_zyx), "spacing_zyx": [round(s, 4) for s in vol.spacing_zyx]}
+        details = {"shape_zyx": list(vol.shape_zyx), "spacing_zyx": [round(s, 4) for s in vol.spacing_zyx],
+                   **input_notes(vol.meta)}
         sel = image.selections.get(key)
         if sel is not None:
             report.add_input(key, files=vol.meta.get("source_paths", []), datasets=sel.series.datasets,
-                             selected_by=sel.selection_name, **details)
+                             selected_by=sel.selection_name, passed_over=list(sel.passed_over), **details)
         else:
             report.add_input(key, files=vol.meta.get("source_files", []), **details)
 
 
 def run(settings: Settings) -> Path:
-    """One complete run; returns the path of the run report. Nothing is written unless the run succeeds."""
+    """One complete run; returns the path of the run report (of ``run_summary.json`` for a DICOM input of several
+    studies, see :func:`run_studies`). Nothing is written unless the run (the study) succeeds."""
     kind = input_kind(settings)
     model, task = prepare(settings)
     writer = ResultWriter(settings, model, task, kind)
+    inference = Inference(model, settings)
+    if kind == "dicom":
+        return run_studies(scan_study(settings.input), settings, model, task, writer, inference)
     image = load_image(settings.input, task, kind)
-    labels = Inference(model, settings).segment(image)
-    return writer.write(labels, image)
+    return writer.write(inference.segment(image), image)
+
+
+def run_studies(study: Study, settings: Settings, model: MonetModel, task: SegmentationTask, writer: ResultWriter,
+                inference: Inference) -> Path:
+    """A DICOM input study by study (:mod:`segmap.dicom.studies`): one study is written with ``writer`` at the top
+    of the output folder as always; several go into ``study-<hash>/`` subfolders, each with its own report, then
+    ``run_summary.json``; any failed study ends the run with one line (exit code 2) after the others are done."""
+    from .dicom.studies import process_studies, raise_if_any_failed, write_summary
+
+    def one(scan, folder: Path) -> Path:
+        study_writer = writer if folder == writer.out_dir else \
+            ResultWriter(settings.with_values(output=folder), model, task, "dicom")
+        image = load_series(choose_series(Study(scan, dict(study.timings_s)), task), task)
+        return study_writer.write(inference.segment(image), image)
+
+    results = process_studies(study.scan, writer.out_dir, one)
+    if len(results) == 1:
+        return results[0].report
+    summary = write_summary(results, writer.out_dir)
+    raise_if_any_failed(results)
+    return summary
