@@ -229,3 +229,22 @@ def test_where_model_ts_files_are_needed_a_results_folder_says_convert_first(res
         find_fold_files(results)
     assert str(info.value) == (f"{results}: an nnU-Net results folder holds no model.ts files; convert it first: "
                                f"segmap convert {results} -o MODEL_DIR")
+
+
+def test_package_takes_a_results_folder(tmp_path, results):
+    """`segmap package --model RESULTS_DIR`: the image gets the converted fold_K/model.ts files, checked against the
+    checkpoints, and they read back as the results folder's model."""
+    from segmap.packager.context import write_context
+
+    root = Path(__file__).resolve().parents[1]
+    ctx = write_context(tmp_path / "ctx", model=results, task=task_file(tmp_path / "task.yaml"), task_name=None,
+                        variant="nifti", app_dir=root / "app", package_source=root, tag="segmap/organs:1.0",
+                        requirements=([], []), folds="1", checkpoint="final")
+    packaged = load_model(ctx / "models" / "organs")
+    assert [f.parent.name for f in packaged.fold_files] == ["fold_1"]
+    assert packaged.spec.foreground_labels == load_model(results).spec.foreground_labels
+    x = torch.randn(1, 1, 24, 48, 48)
+    direct = load_model(results, folds="1").load_networks("cpu")[0]
+    (converted,) = packaged.load_networks("cpu")
+    with torch.no_grad():
+        assert torch.allclose(direct(x), converted(x), atol=1e-4)
