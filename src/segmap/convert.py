@@ -68,18 +68,9 @@ def read_metadata(path: str | Path | None) -> dict:
     """The ``--metadata`` file (MONAI bundle metadata.json), or an empty document."""
     if path is None:
         return {}
-    path = Path(path)
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise ModelError(f"{path}: metadata file not found") from e
-    except OSError as e:
-        raise ModelError(f"{path}: cannot read the metadata file ({e.strerror or e})") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{path}: metadata file is not valid JSON ({e})") from e
-    if not isinstance(meta, dict):
-        raise ModelError(f"{path}: metadata file must hold a JSON object, got {type(meta).__name__}")
-    return meta
+    from .nnunet_results import read_json_object
+
+    return read_json_object(Path(path), "metadata file")
 
 
 def complete_metadata(metadata: Mapping[str, Any], dataset_json: Mapping[str, Any], *,

@@ -67,15 +67,19 @@ def checkpoint_file_name(choice: str | None) -> str:
     raise ModelError(f"checkpoint '{choice}' is neither {' nor '.join(CHECKPOINTS)} nor a .pth file name")
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path, what: str = "") -> dict:
+    """A JSON file holding an object; ``what`` (e.g. ``"metadata file"``) names it in the one-line errors."""
+    prefix = f"{what} " if what else ""
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise ModelError(f"{path}: {prefix or 'file '}not found") from e
     except OSError as e:
-        raise ModelError(f"{path}: cannot read ({e.strerror or e})") from e
+        raise ModelError(f"{path}: cannot read {prefix}({e.strerror or e})".replace("  ", " ")) from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{path}: not valid JSON ({e})") from e
+        raise ModelError(f"{path}: {prefix}is not valid JSON ({e})") from e
     if not isinstance(value, dict):
-        raise ModelError(f"{path}: expected a JSON object, got {type(value).__name__}")
+        raise ModelError(f"{path}: {prefix}must hold a JSON object, got {type(value).__name__}")
     return value
 
 
@@ -154,8 +158,8 @@ def load_results_folder(path: str | Path, *, folds: str | Sequence[int | str] | 
     """
     path = Path(path)
     name = checkpoint_file_name(checkpoint)
-    plans = _read_json(path / PLANS_JSON)
-    dataset = _read_json(path / DATASET_JSON)
+    plans = read_json_object(path / PLANS_JSON)
+    dataset = read_json_object(path / DATASET_JSON)
     found = {d.name: d / name for d in path.iterdir() if _FOLD.match(d.name) and (d / name).is_file()}
     if not found:
         others = sorted({p.name for p in path.glob("fold_*/checkpoint*.pth")})
