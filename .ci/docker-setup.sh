@@ -8,7 +8,7 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-base_image="${SEGMAP_BASE_IMAGE:-segmap/base-cpu:bookworm}"
+base_image="${SEGMAP_BASE_IMAGE:-segmap/base-cpu:bookworm-tini}"
 log_file="${DOCKERD_LOG:-/var/log/segmap-dockerd.log}"
 wait_s="${DOCKERD_WAIT_S:-60}"
 python="${PYTHON:-}"

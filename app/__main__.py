@@ -16,6 +16,21 @@ for _p in (_here, _here.parent):
 if str(_here.parent) not in sys.path:
     sys.path.insert(0, str(_here.parent))
 
+# Before anything heavy (torch, OpenMP and Holoscan start threads when imported): stop cleanly on docker stop at any
+# moment (segmap.shutdown), size the thread pools to the container's CPU quota and set the file-mode mask; the
+# app.yaml values of threads/umask apply once the settings are read (segmap.pipeline.prepare).
+from segmap import shutdown  # noqa: E402
+
+shutdown.install()
+try:
+    from segmap.resources import apply_threads, apply_umask  # noqa: E402
+    from segmap.settings import setting  # noqa: E402
+
+    apply_threads(os.environ.get(setting("threads").env))
+    apply_umask(os.environ.get(setting("umask").env, setting("umask").default))
+except Exception:  # a bad value is reported with one line once the settings are read and validated
+    pass
+
 # Quieter Holoscan by default; HOLOSCAN_LOG_LEVEL set by the user wins.
 os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN")
 try:  # Holoscan recommends a 32 MB stack; raise the soft limit where the hard limit allows.

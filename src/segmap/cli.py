@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from . import signals
+from . import shutdown, signals
 from .errors import SegmapError
 from .logs import configure_logging
 from .settings import setting
@@ -155,8 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # docker stop / Kubernetes / Ctrl-C at any moment, also inside torch: clean up, one line, exit 143 (130). First,
+    # so that torch's and OpenMP's threads inherit the blocked signals (segmap.shutdown).
+    if not shutdown.install():
+        signals.install_sigterm_handler()  # not the main thread (main() called from a test's thread)
     args = build_parser().parse_args(argv)
-    signals.install_sigterm_handler()  # docker stop / Kubernetes: clean up, one line, exit 143
     configure_logging(args.log_level or setting("log_level").default)
     try:
         return args.func(args)

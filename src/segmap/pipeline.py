@@ -218,6 +218,11 @@ def resolve_model_path(path: Path) -> Path:
 
 def prepare(settings: Settings) -> tuple[MonetModel, SegmentationTask]:
     """Load and cross-check the model and the task (fails before any input is read)."""
+    from .resources import apply_threads, apply_umask, validate_settings
+
+    validate_settings(settings)
+    apply_umask(settings.umask)  # outputs hold patient data: 0640 by default
+    log.info("using %d CPU thread(s)", apply_threads(settings.threads))
     task = load_task(settings.task_file, settings.task_name)
     model_path = resolve_model_path(settings.model_path)
     model = load_model(model_path)
@@ -238,6 +243,7 @@ class Inference:
         from .engine import EngineOptions, Segmenter
 
         timings: dict[str, float] = {}
+        check_memory_for(image, self.model)
         if self._segmenter is None:
             self._segmenter = _timed(timings, "load_model", lambda: Segmenter(self.model, EngineOptions(
                 device=self.settings.device, mirroring=self.settings.mirroring)))
@@ -245,6 +251,24 @@ class Inference:
         for k in ("preprocess", "network", "postprocess"):
             timings[f"inference.{k}"] = self._segmenter.timings.get(k, 0.0)
         return Volume(labels.array, labels.affine, {"device": str(self._segmenter.device), "timings_s": timings})
+
+
+def check_memory_for(image: InputImage, model: MonetModel) -> int:
+    """Estimate the run's peak memory (:func:`segmap.resources.estimate_peak_memory`), log it, and refuse the run
+    with :class:`~segmap.resources.MemoryLimitError` when it exceeds the container's memory limit."""
+    from .resources import check_memory, estimate_peak_memory
+
+    spec = model.spec
+    shape = image.volume.array.shape
+    spacing = image.volume.spacing_zyx
+    order = spec.transpose_forward  # the engine transposes zyx into the network's axis order first
+    estimate = estimate_peak_memory(
+        input_shape_czyx=[shape[0], *(shape[1 + i] for i in order)],
+        input_spacing_zyx=[spacing[i] for i in order], target_spacing_zyx=spec.target_spacing,
+        patch_size=spec.patch_size, num_outputs=spec.num_outputs,
+        model_bytes=sum(f.stat().st_size for f in model.fold_files))
+    check_memory(estimate, what=f"segmenting a {' x '.join(str(v) for v in shape[1:])} volume")
+    return estimate
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -270,6 +294,12 @@ class ResultWriter:
         self.report = RunReport(task_name=task.name, task_file=settings.task_file)
         self.report.set_model(model.fold_files, path=settings.model_path, configuration=model.spec.configuration,
                               folds=[f.parent.name for f in model.fold_files])
+        from .outputs.report import image_provenance, model_digest
+
+        self.report.model["sha256"] = digest = model_digest(self.report.model["files"])
+        self.report.extra["image"] = image_provenance()
+        if hasattr(self.writer, "software_versions"):  # the SEG names the model it came from
+            self.writer.software_versions = (self.writer.software_versions[0], f"model sha256:{digest[:16]}")
 
     def write(self, labels: Volume, image: InputImage) -> Path:
         """Commit the outputs and the report; returns the report's path."""
@@ -282,12 +312,22 @@ class ResultWriter:
         report.timings_s.update(labels.meta.get("timings_s", {}))
         report.set_device(labels.meta.get("device"))
         report.set_segments(labels.array[0], labels.affine, self.task.segments)
-        with atomic_outputs(self.out_dir) as staging:
-            with report.stage("write"):
-                path = self.writer.write(labels, image, staging.dir)
-                report.add_output(staging.final_path(path), self.format.name)
-            report.finish("succeeded")
-            report.write(staging.dir / REPORT_NAME)
+        from .errors import OutputError
+        from .outputs.report import output_identity
+
+        try:
+            with atomic_outputs(self.out_dir) as staging:
+                with report.stage("write"):
+                    path = self.writer.write(labels, image, staging.dir)
+                    report.add_output(staging.final_path(path), self.format.name, **output_identity(path))
+                report.finish("succeeded")
+                report.write(staging.dir / REPORT_NAME)
+        except OSError as e:  # disk full, quota, I/O error: one line, and atomic_outputs has removed the staging
+            raise OutputError(f"{self.out_dir}: cannot write the outputs ({e.strerror or e})") from e
+        except OutputError as e:
+            if isinstance(e.__cause__, OSError) and e.__cause__.strerror:  # one line that names the folder
+                raise OutputError(f"{self.out_dir}: cannot write the outputs ({e.__cause__.strerror})") from e
+            raise
         for seg in report.segments:
             log.info("segment %s: %s voxels, %.1f mL", seg["name"], seg["voxels"], seg["volume_ml"])
         log.info("done in %.1f s: %s", time.perf_counter() - self.t0, ", ".join(str(p) for p in staging.committed))
