@@ -29,13 +29,16 @@ ENV LANG=C.UTF-8 \
 # Removed after installing: test suites (torch's C++ test binaries, test data with private keys that secret
 # scanners flag), C/C++ headers and static libraries, torch's command-line tools except torch_shm_manager (used by
 # torch.multiprocessing), sympy/mpmath (only torch's compiler imports them; TorchScript inference does not), and
-# pip/setuptools. The import check at the end fails the build if the pruning removed something that is imported.
+# pip/setuptools. torch's two large libraries lose their symbol tables (strip --strip-unneeded, where the base has
+# binutils: about 90 MB; other wheels' libraries are left alone, auditwheel's patchelf edits do not survive strip).
+# Nothing is byte-compiled at install: the import check at the end (which fails the build if the pruning removed
+# something that is imported) compiles what a run imports, so the image carries no .pyc files that nothing loads.
 FROM python AS deps
 COPY requirements.txt requirements-nodeps.txt /tmp/
 COPY wheelhouse/deps/ /tmp/wheelhouse/
 RUN set -e; \
     python3 -m venv /opt/holoscan/venv; \
-    pip="/opt/holoscan/venv/bin/pip install --no-cache-dir --no-index --find-links /tmp/wheelhouse"; \
+    pip="/opt/holoscan/venv/bin/pip install --no-cache-dir --no-compile --no-index --find-links /tmp/wheelhouse"; \
     if grep -q '^[^#[:space:]]' /tmp/requirements.txt; then $pip -r /tmp/requirements.txt; fi; \
     if grep -q '^[^#[:space:]]' /tmp/requirements-nodeps.txt; then $pip --no-deps -r /tmp/requirements-nodeps.txt; fi; \
     rm -rf /tmp/wheelhouse /tmp/requirements*.txt; \
@@ -49,20 +52,26 @@ RUN set -e; \
     if [ -d "${site}/torch" ]; then rm -rf "${site}"/sympy "${site}"/sympy-* "${site}"/mpmath "${site}"/mpmath-*; fi; \
     rm -rf "${site}"/pip "${site}"/pip-* "${site}"/setuptools "${site}"/setuptools-* "${site}"/_distutils_hack \
         "${site}"/distutils-precedence.pth "${site}"/pkg_resources /opt/holoscan/venv/bin/pip*; \
+    if command -v strip >/dev/null 2>&1; then \
+        for lib in "${site}"/torch/lib/libtorch_cpu.so "${site}"/torch/lib/libtorch_python.so; do \
+            if [ -f "${lib}" ]; then strip --strip-unneeded "${lib}"; fi; \
+        done; \
+    fi; \
     echo /opt/holoscan/python > "${site}/segmap.pth"; \
     find /opt/holoscan/venv -path '*/nvidia/*' -name 'libcudart.so.*' -printf '%h\n' | sort -u \
         > /etc/ld.so.conf.d/zz-segmap-cuda.conf; \
     ldconfig; \
     /opt/holoscan/venv/bin/python -W ignore -c "import importlib.util as u; \
-[__import__(m) for m in ('torch', 'numpy', 'scipy.ndimage', 'pydicom', 'highdicom', 'nibabel', 'yaml', \
-'holoscan.core', 'monai.deploy.core') if u.find_spec(m.split('.')[0])]"
+[__import__(m) for m in ('torch', 'torch.jit', 'numpy', 'scipy.ndimage', 'pydicom', 'pydicom.pixels', 'highdicom', \
+'highdicom.seg', 'nibabel', 'yaml', 'pylibjpeg', 'holoscan.core', 'holoscan.conditions', 'monai.deploy.core') \
+if u.find_spec(m.split('.')[0])]"
 
 # --- segmap itself, apart from the venv (a code change rebuilds only this small layer) ---------------------------
 FROM deps AS segmap
 COPY wheelhouse/segmap/ /tmp/segmap-wheel/
 RUN set -e; \
     python3 -m venv /tmp/pipenv; \
-    /tmp/pipenv/bin/pip install --no-cache-dir --no-index --no-deps --no-compile --target /opt/holoscan/python \
+    /tmp/pipenv/bin/pip install --no-cache-dir --no-index --no-deps --target /opt/holoscan/python \
         /tmp/segmap-wheel/*.whl; \
     rm -rf /opt/holoscan/python/bin
 
@@ -82,6 +91,9 @@ RUN set -e; \
     /opt/holoscan/venv/bin/python -W ignore -c "import importlib.util as u; \
 [__import__(m) for m in ('holoscan.core', 'monai.deploy.core') if u.find_spec(m.split('.')[0])]"; \
     find / -xdev -type f -perm /6000 -exec chmod ug-s {} +; \
+    for pkg in $(dpkg-query -W -f '${Package}\n' 2>/dev/null | grep -E '^(binutils|libbinutils|libctf|libgprofng|libsframe|libjansson)'); do \
+        dpkg -L "${pkg}" | while read -r f; do if [ -f "${f}" ] || [ -L "${f}" ]; then rm -f "${f}"; fi; done; \
+    done; \
     rm -rf /usr/bin/apt* /usr/lib/apt /var/lib/apt /var/cache/apt /etc/apt /usr/bin/dpkg* /var/lib/dpkg \
         /usr/bin/perl* /usr/lib/x86_64-linux-gnu/perl* /usr/share/perl* /usr/lib/aarch64-linux-gnu/perl* \
         /usr/share/doc /usr/share/man /usr/share/info /usr/share/locale /usr/share/python-wheels \

@@ -31,8 +31,10 @@ try:
 except Exception:  # a bad value is reported with one line once the settings are read and validated
     pass
 
-# Quieter Holoscan by default; HOLOSCAN_LOG_LEVEL set by the user wins.
-os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN")
+# Quieter Holoscan by default; HOLOSCAN_LOG_LEVEL set by the user wins. Without an NVIDIA driver (a CPU-only run),
+# Holoscan's only warnings are two lines saying that CUDA is unavailable: errors only then.
+_gpu = Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia").exists()
+os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN" if _gpu else "ERROR")
 try:  # Holoscan recommends a 32 MB stack; raise the soft limit where the hard limit allows.
     import resource
 

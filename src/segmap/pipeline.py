@@ -299,7 +299,7 @@ class ResultWriter:
         self.report.model["sha256"] = digest = model_digest(self.report.model["files"])
         self.report.extra["image"] = image_provenance()
         if hasattr(self.writer, "software_versions"):  # the SEG names the model it came from
-            self.writer.software_versions = (self.writer.software_versions[0], f"model sha256:{digest[:16]}")
+            self.writer.software_versions = [self.writer.software_versions[0], f"model sha256:{digest[:16]}"]
 
     def write(self, labels: Volume, image: InputImage) -> Path:
         """Commit the outputs and the report; returns the report's path."""

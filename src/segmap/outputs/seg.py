@@ -296,8 +296,8 @@ class DicomSegWriter:
         self.segments = task.segments
         self.omit_empty_frames = settings.omit_empty_frames
         #: Software Versions (0018,1020): segmap's version; the run adds the model's short sha256 as a second value.
-        self.software_versions: tuple[str, ...] = (__version__,)
+        self.software_versions: list[str] = [__version__]
 
     def write(self, labels, image, folder: Path) -> Path:
         return write_seg(labels.array[0], image.reference_datasets, self.segments, Path(folder) / self.filename,
-                         omit_empty_frames=self.omit_empty_frames, software_version=self.software_versions)
+                         omit_empty_frames=self.omit_empty_frames, software_version=list(self.software_versions))

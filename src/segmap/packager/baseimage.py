@@ -41,8 +41,8 @@ SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 #: libgomp1: the OpenMP runtime, in case a torch wheel relies on the system one. tini: the MAP's init (PID 1), which
 #: forwards ``docker stop``'s SIGTERM to the application and reaps its children; the Dockerfile installs it with apt
-#: on other base images.
-PACKAGES = ("python3", "python3-venv", "ca-certificates", "libgomp1", "tini")
+#: on other base images. binutils: ``strip`` for the image build, which removes it again from the final image.
+PACKAGES = ("python3", "python3-venv", "ca-certificates", "libgomp1", "tini", "binutils")
 IMAGE_CHANGES = (
     "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "ENV LANG=C.UTF-8",
