@@ -44,7 +44,8 @@ RUN set -e; \
     rm -rf /tmp/wheelhouse /tmp/requirements*.txt; \
     site="$(/opt/holoscan/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"; \
     find "${site}" -depth -type d \( -name tests -o -name test \) -exec rm -rf {} +; \
-    find "${site}" -depth -type d -name include -path '*/torch/include' -exec rm -rf {} +; \
+    find "${site}" -depth -type d -name include -exec rm -rf {} +; \
+    rm -rf /opt/holoscan/venv/include; \
     find "${site}" -type f \( -name '*.a' -o -name '*.h' -o -name '*.hpp' -o -name '*.cuh' \) -delete; \
     if [ -d "${site}/torch/bin" ]; then \
         find "${site}/torch/bin" -mindepth 1 -maxdepth 1 ! -name torch_shm_manager -exec rm -rf {} +; \
@@ -97,7 +98,7 @@ RUN set -e; \
     rm -rf /usr/bin/apt* /usr/lib/apt /var/lib/apt /var/cache/apt /etc/apt /usr/bin/dpkg* /var/lib/dpkg \
         /usr/bin/perl* /usr/lib/x86_64-linux-gnu/perl* /usr/share/perl* /usr/lib/aarch64-linux-gnu/perl* \
         /usr/share/doc /usr/share/man /usr/share/info /usr/share/locale /usr/share/python-wheels \
-        /usr/lib/python3*/ensurepip /usr/sbin/useradd /usr/sbin/groupadd /usr/sbin/usermod /usr/bin/su \
+        /usr/lib/python3*/ensurepip /usr/lib/python3*/test /usr/include /usr/local/include /usr/sbin/useradd /usr/sbin/groupadd /usr/sbin/usermod /usr/bin/su \
         /usr/bin/passwd /usr/bin/chsh /usr/bin/chfn /usr/bin/newgrp /usr/bin/gpasswd /usr/bin/mount /usr/bin/umount \
         /root/.cache /tmp/* /var/log/*
 
