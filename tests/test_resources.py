@@ -5,6 +5,7 @@ line and exit 143 and no staging folder."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -156,3 +157,31 @@ with atomic_outputs({str(out)!r}) as staging:
     assert err.strip().splitlines() == [line]
     assert sorted(p.name for p in out.iterdir()) == ["segmentation.nii.gz"]
     assert (out / "segmentation.nii.gz").read_bytes() == b"an earlier run's result"
+
+
+def test_full_disk_while_writing_is_one_line_and_leaves_nothing(tmp_path):
+    """segmap run into a 64 KiB tmpfs (root only; skipped elsewhere): the SEG of the phantom does not fit."""
+    from segmap.demo.phantom import make_phantom, write_dicom_series
+
+    out = tmp_path / "tiny"
+    out.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0777", "tmpfs", str(out)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        write_dicom_series(make_phantom((40, 112, 112), (3.0, 1.6, 1.6), seed=314), tmp_path / "in" / "series")
+        proc = subprocess.run([sys.executable, "-m", "segmap.cli", "run", "--model",
+                               str(ROOT / "models/demo-spleen/model.ts"), "--task", str(ROOT / "tasks/spleen.yaml"),
+                               "-i", str(tmp_path / "in"), "-o", str(out), "--device", "cpu"],
+                              capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"})
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("segmap: error: ")]
+        assert errors == [f"segmap: error: {out}: cannot write the outputs (No space left on device)"]
+        assert "Traceback" not in proc.stderr
+        assert list(out.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(out)], capture_output=True)

@@ -322,16 +322,30 @@ class ResultWriter:
                     report.add_output(staging.final_path(path), self.format.name, **output_identity(path))
                 report.finish("succeeded")
                 report.write(staging.dir / REPORT_NAME)
-        except OSError as e:  # disk full, quota, I/O error: one line, and atomic_outputs has removed the staging
-            raise OutputError(f"{self.out_dir}: cannot write the outputs ({e.strerror or e})") from e
-        except OutputError as e:
-            if isinstance(e.__cause__, OSError) and e.__cause__.strerror:  # one line that names the folder
-                raise OutputError(f"{self.out_dir}: cannot write the outputs ({e.__cause__.strerror})") from e
-            raise
+        except (OSError, OutputError) as e:  # disk full, quota, I/O error; atomic_outputs has removed the staging
+            reason = _os_error_reason(e)
+            if reason is None:
+                raise
+            raise OutputError(f"{self.out_dir}: cannot write the outputs ({reason})") from e
         for seg in report.segments:
             log.info("segment %s: %s voxels, %.1f mL", seg["name"], seg["voxels"], seg["volume_ml"])
         log.info("done in %.1f s: %s", time.perf_counter() - self.t0, ", ".join(str(p) for p in staging.committed))
         return self.out_dir / REPORT_NAME
+
+
+def _os_error_reason(error: BaseException) -> str | None:
+    """The system's words for the first errno along an exception's chain ("No space left on device"), or None.
+    Writers wrap OSErrors (pydicom as "With tag ... got exception: [Errno 28] ..."); the user needs the reason."""
+    import os
+
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return e.strerror or os.strerror(e.errno)
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _record_inputs(report, image: InputImage) -> None:

@@ -185,12 +185,13 @@ def memory_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_SELF_CGROUP)
     return min(found) if found else None
 
 
-#: Resident memory of a process that has imported torch, numpy, scipy, pydicom and (in the application) Holoscan,
-#: with the network loaded but no data: measured 0.42-0.47 GiB for the demo model (see README, memory).
+#: Resident memory of the application (torch, numpy, scipy, pydicom, Holoscan imported, network loaded) before
+#: the data, with margin. Calibration (peak RSS measured in the CPU image / this estimate): phantom 40x112x112
+#: 506 MiB / 0.59 GiB, sample CT 20x512x512 585 MiB / 0.71 GiB, 300x512x512 1896 MiB / 2.37 GiB.
 BASE_BYTES = 560 * 2**20
 #: Working memory per voxel of the sliding window's tile, per output channel, beyond the logits: the network's
 #: activations for one tile (a 3D U-Net keeps about 30 float32 feature maps of the tile's size alive at its
-#: widest stage, measured on the demo model).
+#: widest stage).
 TILE_FACTOR = 48
 
 
@@ -204,7 +205,7 @@ def estimate_peak_memory(*, input_shape_czyx: Sequence[int], input_spacing_zyx: 
     copies through cropping, normalisation and resampling to the network spacing, the logits and weights the
     sliding window accumulates in network space, one logit channel resampled back at a time plus the argmax and
     the label map, and the network's working memory for one tile. Each term is a real array of the engine
-    (segmap.engine.predictor); the constants are calibrated on measured runs (README, memory).
+    (segmap.engine.predictor); the constants are calibrated on measured runs (:data:`BASE_BYTES`).
     """
     c = int(input_shape_czyx[0])
     n_in = math.prod(int(v) for v in input_shape_czyx[1:])
