@@ -214,7 +214,7 @@ def test_dockerfile_layout_and_user(dicom_context):
 def test_top_level_dockerfile_is_the_rendered_template():
     assert (REPO / "Dockerfile").read_text() == render_dockerfile(base_image=CPU_BASE_IMAGE), (
         "regenerate it: python -c \"from segmap.packager.context import render_dockerfile as r; "
-        "open('Dockerfile', 'w').write(r(base_image='segmap/base-cpu:bookworm'))\"")
+        "open('Dockerfile', 'w').write(r(base_image='segmap/base-cpu:bookworm-tini'))\"")
 
 
 def test_requirements_follow_segmap_metadata(dicom_context):

@@ -155,11 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # docker stop / Kubernetes / Ctrl-C at any moment, also inside torch: clean up, one line, exit 143 (130). First,
-    # so that torch's and OpenMP's threads inherit the blocked signals (segmap.shutdown).
-    if not shutdown.install():
-        signals.install_sigterm_handler()  # not the main thread (main() called from a test's thread)
     args = build_parser().parse_args(argv)
+    # docker stop / Kubernetes / Ctrl-C at any moment of a run, also inside torch: clean up, one line, exit 143
+    # (130). Before torch or OpenMP start threads, so that they inherit the blocked signals (segmap.shutdown). Not
+    # for `package`: the pip and git processes it starts would inherit them too.
+    if args.command not in ("run", "demo") or not shutdown.install():
+        signals.install_sigterm_handler()
     configure_logging(args.log_level or setting("log_level").default)
     try:
         return args.func(args)
