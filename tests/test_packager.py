@@ -529,8 +529,7 @@ def test_image_show_env_and_extract(standin_image, tmp_path):
     shown = _docker_run(standin_image, "show")
     assert shown.returncode == 0
     assert "/etc/holoscan/app.json:" in shown.stdout and "/etc/holoscan/pkg.json:" in shown.stdout
-    listed = _docker_run(standin_image, "env", env={"SEGMAP_LOG_LEVEL": "DEBUG"})
-    assert "HOLOSCAN_TIMEOUT=0" in listed.stdout and "SEGMAP_LOG_LEVEL=DEBUG" in listed.stdout
+    # `env` runs segmap.settings, which needs the image's Python packages: tests/test_map_images.py checks it.
     out = tmp_path / "x"
     out.mkdir()
     os.chown(out, 65532, 65532) if os.geteuid() == 0 else out.chmod(0o777)

@@ -247,12 +247,17 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-def iter_env_lines(settings: Settings) -> Iterator[str]:
-    """``NAME=value  (setting)`` lines of the effective settings, for ``docker run IMAGE env``."""
+def iter_env_lines(settings: Settings, env: Mapping[str, str] | None = None) -> Iterator[str]:
+    """``NAME=value`` lines of the effective settings, then the environment's other ``HOLOSCAN_*`` variables (the
+    MAP's manifests, timeout, logs), for ``docker run IMAGE env``."""
+    names = set()
     for d in declared():
         value = getattr(settings, d.name)
-        shown = "" if value is None else (str(value).lower() if isinstance(value, bool) else str(value))
-        yield f"{d.env}={shown}"
+        names.add(d.env)
+        yield f"{d.env}={'' if value is None else (str(value).lower() if isinstance(value, bool) else str(value))}"
+    env = os.environ if env is None else env
+    for name in sorted(n for n in env if n.startswith("HOLOSCAN_") and n not in names):
+        yield f"{name}={env[name]}"
 
 
 def main(argv: list[str] | None = None) -> int:
