@@ -185,3 +185,22 @@ def test_full_disk_while_writing_is_one_line_and_leaves_nothing(tmp_path):
         assert list(out.iterdir()) == []
     finally:
         subprocess.run(["umount", str(out)], capture_output=True)
+
+
+def test_a_run_writes_its_outputs_0640_and_leaves_the_process_umask_alone(tmp_path):
+    from segmap.demo.phantom import make_phantom, write_nifti
+    from segmap.pipeline import run
+    from segmap.settings import Settings
+
+    write_nifti(make_phantom((24, 64, 64), (3.0, 1.6, 1.6), seed=2), tmp_path / "in" / "image.nii.gz")
+    before = os.umask(0o022)
+    try:
+        run(Settings(input=tmp_path / "in", output=tmp_path / "out", models=ROOT / "models/demo-spleen/model.ts",
+                     task_file=ROOT / "tasks/spleen.yaml", device="cpu"))
+        assert os.umask(0o022) == 0o022
+    finally:
+        os.umask(before)
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["run_report.json", "segmentation.nii.gz"]
+    for name in files:
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o640, name

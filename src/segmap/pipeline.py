@@ -218,10 +218,9 @@ def resolve_model_path(path: Path) -> Path:
 
 def prepare(settings: Settings) -> tuple[MonetModel, SegmentationTask]:
     """Load and cross-check the model and the task (fails before any input is read)."""
-    from .resources import apply_threads, apply_umask, validate_settings
+    from .resources import apply_threads, validate_settings
 
     validate_settings(settings)
-    apply_umask(settings.umask)  # outputs hold patient data: 0640 by default
     log.info("using %d CPU thread(s)", apply_threads(settings.threads))
     task = load_task(settings.task_file, settings.task_name)
     model_path = resolve_model_path(settings.model_path)
@@ -287,6 +286,7 @@ class ResultWriter:
         from .outputs.report import RunReport
 
         self.t0 = time.perf_counter()
+        self.umask = settings.umask
         self.format = output_format(settings.output_format, kind)
         self.writer = self.format.make_writer(task, settings)
         self.task = task
@@ -303,8 +303,12 @@ class ResultWriter:
 
     def write(self, labels: Volume, image: InputImage) -> Path:
         """Commit the outputs and the report; returns the report's path."""
+        import os
+
+        from .errors import OutputError
         from .outputs.atomic import atomic_outputs
-        from .outputs.report import REPORT_NAME
+        from .outputs.report import REPORT_NAME, output_identity
+        from .resources import apply_umask
 
         report = self.report
         _record_inputs(report, image)
@@ -312,9 +316,7 @@ class ResultWriter:
         report.timings_s.update(labels.meta.get("timings_s", {}))
         report.set_device(labels.meta.get("device"))
         report.set_segments(labels.array[0], labels.affine, self.task.segments)
-        from .errors import OutputError
-        from .outputs.report import output_identity
-
+        old_umask = apply_umask(self.umask)  # the outputs hold patient data: 0640 by default; only while writing
         try:
             with atomic_outputs(self.out_dir) as staging:
                 with report.stage("write"):
@@ -327,6 +329,8 @@ class ResultWriter:
             if reason is None:
                 raise
             raise OutputError(f"{self.out_dir}: cannot write the outputs ({reason})") from e
+        finally:
+            os.umask(old_umask)
         for seg in report.segments:
             log.info("segment %s: %s voxels, %.1f mL", seg["name"], seg["voxels"], seg["volume_ml"])
         log.info("done in %.1f s: %s", time.perf_counter() - self.t0, ", ".join(str(p) for p in staging.committed))
