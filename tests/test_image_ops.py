@@ -124,11 +124,13 @@ for root, dirs, files in os.walk('/'):
         p = os.path.join(root, f)
         if f.endswith('.whl') or (not os.path.islink(p) and os.lstat(p).st_mode & 0o6000):
             found.append(p)
-found += [t for t in ('pip', 'pip3', 'apt', 'apt-get', 'dpkg', 'perl', 'su', 'mount', 'strip', 'gcc') if shutil.which(t)]
+tools = ('pip', 'pip3', 'apt', 'apt-get', 'dpkg', 'perl', 'su', 'mount', 'strip', 'gcc')
+found += [t for t in tools if shutil.which(t)]
 print('\n'.join(found))
 """
-    proc = subprocess.run(["docker", "run", "--rm", "--network", "none", "--entrypoint", "/opt/holoscan/venv/bin/python",
-                           images[0], "-c", probe], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(["docker", "run", "--rm", "--network", "none", "--entrypoint",
+                           "/opt/holoscan/venv/bin/python", images[0], "-c", probe],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == []
 
@@ -265,7 +267,8 @@ def test_memory_below_the_estimate_is_refused_before_inference(images, study, tm
     write_nifti(make_phantom((300, 512, 512), (1.0, 0.8, 0.8), seed=3), big / "image.nii.gz")
     _readable(big)
     out = out_dir(tmp_path / "out")
-    proc = subprocess.run(run_args(images[1], big, out, "--memory", "1536m"), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(run_args(images[1], big, out, "--memory", "1536m"), capture_output=True, text=True,
+                          timeout=600)
     line = only_error_line(proc.stderr)
     assert proc.returncode == 2
     assert line.startswith("segmap: error: segmenting a 300 x 512 x 512 volume needs an estimated ")

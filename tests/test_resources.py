@@ -51,8 +51,8 @@ def test_v1_quota_and_period(tmp_path):
     v1 = tree(tmp_path / "a", {"cpu,cpuacct/cpu.cfs_quota_us": "200000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
               proc="12:cpu,cpuacct:/\n11:memory:/\n")
     assert cpu_quota(**v1) == 2.0 and cpu_budget(**v1, affinity=16) == 2
-    unlimited = tree(tmp_path / "b", {"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"},
-                     proc="12:cpu,cpuacct:/\n")
+    unlimited = tree(tmp_path / "b", {"cpu,cpuacct/cpu.cfs_quota_us": "-1\n",
+                                      "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, proc="12:cpu,cpuacct:/\n")
     assert cpu_quota(**unlimited) is None
 
 

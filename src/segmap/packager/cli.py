@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .baseimage import CPU_BASE_IMAGE, GPU_BASE_IMAGE
-from .context import (DEFAULT_GID, DEFAULT_UID, DEFAULT_VARIANTS, VARIANTS, ContextError, ImageName, prepare_wheelhouse, resolve_python,
-                      write_context)
+from .context import (DEFAULT_GID, DEFAULT_UID, DEFAULT_VARIANTS, VARIANTS, ContextError, ImageName,
+                      prepare_wheelhouse, resolve_python, write_context)
 
 
 EPILOG = f"""\
@@ -61,8 +61,10 @@ def add_package_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"CPU-only images: base {CPU_BASE_IMAGE}, no GPU requested in pkg.json")
     p.add_argument("--base-image", default=None, metavar="IMAGE",
                    help=f"base image (default: {GPU_BASE_IMAGE}, or {CPU_BASE_IMAGE} with --cpu)")
-    p.add_argument("--uid", type=int, default=DEFAULT_UID, help=f"user id the application runs as (default: {DEFAULT_UID})")
-    p.add_argument("--gid", type=int, default=DEFAULT_GID, help=f"group id the application runs as (default: {DEFAULT_GID})")
+    p.add_argument("--uid", type=int, default=DEFAULT_UID,
+                   help=f"user id the application runs as (default: {DEFAULT_UID}, unlikely to be a host account)")
+    p.add_argument("--gid", type=int, default=DEFAULT_GID,
+                   help=f"group id the application runs as (default: {DEFAULT_GID})")
     p.add_argument("--wheelhouse", default=None, metavar="DIR",
                    help="folder of wheels for the image's Python; the build then downloads nothing")
     p.add_argument("--python-version", default=None, metavar="3.N",
