@@ -13,8 +13,11 @@ _here = Path(__file__).resolve().parent
 for _p in (_here, _here.parent):
     if (_p / "operators").is_dir() and str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
-if str(_here.parent) not in sys.path:
-    sys.path.insert(0, str(_here.parent))
+# The app's parent goes first even when PYTHONPATH names it already: `python app/` puts the app folder itself first,
+# where `app` would be found as the module app/app.py instead of this package.
+if str(_here.parent) in sys.path:
+    sys.path.remove(str(_here.parent))
+sys.path.insert(0, str(_here.parent))
 
 # Before anything heavy (torch, OpenMP and Holoscan start threads when imported): stop cleanly on docker stop at any
 # moment (segmap.shutdown), size the thread pools to the container's CPU quota and set the file-mode mask; the
