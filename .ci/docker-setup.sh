@@ -3,12 +3,12 @@
 #   1. installs docker.io and debootstrap with apt when they are missing;
 #   2. starts dockerd (no iptables, no bridge: no registry or network is needed) unless an engine answers;
 #   3. waits until the engine answers;
-#   4. makes segmap/base-cpu:bookworm with debootstrap + docker import unless the engine already holds it.
+#   4. makes segmap/base-cpu:bookworm-tini (Python, tini, binutils for the build) with debootstrap + docker import unless the engine already holds it.
 # Every failure prints one line saying what failed and where to look, and exits non-zero.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-base_image="${SEGMAP_BASE_IMAGE:-segmap/base-cpu:bookworm}"
+base_image="${SEGMAP_BASE_IMAGE:-segmap/base-cpu:bookworm-tini}"
 log_file="${DOCKERD_LOG:-/var/log/segmap-dockerd.log}"
 wait_s="${DOCKERD_WAIT_S:-60}"
 python="${PYTHON:-}"

@@ -13,14 +13,31 @@ _here = Path(__file__).resolve().parent
 for _p in (_here, _here.parent):
     if (_p / "operators").is_dir() and str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
-# The folder holding the app package goes first: Python put the app folder itself there, where `app` would name
-# app/app.py instead of the package.
+# The app's parent goes first even when PYTHONPATH names it already: `python app/` puts the app folder itself first,
+# where `app` would be found as the module app/app.py instead of this package.
 if str(_here.parent) in sys.path:
     sys.path.remove(str(_here.parent))
 sys.path.insert(0, str(_here.parent))
 
-# Quieter Holoscan by default; HOLOSCAN_LOG_LEVEL set by the user wins.
-os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN")
+# Before anything heavy (torch, OpenMP and Holoscan start threads when imported): stop cleanly on docker stop at any
+# moment (segmap.shutdown), size the thread pools to the container's CPU quota and set the file-mode mask; the
+# app.yaml values of threads/umask apply once the settings are read (segmap.pipeline.prepare).
+from segmap import shutdown  # noqa: E402
+
+shutdown.install()
+try:
+    from segmap.resources import apply_threads, apply_umask  # noqa: E402
+    from segmap.settings import setting  # noqa: E402
+
+    apply_threads(os.environ.get(setting("threads").env))
+    apply_umask(os.environ.get(setting("umask").env, setting("umask").default))
+except Exception:  # a bad value is reported with one line once the settings are read and validated
+    pass
+
+# Quieter Holoscan by default; HOLOSCAN_LOG_LEVEL set by the user wins. Without an NVIDIA driver (a CPU-only run),
+# Holoscan's only warnings are two lines saying that CUDA is unavailable: errors only then.
+_gpu = Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia").exists()
+os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN" if _gpu else "ERROR")
 try:  # Holoscan recommends a 32 MB stack; raise the soft limit where the hard limit allows.
     import resource
 

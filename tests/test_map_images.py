@@ -52,7 +52,7 @@ def study(tmp_path_factory):
 
 def docker_run(image: str, inp: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
-    out.chmod(0o777)  # the image runs as uid 1000
+    out.chmod(0o777)  # the image runs as uid 65532
     cmd = ["docker", "run", "--rm", "--network", "none", "-v", f"{inp}:/var/holoscan/input:ro",
            "-v", f"{out}:/var/holoscan/output", image, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900)

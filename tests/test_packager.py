@@ -154,7 +154,7 @@ def test_app_yaml_bakes_in_variant_task_and_model(dicom_context):
                                 "task_file": "/opt/holoscan/task/spleen.yaml", "task_name": "Spleen",
                                 "model": "spleen", "folds": None, "checkpoint": None, "device": "auto",
                                 "mirroring": False, "omit_empty_frames": False, "overlay": True,
-                                "log_level": "INFO"}
+                                "log_level": "INFO", "threads": "auto", "umask": "027"}
     # The keys holoscan-cli's `monai-deploy package` requires of an app.yaml.
     assert config["application"]["title"] and config["application"]["version"] == "1.2"
     assert {"cpu", "gpu", "memory", "gpuMemory"} <= set(config["resources"])
@@ -202,10 +202,10 @@ def test_nifti_variant_and_image_names(inputs, tmp_path):
 
 def test_dockerfile_layout_and_user(dicom_context):
     text = (dicom_context / "Dockerfile").read_text()
-    assert f"ARG BASE_IMAGE={CPU_BASE_IMAGE}" in text and "ARG MAP_UID=1000" in text and "ARG MAP_GID=1000" in text
+    assert f"ARG BASE_IMAGE={CPU_BASE_IMAGE}" in text and "ARG MAP_UID=65532" in text and "ARG MAP_GID=65532" in text
     for line in ("COPY app/ /opt/holoscan/app/", "COPY models/ /opt/holoscan/models/",
                  "COPY app.json pkg.json /etc/holoscan/", "COPY app.yaml tools /var/holoscan/",
-                 "WORKDIR /var/holoscan", "USER ${MAP_UID}:${MAP_GID}", 'ENTRYPOINT ["/var/holoscan/tools"]'):
+                 "WORKDIR /var/holoscan", "USER ${MAP_UID}:${MAP_GID}", 'ENTRYPOINT ["/usr/bin/tini", "-g", "--", "/var/holoscan/tools"]', "STOPSIGNAL SIGTERM"):
         assert line in text, line
     assert "--no-index" in text and "@" not in text
     custom = render_dockerfile(base_image="my/base:1", uid=1234, gid=2345)
@@ -215,7 +215,7 @@ def test_dockerfile_layout_and_user(dicom_context):
 def test_top_level_dockerfile_is_the_rendered_template():
     assert (REPO / "Dockerfile").read_text() == render_dockerfile(base_image=CPU_BASE_IMAGE), (
         "regenerate it: python -c \"from segmap.packager.context import render_dockerfile as r; "
-        "open('Dockerfile', 'w').write(r(base_image='segmap/base-cpu:bookworm'))\"")
+        "open('Dockerfile', 'w').write(r(base_image='segmap/base-cpu:bookworm-tini'))\"")
 
 
 def test_requirements_follow_segmap_metadata(dicom_context):
@@ -424,19 +424,34 @@ def test_tools_runs_the_app_with_its_arguments(dicom_context, tools_env):
     assert json.loads((out / "seen.json").read_text())["argv"] == ["--some-flag", "x"]
 
 
-def test_tools_extract(dicom_context, tools_env, tmp_path):
+def test_tools_extract_needs_a_mounted_target_and_can_run_twice(dicom_context, tools_env, tmp_path):
     env, _ = tools_env
     dest = tmp_path / "extracted"
-    # The script copies from fixed image paths for the task; point it at the context through a copy of the script.
+    # The script copies from fixed image paths for the task and reads the container's mount table; point both at
+    # test files through a copy of the script.
+    mountinfo = tmp_path / "mountinfo"
     script = (dicom_context / "tools").read_text().replace('task_dir="/opt/holoscan/task"',
                                                           f'task_dir="{dicom_context / "task"}"')
-    (tmp_path / "tools").write_text(script)
-    done = subprocess.run(["bash", str(tmp_path / "tools"), "extract", str(dest)], env=env, capture_output=True,
-                          text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
+    assert "/proc/self/mountinfo" in script
+    (tmp_path / "tools").write_text(script.replace("/proc/self/mountinfo", str(mountinfo)))
+
+    def extract() -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(tmp_path / "tools"), "extract", str(dest)], env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    mountinfo.write_text("22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n")  # nothing mounted but the root
+    refused = extract()
+    assert refused.returncode == 2 and not dest.exists()
+    assert refused.stderr.strip() == (f"tools: error: {dest} is not on a mounted volume, so nothing would reach the "
+                                      f"host: run with -v HOST_DIR:{dest}")
+    mountinfo.write_text(f"22 1 8:1 / / rw - ext4 /dev/sda1 rw\n90 22 8:1 /x {tmp_path} rw - ext4 /dev/sda1 rw\n")
+    for _ in range(2):  # the second extraction replaces the first instead of nesting app/app
+        done = extract()
+        assert done.returncode == 0, done.stderr
     for rel in ("app/__main__.py", "models/spleen/fold_0/model.ts", "task/spleen.yaml", "config/app.json",
                 "config/pkg.json", "config/app.yaml"):
         assert (dest / rel).is_file(), rel
+    assert not (dest / "app" / "app").exists() and not (dest / "models" / "models").exists()
 
 
 # --- Docker ------------------------------------------------------------------------------------------------------
@@ -480,19 +495,19 @@ def standin_image(engine, inputs, tmp_path_factory):
     return built.tag
 
 
-def test_image_runs_the_app_as_uid_1000_with_a_read_only_input(standin_image, tmp_path):
+def test_image_runs_the_app_as_uid_65532_with_a_read_only_input(standin_image, tmp_path):
     inp, out = tmp_path / "in", tmp_path / "out"
     (inp / "series").mkdir(parents=True)
     (inp / "series" / "1.dcm").write_bytes(b"x")
     (inp / "ct.nii.gz").write_bytes(b"y")
     out.mkdir()
-    os.chown(out, 1000, 1000) if os.geteuid() == 0 else out.chmod(0o777)
+    os.chown(out, 65532, 65532) if os.geteuid() == 0 else out.chmod(0o777)
     done = _docker_run(standin_image, "--flag", mounts={inp: ("/var/holoscan/input", "ro"),
                                                         out: ("/var/holoscan/output", "rw")},
                        env={"SEGMAP_DEVICE": "cpu"})
     assert done.returncode == 0, done.stderr
     seen = json.loads((out / "seen.json").read_text())
-    assert seen["input"] == ["ct.nii.gz", "series/1.dcm"] and seen["uid"] == 1000 and seen["argv"] == ["--flag"]
+    assert seen["input"] == ["ct.nii.gz", "series/1.dcm"] and seen["uid"] == 65532 and seen["argv"] == ["--flag"]
     assert seen["segmap"] == "0.1.0"
     assert seen["models"] == ["spleen/fold_0/model.ts", "spleen/fold_1/model.ts"]
     assert yaml.safe_load(seen["config"])["segmap"]["input_kind"] == "dicom"
@@ -501,12 +516,12 @@ def test_image_runs_the_app_as_uid_1000_with_a_read_only_input(standin_image, tm
 
 def test_image_refuses_an_output_folder_it_cannot_write(standin_image, tmp_path):
     if os.geteuid() != 0:
-        pytest.skip("needs root to make a folder that uid 1000 cannot write")
+        pytest.skip("needs root to make a folder that uid 65532 cannot write")
     out = tmp_path / "root-only"
     out.mkdir(mode=0o755)
     done = _docker_run(standin_image, mounts={out: ("/var/holoscan/output", "rw")})
     assert done.returncode == 2
-    assert "not writable by uid 1000" in done.stderr and "--user" in done.stderr
+    assert "not writable by uid 65532" in done.stderr and "--user" in done.stderr
     ok = _docker_run(standin_image, mounts={out: ("/var/holoscan/output", "rw")}, user="0:0")
     assert ok.returncode == 0, ok.stderr
 
@@ -518,7 +533,7 @@ def test_image_show_env_and_extract(standin_image, tmp_path):
     # `env` runs segmap.settings, which needs the image's Python packages: tests/test_map_images.py checks it.
     out = tmp_path / "x"
     out.mkdir()
-    os.chown(out, 1000, 1000) if os.geteuid() == 0 else out.chmod(0o777)
+    os.chown(out, 65532, 65532) if os.geteuid() == 0 else out.chmod(0o777)
     done = _docker_run(standin_image, "extract", mounts={out: ("/var/holoscan/output", "rw")})
     assert done.returncode == 0, done.stderr
     assert (out / "models/spleen/fold_0/model.ts").is_file() and (out / "config/pkg.json").is_file()

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from . import signals
+from . import shutdown, signals
 from .errors import SegmapError
 from .logs import configure_logging
 from .settings import setting
@@ -159,7 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signals.install_sigterm_handler()  # docker stop / Kubernetes: clean up, one line, exit 143
+    # docker stop / Kubernetes / Ctrl-C at any moment of a run, also inside torch: clean up, one line, exit 143
+    # (130). Before torch or OpenMP start threads, so that they inherit the blocked signals (segmap.shutdown). Not
+    # for `package`: the pip and git processes it starts would inherit them too.
+    if args.command not in ("run", "demo") or not shutdown.install():
+        signals.install_sigterm_handler()
     configure_logging(args.log_level or setting("log_level").default)
     try:
         return args.func(args)

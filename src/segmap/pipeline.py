@@ -225,6 +225,9 @@ def resolve_model_path(path: Path) -> Path:
 
 def prepare(settings: Settings) -> tuple[MonetModel, SegmentationTask]:
     """Load and cross-check the model and the task (fails before any input is read)."""
+    from .resources import validate_settings
+
+    validate_settings(settings)
     task = load_task(settings.task_file, settings.task_name)
     model_path = resolve_model_path(settings.model_path)
     from .model import parse_folds
@@ -238,15 +241,19 @@ class Inference:
     """The model, loaded once onto its device, turning an :class:`InputImage` into a label map on its grid."""
 
     def __init__(self, model: MonetModel, settings: Settings) -> None:
+        from .resources import apply_threads
+
         self.model = model
         self.settings = settings
         self._segmenter = None
+        log.info("using %d CPU thread(s)", apply_threads(settings.threads))
 
     def segment(self, image: InputImage) -> Volume:
         """The label map ``[1, z, y, x]`` on the image's grid; ``meta`` holds device and timings."""
         from .engine import EngineOptions, Segmenter
 
         timings: dict[str, float] = {}
+        check_memory_for(image, self.model)
         if self._segmenter is None:
             self._segmenter = _timed(timings, "load_model", lambda: Segmenter(self.model, EngineOptions(
                 device=self.settings.device, mirroring=self.settings.mirroring)))
@@ -254,6 +261,24 @@ class Inference:
         for k in ("preprocess", "network", "postprocess"):
             timings[f"inference.{k}"] = self._segmenter.timings.get(k, 0.0)
         return Volume(labels.array, labels.affine, {"device": str(self._segmenter.device), "timings_s": timings})
+
+
+def check_memory_for(image: InputImage, model: MonetModel) -> int:
+    """Estimate the run's peak memory (:func:`segmap.resources.estimate_peak_memory`), log it, and refuse the run
+    with :class:`~segmap.resources.MemoryLimitError` when it exceeds the container's memory limit."""
+    from .resources import check_memory, estimate_peak_memory
+
+    spec = model.spec
+    shape = image.volume.array.shape
+    spacing = image.volume.spacing_zyx
+    order = spec.transpose_forward  # the engine transposes zyx into the network's axis order first
+    estimate = estimate_peak_memory(
+        input_shape_czyx=[shape[0], *(shape[1 + i] for i in order)],
+        input_spacing_zyx=[spacing[i] for i in order], target_spacing_zyx=spec.target_spacing,
+        patch_size=spec.patch_size, num_outputs=spec.num_outputs,
+        model_bytes=sum(f.stat().st_size for f in model.fold_files))
+    check_memory(estimate, what=f"segmenting a {' x '.join(str(v) for v in shape[1:])} volume")
+    return estimate
 
 
 # --------------------------------------------------------------------------------------------- writing
@@ -272,6 +297,7 @@ class ResultWriter:
         from .outputs.report import RunReport
 
         self.t0 = time.perf_counter()
+        self.umask = settings.umask
         self.format = output_format(settings.output_format, kind)
         self.writer = self.format.make_writer(task, settings)
         self.task = task
@@ -280,11 +306,21 @@ class ResultWriter:
         self.report = RunReport(task_name=task.name, task_file=settings.task_file)
         self.report.set_model(model.fold_files, path=settings.model_path, configuration=model.spec.configuration,
                               folds=[f.parent.name for f in model.fold_files])
+        from .outputs.report import image_provenance, model_digest
+
+        self.report.model["sha256"] = digest = model_digest(self.report.model["files"])
+        self.report.extra["image"] = image_provenance()
+        if hasattr(self.writer, "software_versions"):  # the SEG names the model it came from
+            self.writer.software_versions = [self.writer.software_versions[0], f"model sha256:{digest[:16]}"]
 
     def write(self, labels: Volume, image: InputImage) -> Path:
         """Commit the outputs and the report; returns the report's path."""
+        import os
+
+        from .errors import OutputError
         from .outputs.atomic import atomic_outputs
-        from .outputs.report import REPORT_NAME
+        from .outputs.report import REPORT_NAME, output_identity
+        from .resources import apply_umask
 
         report = self.report
         _record_inputs(report, image)
@@ -292,22 +328,46 @@ class ResultWriter:
         report.timings_s.update(labels.meta.get("timings_s", {}))
         report.set_device(labels.meta.get("device"))
         report.set_segments(labels.array[0], labels.affine, self.task.segments)
-        with atomic_outputs(self.out_dir) as staging:
-            with report.stage("write"):
-                path = self.writer.write(labels, image, staging.dir)
-                report.add_output(staging.final_path(path), self.format.name)
-                if self.overlay:
-                    from .outputs.overlay import write_overlay
+        old_umask = apply_umask(self.umask)  # the outputs hold patient data: 0640 by default; only while writing
+        try:
+            with atomic_outputs(self.out_dir) as staging:
+                with report.stage("write"):
+                    path = self.writer.write(labels, image, staging.dir)
+                    report.add_output(staging.final_path(path), self.format.name, **output_identity(path))
+                    if self.overlay:
+                        from .outputs.overlay import write_overlay
 
-                    png = write_overlay(image.volume, labels, self.task.segments, staging.dir / OVERLAY_NAME,
-                                        volumes_ml=[s["volume_ml"] for s in report.segments])
-                    report.add_output(staging.final_path(png), "overlay-png")
-            report.finish("succeeded")
-            report.write(staging.dir / REPORT_NAME)
+                        png = write_overlay(image.volume, labels, self.task.segments, staging.dir / OVERLAY_NAME,
+                                            volumes_ml=[s["volume_ml"] for s in report.segments])
+                        report.add_output(staging.final_path(png), "overlay-png")
+                report.finish("succeeded")
+                report.write(staging.dir / REPORT_NAME)
+        except (OSError, OutputError) as e:  # disk full, quota, I/O error; atomic_outputs has removed the staging
+            reason = _os_error_reason(e)
+            if reason is None:
+                raise
+            raise OutputError(f"{self.out_dir}: cannot write the outputs ({reason})") from e
+        finally:
+            os.umask(old_umask)
         for seg in report.segments:
             log.info("segment %s: %s voxels, %.1f mL", seg["name"], seg["voxels"], seg["volume_ml"])
         log.info("done in %.1f s: %s", time.perf_counter() - self.t0, ", ".join(str(p) for p in staging.committed))
         return self.out_dir / REPORT_NAME
+
+
+def _os_error_reason(error: BaseException) -> str | None:
+    """The system's words for the first errno along an exception's chain ("No space left on device"), or None.
+    Writers wrap OSErrors (pydicom as "With tag ... got exception: [Errno 28] ..."); the user needs the reason."""
+    import os
+
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return e.strerror or os.strerror(e.errno)
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _record_inputs(report, image: InputImage) -> None:

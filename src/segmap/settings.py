@@ -84,6 +84,10 @@ class Settings:
     overlay: bool = _setting(True, "write overlay.png beside the outputs: axial and coronal slices through the "
                              "segments, in the task's colours, with volumes in mL (no patient data)")
     log_level: str = _setting("INFO", "log detail", short="-l", choices=LOG_LEVELS)
+    threads: str = _setting("auto", "CPU threads for torch and OpenMP: auto (0) follows the container's CPU quota "
+                            "(docker run --cpus) and CPU affinity; a number sets it", metavar="N")
+    umask: str = _setting("027", "file-mode mask of the outputs (octal): 027 writes them 0640, readable by the "
+                          "group, not by others", metavar="MASK")
 
     # ---------------------------------------------------------------------------------------------------------------
 
@@ -272,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     config = Path(args[0]) if args else (Path(os.environ[CONFIG_ENV]) if CONFIG_ENV in os.environ else None)
     try:
         settings = resolve(config=config if config is not None and config.is_file() else None)
+        from .resources import validate_settings
+
+        validate_settings(settings)
     except SegmapError as e:
         print(f"segmap: error: {e}", file=sys.stderr)
         return e.exit_code

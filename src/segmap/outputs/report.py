@@ -99,6 +99,42 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def model_digest(files: Sequence[Mapping[str, Any]]) -> str:
+    """One sha256 for a model (``files``: the report's ``model.files``, in fold order): a single file's own sha256,
+    for an ensemble the sha256 over ``fold_K/model.ts\\0<sha256>\\n`` lines. ``segmap package`` labels images with
+    the same digest (``io.segmap.model.sha256``)."""
+    if len(files) == 1:
+        return str(files[0]["sha256"])
+    digest = hashlib.sha256()
+    for f in files:
+        p = Path(f["path"])
+        digest.update(f"{p.parent.name}/{p.name}\0{f['sha256']}\n".encode())
+    return digest.hexdigest()
+
+
+#: Image identity a MAP image carries in its environment (set at build time; the digest can only be passed at run
+#: time, e.g. ``docker run -e SEGMAP_IMAGE_DIGEST=$(docker inspect -f '{{.Id}}' IMAGE)``).
+IMAGE_ENV = {"ref": "SEGMAP_IMAGE_REF", "digest": "SEGMAP_IMAGE_DIGEST", "revision": "SEGMAP_IMAGE_REVISION",
+             "created": "SEGMAP_IMAGE_CREATED"}
+
+
+def image_provenance(environ: Mapping[str, str] | None = None) -> dict[str, str | None]:
+    """The container image a run ran in (None for each item outside an image, or when not known)."""
+    environ = os.environ if environ is None else environ
+    return {key: (environ.get(var) or None) if environ.get(var) != "unknown" else None
+            for key, var in IMAGE_ENV.items()}
+
+
+def output_identity(path: str | Path) -> dict[str, str]:
+    """The DICOM identity of an output file (Series and SOP Instance UIDs of a SEG); empty for other files."""
+    if not str(path).endswith(".dcm"):
+        return {}
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SOPInstanceUID"])
+    return {"series_instance_uid": str(ds.SeriesInstanceUID), "sop_instance_uid": str(ds.SOPInstanceUID)}
+
+
 def describe_series(datasets: Sequence[Any]) -> dict:
     """Series-level description of DICOM instances (first instance's series attributes, instance count)."""
     first = datasets[0] if len(datasets) else None
@@ -199,9 +235,10 @@ class RunReport:
                 entry["property_type"] = {"value": code.value, "scheme": code.scheme, "meaning": code.meaning}
         self.segments = stats
 
-    def add_output(self, path: str | Path, kind: str | None = None) -> None:
-        """Record an output file (kind e.g. ``"dicom-seg"``, ``"nifti"``); its size is taken when writing."""
-        self.outputs.append({"path": str(path), "kind": kind})
+    def add_output(self, path: str | Path, kind: str | None = None, **identity: Any) -> None:
+        """Record an output file (kind e.g. ``"dicom-seg"``, ``"nifti"``); its size is taken when writing;
+        ``identity``: e.g. the SEG's Series and SOP Instance UIDs (:func:`output_identity`)."""
+        self.outputs.append({"path": str(path), "kind": kind, **{k: _plain(v) for k, v in identity.items()}})
 
     def finish(self, status: str = "succeeded", error: BaseException | str | None = None) -> None:
         """Mark the run finished with ``status`` (``"succeeded"`` or ``"failed"``) and the error's first line."""

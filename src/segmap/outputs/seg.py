@@ -74,7 +74,7 @@ def write_seg(
     series_number: int = 900,
     manufacturer: str = "segmap",
     manufacturer_model_name: str = "segmap",
-    software_version: str = __version__,
+    software_version: str | Sequence[str] = __version__,
     device_serial: str = "segmap",
     content_creator: str | None = None,
     segmentation_type: str = "BINARY",
@@ -295,7 +295,9 @@ class DicomSegWriter:
     def __init__(self, task, settings) -> None:
         self.segments = task.segments
         self.omit_empty_frames = settings.omit_empty_frames
+        #: Software Versions (0018,1020): segmap's version; the run adds the model's short sha256 as a second value.
+        self.software_versions: list[str] = [__version__]
 
     def write(self, labels, image, folder: Path) -> Path:
         return write_seg(labels.array[0], image.reference_datasets, self.segments, Path(folder) / self.filename,
-                         omit_empty_frames=self.omit_empty_frames)
+                         omit_empty_frames=self.omit_empty_frames, software_version=list(self.software_versions))

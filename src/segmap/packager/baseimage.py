@@ -30,7 +30,7 @@ from .docker_engine import DockerEngineError, connect, image_exists
 log = logging.getLogger(__name__)
 
 #: Made locally with :func:`build_cpu_base`; the base of ``segmap package --cpu``.
-CPU_BASE_IMAGE = "segmap/base-cpu:bookworm"
+CPU_BASE_IMAGE = "segmap/base-cpu:bookworm-tini"
 #: The default base for GPU images: NVIDIA's CUDA runtime on Ubuntu 24.04 (Python 3.12 from apt).
 GPU_BASE_IMAGE = "nvidia/cuda:13.0.0-runtime-ubuntu24.04"
 
@@ -39,8 +39,10 @@ KNOWN_PYTHON = {CPU_BASE_IMAGE: "3.11", GPU_BASE_IMAGE: "3.12"}
 
 SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
-#: libgomp1: the OpenMP runtime, in case a torch wheel relies on the system one.
-PACKAGES = ("python3", "python3-venv", "ca-certificates", "libgomp1")
+#: libgomp1: the OpenMP runtime, in case a torch wheel relies on the system one. tini: the MAP's init (PID 1), which
+#: forwards ``docker stop``'s SIGTERM to the application and reaps its children; the Dockerfile installs it with apt
+#: on other base images. binutils: ``strip`` for the image build, which removes it again from the final image.
+PACKAGES = ("python3", "python3-venv", "ca-certificates", "libgomp1", "tini", "binutils")
 IMAGE_CHANGES = (
     "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "ENV LANG=C.UTF-8",

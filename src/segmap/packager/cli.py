@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .baseimage import CPU_BASE_IMAGE, GPU_BASE_IMAGE
-from .context import (DEFAULT_VARIANTS, VARIANTS, ContextError, ImageName, prepare_wheelhouse, resolve_python,
-                      write_context)
+from .context import (DEFAULT_GID, DEFAULT_UID, DEFAULT_VARIANTS, VARIANTS, ContextError, ImageName,
+                      prepare_wheelhouse, resolve_python, write_context)
 
 
 EPILOG = f"""\
@@ -34,7 +34,7 @@ running a MAP:
   docker run --rm -e SEGMAP_DEVICE=cpu ...  # also SEGMAP_MIRRORING, SEGMAP_OMIT_EMPTY_FRAMES, SEGMAP_LOG_LEVEL
 
 The model and the task file are checked against each other before anything is built. The images run as
-uid:gid 1000:1000 unless --uid/--gid say otherwise; the output folder must be writable by that user.
+uid:gid 65532:65532 unless --uid/--gid say otherwise; the output folder must be writable by that user.
 Base images: {CPU_BASE_IMAGE} with --cpu, {GPU_BASE_IMAGE} otherwise;
 --base-image picks another (Debian/Ubuntu with glibc 2.35+; apt installs Python 3 if it lacks one).
 For CPU images built with network access, point pip at CPU builds of torch, e.g.
@@ -63,8 +63,10 @@ def add_package_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"CPU-only images: base {CPU_BASE_IMAGE}, no GPU requested in pkg.json")
     p.add_argument("--base-image", default=None, metavar="IMAGE",
                    help=f"base image (default: {GPU_BASE_IMAGE}, or {CPU_BASE_IMAGE} with --cpu)")
-    p.add_argument("--uid", type=int, default=1000, help="user id the application runs as (default: 1000)")
-    p.add_argument("--gid", type=int, default=1000, help="group id the application runs as (default: 1000)")
+    p.add_argument("--uid", type=int, default=DEFAULT_UID,
+                   help=f"user id the application runs as (default: {DEFAULT_UID}, unlikely to be a host account)")
+    p.add_argument("--gid", type=int, default=DEFAULT_GID,
+                   help=f"group id the application runs as (default: {DEFAULT_GID})")
     p.add_argument("--wheelhouse", default=None, metavar="DIR",
                    help="folder of wheels for the image's Python; the build then downloads nothing")
     p.add_argument("--python-version", default=None, metavar="3.N",
@@ -137,14 +139,17 @@ def package(args: argparse.Namespace) -> int:
                 print(f"{variant}: build context {ctx} -> docker build -t {name.for_variant(variant)} {ctx}")
             return 0
 
-        from .build import build_image, image_labels
+        from .build import build_image, image_labels, model_digest
 
         task_name = loaded_task.name
         for variant, ctx in contexts.items():
             tag = name.for_variant(variant)
-            built = build_image(ctx, tag, api=api, buildargs={"BASE_IMAGE": base_image, "MAP_UID": str(args.uid),
-                                                              "MAP_GID": str(args.gid)},
-                                labels=image_labels(variant=variant, version=name.version, task_name=task_name,
-                                                    model_name=name.short_name))
+            labels = image_labels(variant=variant, version=name.version, task_name=task_name,
+                                  model_name=name.short_name, model_sha256=model_digest(model), source=source,
+                                  base_image=base_image, ref=tag)
+            built = build_image(ctx, tag, api=api, buildargs={
+                "BASE_IMAGE": base_image, "MAP_UID": str(args.uid), "MAP_GID": str(args.gid),
+                "IMAGE_REF": tag, "CREATED": labels["org.opencontainers.image.created"],
+                "REVISION": labels["org.opencontainers.image.revision"]}, labels=labels)
             print(f"{variant}: built {tag} ({built.size_bytes / 1e9:.2f} GB) in {built.seconds:.0f} s")
     return 0

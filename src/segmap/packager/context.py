@@ -39,6 +39,10 @@ VARIANTS: dict[str, Variant] = variants()
 #: What ``segmap package`` builds unless ``--variants`` says otherwise.
 DEFAULT_VARIANTS = ("dicom", "nifti")
 API_VERSION = "1.0.0"
+#: The user the application runs as. 65532 (the "nonroot" id of distroless images) sits above the range hosts give
+#: to people (1000-60000) and below the 65534 "nobody", so files it writes do not appear owned by a real host
+#: account; ``--uid/--gid`` at package time or ``docker run --user`` choose another.
+DEFAULT_UID = DEFAULT_GID = 65532
 SDK = "monai-deploy"
 
 APP_ROOT = "/opt/holoscan/app"
@@ -105,7 +109,7 @@ def _template(name: str) -> str:
     return importlib_resources.files("segmap.packager").joinpath("templates", name).read_text(encoding="utf-8")
 
 
-def render_dockerfile(*, base_image: str, uid: int = 1000, gid: int = 1000, timeout: int = 0) -> str:
+def render_dockerfile(*, base_image: str, uid: int = DEFAULT_UID, gid: int = DEFAULT_GID, timeout: int = 0) -> str:
     """The Dockerfile template with its build-argument defaults filled in."""
     text = _template("Dockerfile.in")
     for key, value in (("BASE_IMAGE", base_image), ("MAP_UID", uid), ("MAP_GID", gid), ("TIMEOUT", timeout)):
@@ -295,7 +299,7 @@ def _prepare_out_dir(out_dir: Path) -> None:
 
 
 def write_context(out_dir: str | Path, *, model: str | Path, task: str | Path, task_name: str | None, variant: str,
-                  base_image: str = CPU_BASE_IMAGE, uid: int = 1000, gid: int = 1000,
+                  base_image: str = CPU_BASE_IMAGE, uid: int = DEFAULT_UID, gid: int = DEFAULT_GID,
                   wheelhouse: str | Path | None = None, app_dir: str | Path, package_source: str | Path,
                   version: str | None = None, tag: str, cpu: bool | None = None, python_version: str | None = None,
                   model_name: str | None = None, resources: Mapping[str, Any] | None = None, timeout: int = 0,
