@@ -157,11 +157,12 @@ def test_report_and_seg_carry_provenance(images, study, tmp_path):
     assert report["segmap_version"] == labels["io.segmap.version"]
     seg_path = out / "segmentation.dcm"
     seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
-    [entry] = report["outputs"]
+    entry, overlay = report["outputs"]
+    assert overlay["kind"] == "overlay-png" and overlay["bytes"] == (out / "overlay.png").stat().st_size
     assert entry["bytes"] == seg_path.stat().st_size
     assert entry["series_instance_uid"] == seg.SeriesInstanceUID and entry["sop_instance_uid"] == seg.SOPInstanceUID
     assert list(seg.SoftwareVersions) == [report["segmap_version"], f"model sha256:{digest[:16]}"]
-    for f in (seg_path, out / "run_report.json"):
+    for f in (seg_path, out / "run_report.json", out / "overlay.png"):
         assert f.stat().st_mode & 0o777 == 0o640 and f.stat().st_uid == 4242
     tool = shutil.which("dciodvfy")
     if tool:
