@@ -2,29 +2,41 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo demo-model test test-fast generate bench clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[app,package,test]"
+	$(PY) -m pip install -q -e ".[app,package,test]"
 	touch $(STAMP)
 
 # Runs both variants on a freshly generated phantom study with the bundled demo model.
 demo: $(STAMP)
 	$(VENV)/bin/segmap demo --out out/demo
 
+# Retrains the bundled demo model from phantoms (minutes on a CPU); see src/segmap/demo/model/README.md.
+demo-model: $(STAMP)
+	PYTHONPATH=tools $(PY) -m segmap_tools.train --out models/demo-spleen/model.ts
+
+# Every tier: unit, end to end (app and CLI), Docker images, fidelity against nnunetv2.
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The fast tier: plain functions only (under a minute).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m unit tests
+
+# Rewrite the files derived from src/segmap/settings.py (app/app.yaml, the README settings table).
+generate: $(STAMP)
+	$(PY) tools/generate.py
 
 # On demand only (never part of `make test`). Quick variants by default; BENCH_FULL=1 runs the realistic-size
 # scenario on the whole 512x512x300 series (64 tiles, mirroring on and off: hours on a CPU) and the many-class one
 # at full size. bench/gpu_check.sh is the GPU counterpart.
 bench: $(STAMP)
-	$(PY) -m pip install -q -c constraints.txt -e ".[bench]"
+	$(PY) -m pip install -q -e ".[app,bench]"
 	$(PY) bench/bench_dicom.py --slices 300 --repeat 3
 	$(PY) bench/bench_seg.py
 	$(PY) bench/bench_engine.py --scenario demo-clinical

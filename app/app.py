@@ -1,9 +1,9 @@
-"""segmap's MONAI Deploy application: DICOM study -> DICOM SEG, or NIfTI -> NIfTI label map.
+"""segmap's MONAI Deploy application: a DICOM study or NIfTI image in, a label map in the chosen format out.
 
 Run as ``python -m app`` from the repository, or as ``python3 /opt/holoscan/app`` inside a MAP. Paths come from
-``-i/-o/-m`` or the ``HOLOSCAN_*`` environment (flags win); the variant, the task file and the task name come from
-the app configuration (``app.yaml`` or ``HOLOSCAN_CONFIG_PATH``); runtime settings can be overridden with
-``SEGMAP_*`` environment variables (see ``app/config.py``).
+``-i/-o/-m`` or the ``HOLOSCAN_*`` environment (flags win); every other setting from ``SEGMAP_*`` variables, the
+``segmap:`` section of the app configuration (``app.yaml`` or ``HOLOSCAN_CONFIG_PATH``), or its default
+(``segmap.settings`` declares them all).
 """
 
 from __future__ import annotations
@@ -11,66 +11,74 @@ from __future__ import annotations
 import logging
 import sys
 
-from monai.deploy.core import Application
 from holoscan.conditions import CountCondition
+from monai.deploy.core import Application
 
 from operators import (
-    DicomLoaderOperator,
-    DicomSegWriterOperator,
+    DicomScanOperator,
     NiftiLoaderOperator,
-    NiftiWriterOperator,
     NnunetInferenceOperator,
+    Outcome,
+    ResultWriterOperator,
     SeriesSelectorOperator,
     SeriesToVolumeOperator,
 )
 from segmap.errors import SegmapError
-from segmap.pipeline import Run
+from segmap.logs import configure_logging
+from segmap.model import MonetModel
+from segmap.pipeline import ResultWriter, input_kind, prepare
+from segmap.settings import Settings
+from segmap.tasks import SegmentationTask
 
-from .config import AppSettings, load_settings
+from .config import load_settings
 
 log = logging.getLogger("segmap.app")
 
 
 class SegmapApp(Application):
-    """load -> select series -> volume -> nnU-Net inference -> DICOM SEG (or NIfTI -> inference -> NIfTI)."""
+    """DICOM: scan -> select series -> image; NIfTI: load -> image. Then image -> inference -> labels, and
+    labels + image -> writer (the output format and the run report)."""
 
-    def __init__(self, settings: AppSettings, run: Run, *args, **kwargs):
-        self.settings = settings
-        self.run_state = run
+    def __init__(self, *args, settings: Settings, kind: str, model: MonetModel, task: SegmentationTask,
+                 writer: ResultWriter, outcome: Outcome, **kwargs):
+        self.settings, self.kind, self.model, self.task = settings, kind, model, task
+        self.writer, self.outcome = writer, outcome
         super().__init__(*args, **kwargs)
 
     def compose(self):
-        run = self.run_state
-        infer = NnunetInferenceOperator(self, run=run, name="nnunet_inference")
-        if self.settings.variant == "dicom":
-            scan = DicomLoaderOperator(self, CountCondition(self, 1), run=run, name="dicom_loader")
-            select = SeriesSelectorOperator(self, run=run, name="series_selector")
-            volume = SeriesToVolumeOperator(self, run=run, name="series_to_volume")
-            write = DicomSegWriterOperator(self, run=run, name="dicom_seg_writer")
-            self.add_flow(scan, select, {("out", "in")})
-            self.add_flow(select, volume, {("out", "in")})
-            self.add_flow(volume, infer, {("out", "in")})
+        once, outcome = CountCondition(self, 1), self.outcome
+        if self.kind == "dicom":
+            scan = DicomScanOperator(self, once, input_path=self.settings.input, outcome=outcome, name="dicom_scan")
+            select = SeriesSelectorOperator(self, task=self.task, outcome=outcome, name="series_selector")
+            load = SeriesToVolumeOperator(self, task=self.task, outcome=outcome, name="series_to_volume")
+            self.add_flow(scan, select, {("study", "study")})
+            self.add_flow(select, load, {("series", "series")})
         else:
-            load = NiftiLoaderOperator(self, CountCondition(self, 1), run=run, name="nifti_loader")
-            write = NiftiWriterOperator(self, run=run, name="nifti_writer")
-            self.add_flow(load, infer, {("out", "in")})
-        self.add_flow(infer, write, {("out", "in")})
+            load = NiftiLoaderOperator(self, once, input_path=self.settings.input, task=self.task, outcome=outcome,
+                                       name="nifti_loader")
+        infer = NnunetInferenceOperator(self, model=self.model, settings=self.settings, outcome=outcome,
+                                        name="nnunet_inference")
+        write = ResultWriterOperator(self, writer=self.writer, outcome=outcome, name="result_writer")
+        self.add_flow(load, infer, {("image", "image")})
+        self.add_flow(infer, write, {("labels", "labels")})
+        self.add_flow(load, write, {("image", "image")})
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(argv)
-        settings.configure_logging()
-        log.info("segmap %s variant: input %s, output %s, model %s, task %s%s", settings.variant,
-                 settings.options.input, settings.options.output, settings.options.model, settings.options.task,
-                 f" ({settings.options.task_name})" if settings.options.task_name else "")
-        run = Run(settings.options)
-        if run.variant != settings.variant and settings.options.variant != "auto":
-            log.warning("input looks like %s but the application is the %s variant", run.variant, settings.variant)
-        SegmapApp(settings, run).run()
-        if run.error is not None:
-            raise run.error
-        if run.report_path is None:
+        configure_logging(settings.log_level)
+        kind = input_kind(settings)
+        log.info("segmap: %s input %s -> %s output %s; model %s, task %s%s", kind, settings.input,
+                 settings.output_format, settings.output, settings.model_path, settings.task_file,
+                 f" ({settings.task_name})" if settings.task_name else "")
+        model, task = prepare(settings)
+        writer = ResultWriter(settings, model, task, kind)
+        outcome = Outcome()
+        SegmapApp(settings=settings, kind=kind, model=model, task=task, writer=writer, outcome=outcome).run()
+        if outcome.error is not None:
+            raise outcome.error
+        if outcome.report is None:
             raise SegmapError("the graph finished without writing outputs (see the log above)")
         return 0
     except SegmapError as e:

@@ -42,10 +42,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tools"))
 
 from nnunet_reference import dice_per_label, nnunet_predict  # noqa: E402
 from segmap.demo.phantom import make_phantom  # noqa: E402
-from segmap.demo.plans import build_network, make_dataset_json, make_plans, write_nnunet_results_folder  # noqa: E402
+from segmap_tools.plans import build_network, make_dataset_json, make_plans, write_nnunet_results_folder  # noqa: E402
 from segmap.engine import EngineOptions, Segmenter  # noqa: E402
 from segmap.engine.precision import cpu_has_fast_bf16  # noqa: E402
 from segmap.model import export_monet, load_model  # noqa: E402
@@ -91,7 +92,7 @@ class PeakRSS:
 def calibrate_output_biases(net, plans: dict, share: float) -> None:
     """Shift the last layer's biases so that each foreground class beats background on about ``share`` of a
     phantom patch (one forward pass: a bias adds a constant to its class's logits)."""
-    from segmap.demo.train import ct_normalize
+    from segmap_tools.train import ct_normalize
 
     cfg = plans["configurations"]["3d_fullres"]
     patch, spacing = tuple(cfg["patch_size"]), tuple(cfg["spacing"])

@@ -1,8 +1,9 @@
 """Holoscan operators of the segmap application: thin shells over the plain, tested functions in ``segmap``.
 
-Each operator receives, calls one function of :mod:`segmap.pipeline` (or the modules behind it), and emits. A
-user-fixable :class:`segmap.errors.SegmapError` is recorded on the shared :class:`segmap.pipeline.Run` and the
-operator emits nothing, so the graph stops quietly and the application prints one line and exits non-zero.
+Each operator receives on named ports, calls one function of :mod:`segmap.pipeline`, and emits on a named port.
+Settings, the task and the model reach an operator through its constructor. A user-fixable
+:class:`segmap.errors.SegmapError` goes to the run's :class:`Outcome` and the operator emits nothing, so the graph
+stops quietly and the application prints one line and exits non-zero.
 
 Why not the SDK's own DICOM operators: ``DICOMDataLoaderOperator`` stops at the first unreadable file and
 groups by blank UIDs; ``DICOMSeriesSelectorOperator`` reads attributes from the first instance only, treats a
@@ -11,16 +12,17 @@ spacing from SliceThickness; ``DICOMSegmentationWriterOperator`` drops the task'
 Ours keep the SDK's port-based shape and the same stages.
 """
 
+from .base import Outcome
 from .inference import NnunetInferenceOperator
-from .loaders import DicomLoaderOperator, NiftiLoaderOperator, SeriesSelectorOperator, SeriesToVolumeOperator
-from .writers import DicomSegWriterOperator, NiftiWriterOperator
+from .loaders import DicomScanOperator, NiftiLoaderOperator, SeriesSelectorOperator, SeriesToVolumeOperator
+from .writers import ResultWriterOperator
 
 __all__ = [
-    "DicomLoaderOperator",
+    "Outcome",
+    "DicomScanOperator",
     "SeriesSelectorOperator",
     "SeriesToVolumeOperator",
     "NiftiLoaderOperator",
     "NnunetInferenceOperator",
-    "DicomSegWriterOperator",
-    "NiftiWriterOperator",
+    "ResultWriterOperator",
 ]

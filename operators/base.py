@@ -1,49 +1,63 @@
-"""The shared shell of segmap's operators: one input port, one output port, errors recorded on the run."""
+"""The shared shell of segmap's operators: named ports in, one plain function, named port out.
+
+A user-fixable :class:`segmap.errors.SegmapError` is not raised into Holoscan (which would print a scheduler
+traceback); the operator reports it on the run's :class:`Outcome` and emits nothing, so nothing downstream runs and
+the application prints one line and exits non-zero. Operators only ever report to the outcome, never read it.
+"""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from segmap.errors import SegmapError
-from segmap.pipeline import Run
+
+
+class Outcome:
+    """The narrow, write-only channel from the graph back to the application: the first failure, or the report."""
+
+    def __init__(self) -> None:
+        self.error: SegmapError | None = None
+        self.report: Path | None = None
+
+    def fail(self, error: SegmapError) -> None:
+        if self.error is None:
+            self.error = error
+
+    def succeed(self, report: Path) -> None:
+        self.report = report
 
 
 class StepOperator(Operator):
-    """Calls ``self.step(value)`` on what arrives at ``in`` (or nothing, for a source) and emits the result."""
+    """Receives :attr:`inputs`, calls :meth:`step` with them as keyword arguments, emits the result on
+    :attr:`output` (nothing for a sink)."""
 
-    source = False
+    inputs: tuple[str, ...] = ()
+    output: str | None = None
 
-    def __init__(self, fragment: Fragment, *args: Any, run: Run, **kwargs: Any) -> None:
-        self.run_state = run
+    def __init__(self, fragment: Fragment, *args: Any, outcome: Outcome, **kwargs: Any) -> None:
+        self.outcome = outcome
         self.log = logging.getLogger(f"segmap.app.{type(self).__name__}")
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
-        if not self.source:
-            spec.input("in")
-        spec.output("out")
+        for port in self.inputs:
+            spec.input(port)
+        if self.output:
+            spec.output(self.output)
 
-    def step(self, value: Any) -> Any:  # pragma: no cover - every operator overrides it
+    def step(self, **received: Any) -> Any:  # pragma: no cover - every operator overrides it
         raise NotImplementedError
 
     def compute(self, op_input, op_output, context) -> None:
-        if self.run_state.error is not None:
-            return
-        value = None if self.source else op_input.receive("in")
-        stage = getattr(self, "stage", None)
+        received = {port: op_input.receive(port) for port in self.inputs}
         try:
-            if stage:
-                with self.run_state.report.stage(stage):
-                    result = self.step(value)
-            else:
-                result = self.step(value)
+            result = self.step(**received)
         except SegmapError as e:
-            self.run_state.error = e
+            self.outcome.fail(e)
             return
-        if result is not None:
-            op_output.emit(result, "out")
-
-
+        if self.output:
+            op_output.emit(result, self.output)

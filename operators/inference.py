@@ -1,12 +1,25 @@
-"""nnU-Net inference on the stacked input volume (GPU when present, CPU otherwise)."""
+"""nnU-Net inference: ``image`` -> ``labels`` (GPU when present, CPU otherwise)."""
 
 from __future__ import annotations
+
+from typing import Any
+
+from segmap.model import MonetModel
+from segmap.pipeline import Inference
+from segmap.settings import Settings
 
 from .base import StepOperator
 
 
 class NnunetInferenceOperator(StepOperator):
-    """Emits ``(labels_zyx, inputs)``; device, mirroring and folds come from the run's options and model."""
+    """Emits ``labels``: the label map on the image's grid; device and mirroring come from the settings."""
 
-    def step(self, inputs):
-        return self.run_state.segment(inputs), inputs
+    inputs = ("image",)
+    output = "labels"
+
+    def __init__(self, fragment, *args: Any, model: MonetModel, settings: Settings, **kwargs: Any) -> None:
+        self.inference = Inference(model, settings)
+        super().__init__(fragment, *args, **kwargs)
+
+    def step(self, image):
+        return self.inference.segment(image)

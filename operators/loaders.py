@@ -1,48 +1,69 @@
-"""Input operators: DICOM scan -> series selection -> volume, and NIfTI loading by File_Pattern."""
+"""Input operators: DICOM scan -> series selection -> image, and NIfTI loading by File_Pattern."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from segmap.dicom.loading import scan_dicom_folder
-from segmap.pipeline import dicom_inputs, load_nifti_inputs, select_dicom_series
+from segmap.pipeline import choose_series, load_nifti, load_series, scan_study
+from segmap.tasks import SegmentationTask
 
 from .base import StepOperator
 
 
-class DicomLoaderOperator(StepOperator):
-    """Scans the input folder recursively; unreadable and non-DICOM files are skipped with a warning."""
+class DicomScanOperator(StepOperator):
+    """Source: scans the input folder recursively (unreadable and non-DICOM files skipped with a warning).
 
-    source = True
-    stage = "load.scan"
+    Emits ``study`` (the headers of every DICOM file, grouped by series).
+    """
 
-    def step(self, _):
-        return scan_dicom_folder(Path(self.run_state.opts.input))
+    output = "study"
+
+    def __init__(self, fragment, *args: Any, input_path: Path, **kwargs: Any) -> None:
+        self.input_path = Path(input_path)
+        super().__init__(fragment, *args, **kwargs)
+
+    def step(self):
+        return scan_study(self.input_path)
 
 
 class SeriesSelectorOperator(StepOperator):
-    """Picks one series per modality with the task's Rules_Text."""
+    """``study`` -> ``series``: one series per modality of the task, chosen by its Rules_Text."""
 
-    stage = "load.select"
+    inputs = ("study",)
+    output = "series"
 
-    def step(self, scan):
-        return select_dicom_series(scan, self.run_state.task)
+    def __init__(self, fragment, *args: Any, task: SegmentationTask, **kwargs: Any) -> None:
+        self.task = task
+        super().__init__(fragment, *args, **kwargs)
+
+    def step(self, study):
+        return choose_series(study, self.task)
 
 
 class SeriesToVolumeOperator(StepOperator):
-    """Decodes the selected series and stacks the modalities on the reference grid."""
+    """``series`` -> ``image``: decodes the chosen series and stacks the modalities on the reference grid."""
 
-    stage = "load.volume"
+    inputs = ("series",)
+    output = "image"
 
-    def step(self, selections):
-        return dicom_inputs(selections, self.run_state.task)
+    def __init__(self, fragment, *args: Any, task: SegmentationTask, **kwargs: Any) -> None:
+        self.task = task
+        super().__init__(fragment, *args, **kwargs)
+
+    def step(self, series):
+        return load_series(series, self.task)
 
 
 class NiftiLoaderOperator(StepOperator):
-    """Finds each modality's file by File_Pattern and reads it with its affine."""
+    """Source: finds each modality's NIfTI file by File_Pattern and emits ``image`` (with the files' affine)."""
 
-    source = True
-    stage = "load"
+    output = "image"
 
-    def step(self, _):
-        return load_nifti_inputs(Path(self.run_state.opts.input), self.run_state.task)
+    def __init__(self, fragment, *args: Any, input_path: Path, task: SegmentationTask, **kwargs: Any) -> None:
+        self.input_path = Path(input_path)
+        self.task = task
+        super().__init__(fragment, *args, **kwargs)
+
+    def step(self):
+        return load_nifti(self.input_path, self.task)

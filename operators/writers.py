@@ -1,23 +1,22 @@
-"""Output operators: DICOM SEG or NIfTI label map, plus the run report, committed atomically."""
+"""The output operator: ``labels`` + ``image`` -> the output format's files and the run report, all or nothing."""
 
 from __future__ import annotations
+
+from typing import Any
+
+from segmap.pipeline import ResultWriter
 
 from .base import StepOperator
 
 
-class _Writer(StepOperator):
-    def setup(self, spec) -> None:
-        spec.input("in")
+class ResultWriterOperator(StepOperator):
+    """Writes the label map with its writer (DICOM SEG, NIfTI, ... see ``segmap.outputs.formats``) and the report."""
 
-    def step(self, value):
-        labels, inputs = value
-        self.run_state.finish(labels, inputs)
-        return None
+    inputs = ("labels", "image")
 
+    def __init__(self, fragment, *args: Any, writer: ResultWriter, **kwargs: Any) -> None:
+        self.writer = writer
+        super().__init__(fragment, *args, **kwargs)
 
-class DicomSegWriterOperator(_Writer):
-    """Writes a DICOM SEG (highdicom, BINARY) that references the selected series."""
-
-
-class NiftiWriterOperator(_Writer):
-    """Writes the label map as NIfTI with exactly the input's affine."""
+    def step(self, labels, image):
+        self.outcome.succeed(self.writer.write(labels, image))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # segmap_tools: plans, demo training
 
 
 @pytest.fixture(scope="session")
@@ -24,8 +25,8 @@ def trained(request):
     """
     torch = pytest.importorskip("torch")
     pytest.importorskip("dynamic_network_architectures")
-    from segmap.demo.plans import build_network
-    from segmap.demo.train import fit_phantom_network
+    from segmap_tools.plans import build_network
+    from segmap_tools.train import fit_phantom_network
 
     cache = Path(request.config.cache.mkdir("segmap")) / "fidelity-net-v3.pt"
     base = None
@@ -66,7 +67,7 @@ def _calibrate_head(net, plans: dict, share: float = 0.06) -> None:
     import torch
 
     from segmap.demo.phantom import make_phantom
-    from segmap.demo.train import ct_normalize
+    from segmap_tools.train import ct_normalize
 
     props = plans["foreground_intensity_properties_per_channel"]["0"]
     case = make_phantom((24, 96, 96), (3.0, 1.5, 1.5), seed=4242, extra_labels=True)
@@ -94,7 +95,7 @@ def _no_engine(reason: str):
 def engine():
     """A Docker engine holding the CPU base image; .ci/docker-setup.sh starts one here when we may (root)."""
     from segmap.packager.baseimage import CPU_BASE_IMAGE
-    from segmap.packager.engine import DockerEngineError, connect, image_exists
+    from segmap.packager.docker_engine import DockerEngineError, connect, image_exists
 
     setup = Path(__file__).resolve().parents[1] / ".ci" / "docker-setup.sh"
     try:
@@ -112,3 +113,29 @@ def engine():
         if done.returncode != 0 or not image_exists(api, CPU_BASE_IMAGE):
             pytest.fail(f"the Docker engine runs but {CPU_BASE_IMAGE} could not be made: {done.stderr.strip()[-300:]}")
     return api
+
+
+# ------------------------------------------------------------------------------------------------ test tiers
+
+#: Tier of each test file that is not a fast unit test. `make test-fast` runs `-m unit` (everything not listed);
+#: `make test` runs every tier.
+TIERS = {
+    "e2e": ("test_app.py", "test_multimodal.py", "test_output_formats.py", "test_phantom.py", "test_install.py"),
+    "images": ("test_map_images.py", "test_holoscan_cli_compat.py"),
+    "fidelity": ("test_fidelity.py", "test_engine_steps.py"),
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "unit: fast tests of plain functions (make test-fast)")
+    config.addinivalue_line("markers", "e2e: the application and the segmap command end to end")
+    config.addinivalue_line("markers", "images: real Docker images and holoscan-cli")
+    config.addinivalue_line("markers", "fidelity: agreement with nnunetv2's own functions and predictor")
+
+
+def pytest_collection_modifyitems(config, items):
+    by_file = {name: tier for tier, names in TIERS.items() for name in names}
+    for item in items:
+        tier = "images" if "engine" in getattr(item, "fixturenames", ()) else by_file.get(item.path.name, "unit")
+        if not any(item.get_closest_marker(t) for t in ("unit", *TIERS)):
+            item.add_marker(getattr(pytest.mark, tier))

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from segmap.demo.plans import build_network, make_dataset_json, make_plans, write_nnunet_results_folder
+from segmap_tools.plans import build_network, make_dataset_json, make_plans, write_nnunet_results_folder
 from segmap.model import export_monet
 
 

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("dynamic_network_architectures", reason="dynamic-network-architectures builds the test network")
 
 from segmap.cli import main  # noqa: E402
-from segmap.demo.plans import build_network, make_dataset_json, make_plans  # noqa: E402
+from segmap_tools.plans import build_network, make_dataset_json, make_plans  # noqa: E402
 from segmap.model import export_monet  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning",

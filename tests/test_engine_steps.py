@@ -119,7 +119,7 @@ def test_streamed_argmax_equals_full_resampling_then_argmax():
     from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from segmap.demo.plans import make_dataset_json, make_plans
+    from segmap_tools.plans import make_dataset_json, make_plans
     from segmap.model import parse_spec
 
     labels = {f"c{i}": i for i in range(1, 12)}

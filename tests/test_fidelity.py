@@ -21,7 +21,7 @@ pytest.importorskip("dynamic_network_architectures")
 
 from nnunet_reference import dice_per_label, make_model_pair, nnunet_predict  # noqa: E402
 from segmap.demo.phantom import make_phantom  # noqa: E402
-from segmap.demo.plans import make_dataset_json, make_plans  # noqa: E402
+from segmap_tools.plans import make_dataset_json, make_plans  # noqa: E402
 from segmap.engine import EngineOptions, Segmenter  # noqa: E402
 from segmap.engine.precision import cpu_has_fast_bf16  # noqa: E402
 from segmap.model import load_model  # noqa: E402

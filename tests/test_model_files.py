@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("dynamic_network_architectures", reason="dynamic-network-architectures builds the test network")
 
-from segmap.demo.plans import build_network, make_dataset_json, make_plans  # noqa: E402
+from segmap_tools.plans import build_network, make_dataset_json, make_plans  # noqa: E402
 from segmap.errors import ModelError  # noqa: E402
 from segmap.model import export_monet, load_model  # noqa: E402
 from segmap.summary import describe_model  # noqa: E402

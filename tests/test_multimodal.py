@@ -12,9 +12,10 @@ import yaml
 pytest.importorskip("dynamic_network_architectures")
 
 from segmap.demo.phantom import make_phantom, write_dicom_series, write_nifti  # noqa: E402
-from segmap.demo.plans import build_network, make_dataset_json, make_plans  # noqa: E402
+from segmap_tools.plans import build_network, make_dataset_json, make_plans  # noqa: E402
 from segmap.model import default_metadata, export_monet, load_model  # noqa: E402
-from segmap.pipeline import RunOptions, run  # noqa: E402
+from segmap.pipeline import run  # noqa: E402
+from segmap.settings import Settings  # noqa: E402
 
 RULES = '{"selections": [{"name": "%s", "conditions": {"Modality": "(?i)MR", "SeriesDescription": "(?i)%s"}}]}'
 
@@ -68,8 +69,8 @@ def test_dicom_two_modalities_on_reference_grid(setup, tmp_path):
     from segmap.outputs.seg import read_seg_labels
 
     root, model, t1 = setup
-    report = run(RunOptions(model=model, task=root / "task.yaml", input=root / "dicom", output=tmp_path,
-                            variant="dicom", device="cpu"))
+    report = run(Settings(models=model, task_file=root / "task.yaml", input=root / "dicom", output=tmp_path,
+                          input_kind="dicom", device="cpu"))
     data = json.loads(report.read_text())
     assert [i["key"] for i in data["inputs"]] == ["T1", "T2"]
     assert [i["SeriesDescription"] for i in data["inputs"]] == ["T1 axial", "T2 axial"]
@@ -92,8 +93,8 @@ def test_nifti_two_modalities_match_dicom(setup, tmp_path):
     from segmap.outputs.nifti import read_label_nifti
 
     root, model, t1 = setup
-    run(RunOptions(model=model, task=root / "task.yaml", input=root / "nifti", output=tmp_path / "n",
-                   variant="nifti", device="cpu"))
+    run(Settings(models=model, task_file=root / "task.yaml", input=root / "nifti", output=tmp_path / "n",
+                 input_kind="nifti", device="cpu"))
     labels, affine = read_label_nifti(tmp_path / "n" / "segmentation.nii.gz")
     assert labels.shape == t1.hu.shape
     assert np.allclose(affine, nib.load(str(root / "nifti" / "case_t1.nii.gz")).affine, atol=1e-4)

@@ -22,7 +22,7 @@ import yaml
 from segmap.errors import SegmapError
 from segmap.packager.baseimage import CPU_BASE_IMAGE, debian_mirror
 from segmap.packager.context import ContextError, ImageName, context_files, render_dockerfile, write_context
-from segmap.packager.engine import DockerEngineError, connect, follow
+from segmap.packager.docker_engine import DockerEngineError, connect, follow
 from segmap.packager.wheelhouse import build_segmap_wheel, platform_tags, requirement_sets, wheel_requirements
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,8 +150,9 @@ def test_context_holds_everything_the_image_needs(dicom_context):
 
 def test_app_yaml_bakes_in_variant_task_and_model(dicom_context):
     config = yaml.safe_load((dicom_context / "app.yaml").read_text())
-    assert config["segmap"] == {"variant": "dicom", "task_file": "/opt/holoscan/task/spleen.yaml",
-                                "task_name": "Spleen", "model": "spleen", "device": "auto", "mirroring": False,
+    assert config["segmap"] == {"input_kind": "dicom", "output_format": "dicom-seg",
+                                "task_file": "/opt/holoscan/task/spleen.yaml", "task_name": "Spleen",
+                                "model": "spleen", "device": "auto", "mirroring": False,
                                 "omit_empty_frames": False, "log_level": "INFO"}
     # The keys holoscan-cli's `monai-deploy package` requires of an app.yaml.
     assert config["application"]["title"] and config["application"]["version"] == "1.2"
@@ -190,7 +191,7 @@ def test_package_manifest(dicom_context, inputs, tmp_path):
 
 def test_nifti_variant_and_image_names(inputs, tmp_path):
     ctx = _write(inputs, tmp_path / "nifti", variant="nifti")
-    assert yaml.safe_load((ctx / "app.yaml").read_text())["segmap"]["variant"] == "nifti"
+    assert yaml.safe_load((ctx / "app.yaml").read_text())["segmap"]["input_kind"] == "nifti"
     assert json.loads((ctx / "app.json").read_text())["input"]["formats"] == ["application/x-nifti"]
     name = ImageName.parse("registry.local:5000/team/spleen:1.2")
     assert name.for_variant("dicom") == "registry.local:5000/team/spleen:1.2"
@@ -244,8 +245,8 @@ def test_single_model_file_and_custom_ids(inputs, tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"tag": "spleen"}, "expected NAME:VERSION"),
     ({"tag": "Spleen:1.0"}, "lower case"),
-    ({"variant": "png"}, "expected one of dicom, nifti"),
-    ({"task_name": "Liver"}, "no task 'Liver'"),
+    ({"variant": "png"}, "expected one of dicom, dicom-nifti, nifti"),
+    ({"task_name": "Liver"}, "no task named 'Liver'"),
     ({"uid": -1}, "--uid -1"),
     ({"task": Path("/nonexistent/task.yaml")}, "task file not found"),
     ({"model": Path("/nonexistent/model")}, "model not found"),
@@ -260,7 +261,7 @@ def test_bad_inputs_give_one_line_errors(inputs, tmp_path, change, message):
 def test_task_file_with_several_tasks_needs_a_name(inputs, tmp_path):
     two = tmp_path / "two.yaml"
     two.write_text(TASK_YAML + TASK_YAML.replace("tasks:\n", "").replace("Spleen:", "Other:", 1))
-    with pytest.raises(ContextError, match="choose one with --task-name"):
+    with pytest.raises(SegmapError, match=r"choose one with a task name \(--task-name\)"):
         _write(inputs, tmp_path / "ctx", task=two)
     ctx = _write(inputs, tmp_path / "ctx", task=two, task_name="Other")
     assert yaml.safe_load((ctx / "app.yaml").read_text())["segmap"]["task_name"] == "Other"
@@ -300,7 +301,7 @@ def real_model(tmp_path_factory):
     pytest.importorskip("dynamic_network_architectures", reason="dynamic-network-architectures builds the network")
     import warnings
 
-    from segmap.demo.plans import build_network, make_dataset_json, make_plans
+    from segmap_tools.plans import build_network, make_dataset_json, make_plans
     from segmap.model import export_monet
 
     plans = make_plans(patch_size=(16, 16, 16), spacing=(3.0, 1.5, 1.5), normalization_schemes=["CTNormalization"],
@@ -338,7 +339,7 @@ def test_package_dry_run_writes_both_variants(inputs, real_model, tmp_path):
     assert f"docker build -t segmap-test/spleen:2.0-nifti {tmp_path / 'ctx' / 'nifti'}" in out
     for variant in ("dicom", "nifti"):
         config = yaml.safe_load((tmp_path / "ctx" / variant / "app.yaml").read_text())
-        assert config["segmap"]["variant"] == variant and config["segmap"]["model"] == "spleen"
+        assert config["segmap"]["input_kind"] == variant and config["segmap"]["model"] == "spleen"
         assert (tmp_path / "ctx" / variant / "models/spleen/fold_0/model.ts").read_bytes() == real_model.read_bytes()
 
 
@@ -403,9 +404,15 @@ def test_tools_show_and_env(dicom_context, tools_env):
     env, _ = tools_env
     shown = _tools(dicom_context, env, "show")
     assert shown.returncode == 0 and '"sdk": "monai-deploy"' in shown.stdout and '"platformConfig"' in shown.stdout
+    env = dict(env, PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
     listed = _tools(dicom_context, env, "env")
-    assert "SEGMAP_DEVICE=cpu" in listed.stdout
+    assert listed.returncode == 0, listed.stderr
+    assert "SEGMAP_DEVICE=cpu" in listed.stdout.splitlines()  # the environment wins over app.yaml
+    assert "SEGMAP_MODEL=spleen" in listed.stdout.splitlines()  # baked into app.yaml by the packager
+    assert "SEGMAP_INPUT_KIND=dicom" in listed.stdout.splitlines()
     assert f"HOLOSCAN_OUTPUT_PATH={env['HOLOSCAN_OUTPUT_PATH']}" in listed.stdout
+    bad = _tools(dicom_context, dict(env, SEGMAP_MIRRORING="perhaps"), "env")
+    assert bad.returncode == 2 and "SEGMAP_MIRRORING: mirroring must be true or false" in bad.stderr
 
 
 def test_tools_runs_the_app_with_its_arguments(dicom_context, tools_env):
@@ -487,7 +494,7 @@ def test_image_runs_the_app_as_uid_1000_with_a_read_only_input(standin_image, tm
     assert seen["input"] == ["ct.nii.gz", "series/1.dcm"] and seen["uid"] == 1000 and seen["argv"] == ["--flag"]
     assert seen["segmap"] == "0.1.0"
     assert seen["models"] == ["spleen/fold_0/model.ts", "spleen/fold_1/model.ts"]
-    assert yaml.safe_load(seen["config"])["segmap"]["variant"] == "dicom"
+    assert yaml.safe_load(seen["config"])["segmap"]["input_kind"] == "dicom"
     assert seen["env"]["SEGMAP_DEVICE"] == "cpu" and seen["env"]["HOLOSCAN_MODEL_PATH"] == "/opt/holoscan/models"
 
 

@@ -177,7 +177,7 @@ MODEL = Path(__file__).resolve().parents[1] / "models" / "demo-spleen" / "model.
 def test_bundled_demo_model_segments_a_held_out_phantom():
     import torch
 
-    from segmap.demo.train import PATCH_ZYX, SHAPE_ZYX, SPACING_ZYX, dice
+    from segmap_tools.train import PATCH_ZYX, SHAPE_ZYX, SPACING_ZYX, dice
     from segmap.engine import EngineOptions, Segmenter
     from segmap.model import load_model
 
@@ -195,7 +195,7 @@ def test_bundled_demo_model_segments_a_held_out_phantom():
 
 
 def test_training_script_exports_a_monet_model(tmp_path):
-    from segmap.demo.train import train
+    from segmap_tools.train import train
     from segmap.model import load_model
 
     lines = []

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from segmap.demo.plans import make_dataset_json, make_plans
+from segmap_tools.plans import make_dataset_json, make_plans
 from segmap.errors import MismatchError, SegmapError
 from segmap.model import default_metadata, parse_spec
 from segmap.tasks import Code, Modality, Segment, SegmentationTask, load_task
@@ -44,14 +44,25 @@ def mismatch(task, spec) -> str:
     return message
 
 
+def agrees(task, spec) -> bool:
+    """Both checks find nothing (check_agreement would pass), each asserted on its own."""
+    return modality_mismatch(task, spec) is None and segment_mismatch(task, spec) is None
+
+
 def test_shipped_spleen_task_agrees_with_a_spleen_model():
-    check_agreement(load_task(REPO / "tasks" / "spleen.yaml"), spec_for({"background": 0, "spleen": 1}))
+    task = load_task(REPO / "tasks" / "spleen.yaml")
+    assert agrees(task, spec_for({"background": 0, "spleen": 1}))
+    assert not agrees(task, spec_for({"background": 0, "spleen": 1, "liver": 2}))
 
 
 def test_shipped_brain_tumour_task_agrees_with_a_four_channel_model():
     spec = spec_for({"background": 0, "necrosis": 1, "edema": 2, "enhancing": 3}, channels=("MR",) * 4,
                     input_names=["T1C", "T1N", "T2F", "T2W"])
-    check_agreement(load_task(REPO / "tasks" / "brain_tumour.yaml"), spec)
+    task = load_task(REPO / "tasks" / "brain_tumour.yaml")
+    assert agrees(task, spec)
+    swapped = spec_for({"background": 0, "necrosis": 1, "edema": 2, "enhancing": 3}, channels=("MR",) * 4,
+                       input_names=["T1N", "T1C", "T2F", "T2W"])
+    assert segment_mismatch(task, swapped) is None and modality_mismatch(task, swapped) is not None
 
 
 def test_more_segments_than_labels():
@@ -136,4 +147,5 @@ def test_default_sources_name_the_task_file():
 
 def test_segment_names_need_not_match_label_names():
     # The task file, not the model, names segments; only positions are tied together.
-    check_agreement(task_with(segments=("Milz",)), spec_for({"background": 0, "spleen": 1}))
+    assert agrees(task_with(segments=("Milz",)), spec_for({"background": 0, "spleen": 1}))
+    assert not agrees(task_with(segments=("Milz", "Leber")), spec_for({"background": 0, "spleen": 1}))

@@ -6,12 +6,13 @@ Every user mistake surfaces as one line on stderr (``segmap: error: ...``) and e
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from . import __version__
 from .errors import SegmapError
+from .logs import configure_logging
+from .settings import setting
 
 EPILOG = """\
 examples:
@@ -49,21 +50,45 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import RunOptions, run
+    from .pipeline import run
+    from .settings import resolve
 
-    opts = RunOptions(model=Path(args.model), task=Path(args.task), task_name=args.task_name,
-                      input=Path(args.input), output=Path(args.output), variant=args.variant, device=args.device,
-                      mirroring=args.mirroring, omit_empty_frames=args.omit_empty_frames)
-    run(opts)
+    flags = {d.name: getattr(args, d.name, None) for d in _run_settings()}
+    flags["log_level"] = args.log_level
+    settings = resolve(flags, config=Path(args.config) if args.config else None)
+    configure_logging(settings.log_level)
+    run(settings)
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo.run import DEMO_MODEL, DEMO_TASK, run_demo
+    try:
+        from .demo.run import DEMO_MODEL, DEMO_TASK, run_demo
+    except ImportError:  # a MAP image's segmap holds only what runs
+        return _not_installed("segmap demo", "the demo")(args)
 
     run_demo(Path(args.out), device=args.device, model=Path(args.model or DEMO_MODEL),
              task=Path(args.task or DEMO_TASK))
     return 0
+
+
+def _run_settings():
+    """The settings ``segmap run`` takes as flags: every declared setting that has a flag (log level: global)."""
+    from .settings import declared
+
+    return [d for d in declared() if d.flags and d.name != "log_level"]
+
+
+def _add_setting(p: argparse.ArgumentParser, d, **overrides) -> None:
+    """One flag of :mod:`segmap.settings`; the default stays None so that environment and config can apply."""
+    default = "none" if d.default is None else (str(d.default).lower() if d.type == "bool" else d.default)
+    kwargs: dict = {"dest": d.name, "default": None, "help": f"{d.help} [{d.env}; default: {default}]"}
+    if d.type == "bool":
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        kwargs.update(metavar=d.metavar, choices=d.choices)
+    kwargs.update(overrides)
+    p.add_argument(*d.flags, **kwargs)
 
 
 def _add_task_model(p: argparse.ArgumentParser) -> None:
@@ -72,12 +97,21 @@ def _add_task_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task-name", default=None, help="task to use when the file holds several")
 
 
+def _not_installed(command: str, what: str):
+    def fail(_args: argparse.Namespace) -> int:
+        raise SegmapError(f"{command}: {what} is not part of this installation (a MAP image holds only what runs); "
+                          "use a full segmap installation")
+    return fail
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="segmap", description="Ship an nnU-Net (MONet model.ts) segmentation model into a hospital.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"segmap {__version__}")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    level = setting("log_level")
+    parser.add_argument("--log-level", type=str.upper, default=None, choices=level.choices,
+                        help=f"{level.help} [{level.env}; default: {level.default}]")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("inspect", help="print a readable summary of a model (plans, channels, labels, folds)")
@@ -90,27 +124,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="segment a local input: a NIfTI file/folder or a DICOM folder",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="The output folder receives the label map (NIfTI variant) or a DICOM SEG (DICOM variant) "
-                              "and run_report.json.")
-    _add_task_model(p)
-    p.add_argument("-i", "--input", required=True, help="input NIfTI file or folder (NIfTI) / DICOM folder")
-    p.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
-    p.add_argument("--variant", choices=["auto", "nifti", "dicom"], default="auto",
-                   help="input kind; auto picks dicom when the input holds DICOM files (default: auto)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    p.add_argument("--mirroring", action=argparse.BooleanOptionalAction, default=False,
-                   help="test-time mirroring over the model's allowed axes (8x slower in 3D; default off)")
-    p.add_argument("--omit-empty-frames", action="store_true",
-                   help="DICOM SEG: leave out frames with no segmented voxel (smaller files; some viewers mis-place them)")
+                       epilog="The output folder receives the label map (a DICOM SEG for DICOM input, a NIfTI label "
+                              "map for NIfTI input, or --output-format) and run_report.json.\n"
+                              "Each flag's environment variable applies when the flag is not given; -c reads the "
+                              "segmap: section of an app.yaml.")
+    for d in _run_settings():
+        _add_setting(p, d)
+    p.add_argument("-c", "--config", default=None, help="app.yaml whose segmap: section supplies defaults")
     p.set_defaults(func=_cmd_run)
 
-    from .packager.cli import add_package_parser
-
-    add_package_parser(sub)
+    try:
+        from .packager.cli import add_package_parser
+    except ImportError:  # a MAP image's segmap holds only what runs
+        # Takes any arguments (no option prefix), so that the user learns what is missing rather than a usage line.
+        p = sub.add_parser("package", help="build MAP container images (not in this installation)",
+                           prefix_chars="\x00", add_help=False)
+        p.add_argument("args", nargs="*")
+        p.set_defaults(func=_not_installed("segmap package", "the packager"))
+    else:
+        add_package_parser(sub)
 
     p = sub.add_parser("demo", help="run both variants on a freshly generated phantom study with the bundled demo model")
     p.add_argument("--out", default="out/demo", help="where to write the phantom study and the results")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    _add_setting(p, setting("device"))
     p.add_argument("--model", default=None, help="model to use instead of the bundled models/demo-spleen/model.ts")
     p.add_argument("--task", default=None, help="task file to use instead of tasks/spleen.yaml")
     p.set_defaults(func=_cmd_demo)
@@ -119,10 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    # highdicom logs every module it copies at INFO: keep the run log about the run.
-    logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
+    configure_logging(args.log_level or setting("log_level").default)
     try:
         return args.func(args)
     except SegmapError as e:

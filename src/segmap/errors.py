@@ -29,3 +29,23 @@ class InputError(SegmapError):
 
 class OutputError(SegmapError):
     """The output location cannot be written."""
+
+
+class WheelhouseError(SegmapError):
+    """A wheel cannot be built, found or downloaded."""
+
+
+class BaseImageError(SegmapError):
+    """The base image cannot be made or inspected."""
+
+
+class DockerEngineError(SegmapError):
+    """The Docker engine cannot be reached, or it refused a build or an import."""
+
+
+class ContextError(SegmapError):
+    """A build context cannot be written from the given inputs."""
+
+
+class SettingsError(SegmapError):
+    """A setting has a value segmap cannot use; the message names where the value came from."""

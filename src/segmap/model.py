@@ -123,7 +123,7 @@ class MonetModel:
     def num_folds(self) -> int:
         return len(self.fold_files)
 
-    def load_networks(self, device: str = "cpu") -> list:
+    def load_networks(self, device: str) -> list:
         """Deserialise every fold's TorchScript network onto ``device``, in eval mode."""
         import torch
 
@@ -303,7 +303,7 @@ def parse_spec(inference: Mapping[str, Any], metadata: Mapping[str, Any], path: 
     )
 
 
-_FOLD_DIR = re.compile(r"^fold_(\d+|all)$")
+FOLD_DIR = re.compile(r"^fold_(\d+|all)$")
 
 
 def find_fold_files(path: Path) -> list[Path]:
@@ -313,7 +313,7 @@ def find_fold_files(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise ModelError(f"{path}: model not found (expected a model.ts file or a folder of fold_K/model.ts)")
-    folds = [d / "model.ts" for d in path.iterdir() if _FOLD_DIR.match(d.name) and (d / "model.ts").is_file()]
+    folds = [d / "model.ts" for d in path.iterdir() if FOLD_DIR.match(d.name) and (d / "model.ts").is_file()]
     folds.sort(key=lambda f: (f.parent.name == "fold_all", int(f.parent.name[5:]) if f.parent.name != "fold_all" else 0))
     if folds:
         return folds

@@ -23,9 +23,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .dicom.selection import SelectionRules
 
 from .errors import TaskFileError
 
@@ -74,8 +77,9 @@ class Modality:
     key: str
     #: NIfTI variant: a file-name pattern (``File_Pattern``).
     file_pattern: str | None
-    #: DICOM variant: the parsed ``Rules_Text``, ``{"selections": [{"name": ..., "conditions": {...}}, ...]}``.
-    rules: dict | None
+    #: DICOM input: the ``Rules_Text``, parsed and compiled
+    #: (``{"selections": [{"name": ..., "conditions": {...}}, ...]}``, see :mod:`segmap.dicom.selection`).
+    rules: "SelectionRules | None"
 
 
 @dataclass(frozen=True)
@@ -266,10 +270,10 @@ class _TaskParser:
             raise self.error(where, "needs 'File_Pattern' (NIfTI input) and/or 'Rules_Text' (DICOM input)")
         if pattern is not None:
             pattern = self.string(pattern, f"{where} key 'File_Pattern'")
-        rules = self.rules(rules_doc, f"{where} key 'Rules_Text'") if rules_doc is not None else None
+        rules = self.rules(rules_doc, f"{where} key 'Rules_Text'", key) if rules_doc is not None else None
         return Modality(key, pattern, rules)
 
-    def rules(self, doc: Any, where: str) -> dict:
+    def rules(self, doc: Any, where: str, key: str) -> "SelectionRules":
         # MAIA files carry the rules as a JSON string; a YAML mapping of the same shape is accepted as well.
         if isinstance(doc, str):
             try:
@@ -292,7 +296,12 @@ class _TaskParser:
             if "name" in sel and not isinstance(sel["name"], str):
                 raise self.error(at, f"'name' must be a string, got {_type_name(sel['name'])}")
             self.conditions(sel["conditions"], at)
-        return doc
+        from .dicom.selection import SelectionRules
+
+        try:
+            return SelectionRules(doc, key)
+        except TaskFileError as e:  # names the selection and the condition; this adds the file and the task
+            raise self.error(where, str(e)) from None
 
     def conditions(self, conditions: Any, where: str) -> None:
         from pydicom.datadict import tag_for_keyword

@@ -70,3 +70,12 @@ def affine_from_dicom(position_lps: np.ndarray, row_cosine_lps: np.ndarray, col_
     lps[:3, 2] = np.asarray(slice_step_lps, float)
     lps[:3, 3] = np.asarray(position_lps, float)
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+#: Two grids whose affines differ by less than this (mm, per matrix entry) are the same grid.
+GRID_TOLERANCE_MM = 1e-3
+
+
+def same_grid(a: Volume, b: Volume) -> bool:
+    """Whether ``a`` and ``b`` have the same voxel grid (shape and affine within :data:`GRID_TOLERANCE_MM`)."""
+    return a.shape_zyx == b.shape_zyx and bool(np.allclose(a.affine, b.affine, rtol=0, atol=GRID_TOLERANCE_MM))

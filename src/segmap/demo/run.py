@@ -14,9 +14,10 @@ import numpy as np
 
 from ..errors import SegmapError
 
-REPO = Path(__file__).resolve().parents[3]
-DEMO_MODEL = REPO / "models" / "demo-spleen" / "model.ts"
-DEMO_TASK = REPO / "tasks" / "spleen.yaml"
+#: The bundled demo model and its task file, shipped inside the package (the repository's models/demo-spleen and
+#: tasks/spleen.yaml point here), so `segmap demo` works from an installed wheel.
+DEMO_MODEL = Path(__file__).resolve().parent / "model" / "model.ts"
+DEMO_TASK = Path(__file__).resolve().parent / "model" / "spleen.yaml"
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -24,16 +25,17 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * np.logical_and(a, b).sum() / total) if total else 1.0
 
 
-def run_demo(out: Path, *, device: str = "auto", model: Path = DEMO_MODEL, task: Path = DEMO_TASK,
+def run_demo(out: Path, *, device: str | None = None, model: Path = DEMO_MODEL, task: Path = DEMO_TASK,
              seed: int = 2024) -> dict:
     from ..outputs.nifti import read_label_nifti
     from ..outputs.seg import read_seg_labels
-    from ..pipeline import RunOptions, run
+    from ..pipeline import run
+    from ..settings import Settings
     from .phantom import write_phantom_study
 
     for path, what in ((model, "demo model"), (task, "demo task file")):
         if not Path(path).exists():
-            raise SegmapError(f"{what} not found at {path} (run from a segmap checkout, or pass --model/--task)")
+            raise SegmapError(f"{what} not found at {path} (a segmap installation without its demo; pass --model/--task)")
     out = Path(out).absolute()
     t0 = time.perf_counter()
     study = write_phantom_study(out / "study", seed=seed, patient_name="DEMO^PHANTOM", patient_id="DEMO-0001")
@@ -41,26 +43,25 @@ def run_demo(out: Path, *, device: str = "auto", model: Path = DEMO_MODEL, task:
     print(f"phantom study (seed {seed}): {len(study['dicom_files'])} CT slices in {study['dicom_dir']}, "
           f"same volume as NIfTI {study['nifti']}")
 
-    results = {}
+    results, reports = {}, {}
     for variant, source in (("dicom", study["dicom_dir"]), ("nifti", study["nifti"])):
-        report_path = run(RunOptions(model=Path(model), task=Path(task), input=Path(source),
-                                     output=out / f"{variant}-output", variant=variant, device=device))
-        report = json.loads(report_path.read_text())
-        results[variant] = report
-    seg_path = out / "dicom-output" / "segmentation.dcm"
+        reports[variant] = run(Settings(models=Path(model), task_file=Path(task), input=Path(source),
+                                        output=out / f"{variant}-output", input_kind=variant,
+                                        **({"device": device} if device else {})))
+        results[variant] = json.loads(reports[variant].read_text())
+    outputs = {v: reports[v].parent / report["outputs"][0]["path"] for v, report in results.items()}
     uids = [ds.SOPInstanceUID for ds in _sorted_slices(study["dicom_files"])]
-    dicom_labels = read_seg_labels(seg_path, uids)
-    nifti_labels, _ = read_label_nifti(out / "nifti-output" / "segmentation.nii.gz")
+    dicom_labels = read_seg_labels(outputs["dicom"], uids)
+    nifti_labels, _ = read_label_nifti(outputs["nifti"])
 
     print()
     print("segmap demo (synthetic phantom, demo model: not for clinical use)")
     for variant, report in results.items():
         seg = report["segments"][0]
-        files = ", ".join(str(out / f"{variant}-output" / Path(o["path"]).name) for o in report["outputs"])
-        print(f"  {variant:5s} variant: {files}")
+        print(f"  {variant:5s} input: {outputs[variant]}")
         print(f"         segment '{seg['name']}': {seg['voxels']} voxels, {seg['volume_ml']:.1f} mL; "
               f"device {report['device']}; inference {report['timings_s'].get('inference', 0):.1f} s; "
-              f"report {out / f'{variant}-output' / 'run_report.json'}")
+              f"report {reports[variant]}")
     agree = bool(np.array_equal(dicom_labels, nifti_labels))
     dice = _dice(dicom_labels == 1, truth)
     print(f"  DICOM SEG and NIfTI label map identical: {'yes' if agree else 'NO'}; "

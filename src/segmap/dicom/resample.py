@@ -18,7 +18,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import InputError
-from ..volume import Volume
+from ..volume import Volume, same_grid
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def resample_to_reference(moving: Volume, reference: Volume, order: int = 1, *, 
     overlap in space.
     """
     meta = {**moving.meta, "resampled_to": reference.meta.get("series_instance_uid")}
-    if moving.shape_zyx == reference.shape_zyx and np.allclose(moving.affine, reference.affine, atol=1e-5):
+    if same_grid(moving, reference):
         return Volume(moving.array.copy(), reference.affine.copy(), meta)
 
     _check_frames_of_reference(moving, reference)

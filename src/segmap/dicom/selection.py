@@ -165,7 +165,22 @@ class _Selection:
         return f"'{self.name}' ({', '.join(c.describe() for c in self.conditions)})"
 
 
+class SelectionRules(dict):
+    """A modality's Rules_Text: the parsed JSON document (this dict), compiled once into :attr:`selections`.
+
+    Made when the task file is loaded, so a rule segmap cannot apply (bad regular expression, unknown keyword or
+    operator) is reported then, by ``segmap validate`` too, not first by a DICOM run.
+    """
+
+    def __init__(self, doc: Mapping[str, Any], modality_key: str) -> None:
+        super().__init__(doc)
+        self.modality_key = modality_key
+        self.selections = _compile_rules(doc, modality_key)
+
+
 def _compile_rules(rules: Mapping[str, Any], modality_key: str) -> list[_Selection]:
+    if isinstance(rules, SelectionRules):
+        return rules.selections
     where = f"series-selection rules of modality '{modality_key}'"
     if rules is None:
         raise TaskFileError(f"modality '{modality_key}' has no Rules_Text (series-selection rules); DICOM input "

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import InputError, SegmapError
 from ..model import ModelSpec, MonetModel
+from ..settings import Settings
 from ..volume import Volume
 from . import preprocess
 from .resample import iter_resampled, resample
@@ -29,10 +30,10 @@ log = logging.getLogger("segmap.engine")
 
 @dataclass
 class EngineOptions:
-    #: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N".
-    device: str = "auto"
+    #: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N" (default: segmap.settings).
+    device: str = Settings.device
     #: Test-time mirroring over the model's allowed axes (nnU-Net's default is on; 8x the network time in 3D).
-    mirroring: bool = False
+    mirroring: bool = Settings.mirroring
     #: Tile step as a fraction of the patch size, nnU-Net's ``tile_step_size`` (0.5; its predictor's default).
     #: Larger steps mean fewer, less overlapping tiles: faster, and further from the model's reference output.
     step: float = 0.5

@@ -1,20 +1,6 @@
-"""What a run leaves behind: DICOM SEG and NIfTI label maps, written atomically, and the JSON run report.
+"""What a run leaves behind: the label map in an output format (see :mod:`.formats`), written atomically, and the
+JSON run report.
 
-Plain functions with no Holoscan dependency; the application's output operators are thin shells over them.
+Plain functions and writer classes with no Holoscan dependency; the application's writer operator is a thin shell
+over them. Modules are imported where they are used (``segmap.outputs.seg`` pulls in highdicom).
 """
-
-from .atomic import atomic_outputs, ensure_writable
-from .nifti import read_label_nifti, write_label_nifti
-from .report import RunReport, segment_statistics
-from .seg import read_seg_labels, write_seg
-
-__all__ = [
-    "RunReport",
-    "atomic_outputs",
-    "ensure_writable",
-    "read_label_nifti",
-    "read_seg_labels",
-    "segment_statistics",
-    "write_label_nifti",
-    "write_seg",
-]

@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import OutputError
+from .report import REPORT_NAME
 
 STAGING_PREFIX = ".segmap-staging-"
 #: Files moved into place after all others.
-COMMIT_LAST = ("run_report.json",)
+COMMIT_LAST = (REPORT_NAME,)
 
 
 def ensure_writable(folder: str | Path) -> Path:

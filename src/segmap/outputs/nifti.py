@@ -87,3 +87,15 @@ def _label_dtype(labels: np.ndarray) -> type:
     if top > 0xFFFF:
         raise ValueError(f"label map holds value {top}; labels are stored as uint16 (at most 65535)")
     return np.uint8 if top <= 0xFF else np.uint16
+
+
+class NiftiWriter:
+    """The ``nifti`` output format: the label map on exactly the input's grid (from NIfTI or DICOM input)."""
+
+    filename = "segmentation.nii.gz"
+
+    def __init__(self, task, settings) -> None:
+        pass
+
+    def write(self, labels, image, folder: Path) -> Path:
+        return write_label_nifti(labels.array[0], labels.affine, Path(folder) / self.filename)

@@ -145,9 +145,6 @@ class RunReport:
         finally:
             self.timings_s[name] = self.timings_s.get(name, 0.0) + (time.perf_counter() - t)
 
-    def set_task(self, name: str, file: str | Path | None = None) -> None:
-        self.task = {"name": name, "file": str(file) if file is not None else None}
-
     def set_device(self, device: str) -> None:
         self.device = str(device)
 

@@ -45,6 +45,7 @@ from pydicom.sr.codedict import codes
 from .. import __version__
 from ..errors import InputError, OutputError
 from ..tasks import Code, Segment
+from ..settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def write_seg(
     segments: Sequence[Segment],
     path: str | Path,
     *,
-    omit_empty_frames: bool = False,
+    omit_empty_frames: bool = Settings.omit_empty_frames,
     series_description: str | None = None,
     series_number: int = 900,
     manufacturer: str = "segmap",
@@ -290,3 +291,17 @@ def _checked_labels(labels_zyx: np.ndarray, source_datasets: Sequence[pydicom.Da
     if labels.dtype in (np.uint8, np.uint16):
         return labels  # highdicom's fast path; no copy
     return labels.astype(np.uint8 if n_segments <= 0xFF else np.uint16)
+
+
+class DicomSegWriter:
+    """The ``dicom-seg`` output format: a DICOM SEG referencing the reference modality's series."""
+
+    filename = "segmentation.dcm"
+
+    def __init__(self, task, settings) -> None:
+        self.segments = task.segments
+        self.omit_empty_frames = settings.omit_empty_frames
+
+    def write(self, labels, image, folder: Path) -> Path:
+        return write_seg(labels.array[0], image.reference_datasets, self.segments, Path(folder) / self.filename,
+                         omit_empty_frames=self.omit_empty_frames)

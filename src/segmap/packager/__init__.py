@@ -9,7 +9,7 @@ from .baseimage import CPU_BASE_IMAGE, GPU_BASE_IMAGE, ensure_cpu_base
 from .build import BuiltImage, build_image
 from .cli import add_package_parser, package
 from .context import ImageName, write_context
-from .engine import DockerEngineError
+from .docker_engine import DockerEngineError
 
 __all__ = ["CPU_BASE_IMAGE", "GPU_BASE_IMAGE", "BuiltImage", "DockerEngineError", "ImageName", "add_package_parser",
            "build_image", "ensure_cpu_base", "package", "write_context"]

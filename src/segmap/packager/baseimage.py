@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import SegmapError
-from .engine import DockerEngineError, connect, image_exists
+from ..errors import BaseImageError, SegmapError
+from .docker_engine import DockerEngineError, connect, image_exists
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,6 @@ IMAGE_CHANGES = (
     'CMD ["/bin/bash"]',
 )
 
-
-class BaseImageError(SegmapError):
-    """The base image cannot be made or inspected."""
 
 
 def debian_mirror(sources_dir: Path = Path("/etc/apt")) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .. import __version__
-from .engine import DockerEngineError, connect, follow
+from .docker_engine import DockerEngineError, connect, follow
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from .baseimage import CPU_BASE_IMAGE, GPU_BASE_IMAGE
-from .context import VARIANTS, ContextError, ImageName, prepare_wheelhouse, resolve_python, write_context
+from .context import (DEFAULT_VARIANTS, VARIANTS, ContextError, ImageName, prepare_wheelhouse, resolve_python,
+                      write_context)
 
 
 EPILOG = f"""\
@@ -53,7 +54,9 @@ def add_package_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--task-name", default=None, help="task to use when the file holds several")
     p.add_argument("--tag", required=True, metavar="NAME:VERSION",
                    help="image name and version; the NIfTI variant is tagged NAME:VERSION-nifti")
-    p.add_argument("--variants", default="dicom,nifti", help="comma-separated: dicom, nifti (default: both)")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help="comma-separated image variants: " + "; ".join(f"{n} ({v.title})" for n, v in VARIANTS.items())
+                   + f" (default: {','.join(DEFAULT_VARIANTS)}); each but dicom is tagged NAME:VERSION-<variant>")
     p.add_argument("--cpu", action="store_true",
                    help=f"CPU-only images: base {CPU_BASE_IMAGE}, no GPU requested in pkg.json")
     p.add_argument("--base-image", default=None, metavar="IMAGE",
@@ -99,12 +102,14 @@ def package(args: argparse.Namespace) -> int:
     if not (source / "app").is_dir():
         raise ContextError(f"{source}: no app/ folder (the application that goes into the image)")
     from ..pipeline import prepare
+    from ..settings import Settings
 
-    prepare(model, task, args.task_name)  # the model and the task must agree before anything is built
+    # the model and the task must agree before anything is built
+    _, loaded_task = prepare(Settings(models=model, task_file=task, task_name=args.task_name))
 
     api = None
     if args.dry_run is None:
-        from .engine import connect, image_exists
+        from .docker_engine import connect, image_exists
 
         api = connect()  # fail before the slow steps when the engine is down
         if base_image == CPU_BASE_IMAGE and not image_exists(api, base_image):
@@ -129,9 +134,8 @@ def package(args: argparse.Namespace) -> int:
             return 0
 
         from .build import build_image, image_labels
-        from .context import resolve_task_name
 
-        task_name = resolve_task_name(task, args.task_name)
+        task_name = loaded_task.name
         for variant, ctx in contexts.items():
             tag = name.for_variant(variant)
             built = build_image(ctx, tag, api=api, buildargs={"BASE_IMAGE": base_image, "MAP_UID": str(args.uid),

@@ -28,14 +28,18 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
-from ..errors import SegmapError
+from .. import settings as segmap_settings
+from ..errors import ContextError, SegmapError
+from ..outputs.formats import Variant, variants
 from .baseimage import CPU_BASE_IMAGE, KNOWN_PYTHON
-from .wheelhouse import (build_segmap_wheel, copy_wheels, download_wheels, requirement_sets)
+from .wheelhouse import build_segmap_wheel, copy_wheels, download_wheels, requirement_sets, sdk_version
 
-VARIANTS = ("dicom", "nifti")
+#: Image variants by name (``dicom``, ``nifti``, ``dicom-nifti``, ...), derived from the output-format registry.
+VARIANTS: dict[str, Variant] = variants()
+#: What ``segmap package`` builds unless ``--variants`` says otherwise.
+DEFAULT_VARIANTS = ("dicom", "nifti")
 API_VERSION = "1.0.0"
 SDK = "monai-deploy"
-SDK_VERSION = "4.0.0"
 
 APP_ROOT = "/opt/holoscan/app"
 MODEL_ROOT = "/opt/holoscan/models"
@@ -58,28 +62,15 @@ ENVIRONMENT = {
     "HOLOSCAN_LOGS_PATH": f"{WORKDIR}/logs",
 }
 
-#: What each variant reads and writes (app.json ``input/output.formats``).
-FORMATS = {
-    "dicom": (["application/dicom"], ["application/dicom", "application/json"]),
-    "nifti": (["application/x-nifti"], ["application/x-nifti", "application/json"]),
+#: The resources a MAP asks for (pkg.json and app.yaml), for GPU and CPU-only images.
+RESOURCES = {
+    "gpu": {"cpu": 2, "gpu": 1, "memory": "16Gi", "gpuMemory": "8Gi", "sharedMemory": "1Gi"},
+    "cpu": {"cpu": 4, "gpu": 0, "memory": "16Gi", "gpuMemory": "0Gi", "sharedMemory": "1Gi"},
 }
-TITLES = {"dicom": "DICOM SEG", "nifti": "NIfTI"}
 
-#: Run-time settings baked into app.yaml; the container's SEGMAP_* variables override them (``docker run -e``).
-RUNTIME_DEFAULTS = {"device": "auto", "mirroring": False, "omit_empty_frames": False, "log_level": "INFO"}
-RUNTIME_ENV = {"device": "SEGMAP_DEVICE", "mirroring": "SEGMAP_MIRRORING",
-               "omit_empty_frames": "SEGMAP_OMIT_EMPTY_FRAMES", "log_level": "SEGMAP_LOG_LEVEL"}
-
-GPU_RESOURCES = {"cpu": 2, "gpu": 1, "memory": "16Gi", "gpuMemory": "8Gi", "sharedMemory": "1Gi"}
-CPU_RESOURCES = {"cpu": 4, "gpu": 0, "memory": "16Gi", "gpuMemory": "0Gi", "sharedMemory": "1Gi"}
-
-_FOLD_DIR = re.compile(r"^fold_(\d+|all)$")
 _NAME_OK = re.compile(r"[^a-z0-9._-]+")
 _JUNK = ("__pycache__", ".pytest_cache", ".mypy_cache", ".git", ".DS_Store")
 
-
-class ContextError(SegmapError):
-    """A build context cannot be written from the given inputs."""
 
 
 @dataclass(frozen=True)
@@ -125,9 +116,9 @@ def render_dockerfile(*, base_image: str, uid: int = 1000, gid: int = 1000, time
     return text
 
 
-def app_manifest(*, variant: str, version: str, timeout: int = 0) -> dict[str, Any]:
+def app_manifest(*, variant: str, version: str, sdk_version: str, timeout: int = 0) -> dict[str, Any]:
     """``/etc/holoscan/app.json``."""
-    inputs, outputs = FORMATS[variant]
+    inputs, outputs = VARIANTS[variant].media_types
     return {
         "apiVersion": API_VERSION,
         "command": json.dumps(["python3", APP_ROOT]),
@@ -137,7 +128,7 @@ def app_manifest(*, variant: str, version: str, timeout: int = 0) -> dict[str, A
         "output": {"path": "output/", "formats": outputs},
         "readiness": None,
         "sdk": SDK,
-        "sdkVersion": SDK_VERSION,
+        "sdkVersion": sdk_version,
         "timeout": timeout,
         "version": version,
         "workingDirectory": WORKDIR,
@@ -152,40 +143,58 @@ def pkg_manifest(*, model_name: str, version: str, cpu: bool,
         "applicationRoot": APP_ROOT,
         "modelRoot": MODEL_ROOT,
         "models": {model_name: f"{MODEL_ROOT}/{model_name}"},
-        "resources": dict(resources or (CPU_RESOURCES if cpu else GPU_RESOURCES)),
+        "resources": dict(resources or RESOURCES["cpu" if cpu else "gpu"]),
         "version": version,
         "platformConfig": "cpu" if cpu else "dgpu",
     }
 
 
-def app_config(*, variant: str, task_file: str, task_name: str, model_name: str, version: str, cpu: bool,
-               resources: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """``/var/holoscan/app.yaml``: holoscan-cli's ``application``/``resources`` keys plus segmap's own section."""
-    inputs, outputs = FORMATS[variant]
+def app_config(*, variant: Variant | None, task_file: str, task_name: str | None, model_name: str | None,
+               version: str, cpu: bool, resources: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``app.yaml``: holoscan-cli's ``application``/``resources`` keys plus segmap's own section.
+
+    ``variant`` None gives the repository's own ``app/app.yaml`` (any input kind, the format chosen by it).
+    """
+    if variant is None:
+        title, inputs = "segmap nnU-Net segmentation", sorted({v.media_types[0][0] for v in VARIANTS.values()})
+        outputs = sorted({m for v in VARIANTS.values() for m in v.media_types[1]})
+        fixed: dict[str, Any] = {}
+    else:
+        title, (inputs, outputs) = f"segmap {task_name} ({variant.title})", variant.media_types
+        fixed = variant.settings()
+    section = {d.name: (fixed[d.name] if d.name in fixed else d.default)
+               for d in segmap_settings.declared() if d.yaml}
+    section.update(task_file=task_file, task_name=task_name, model=model_name)
     return {
-        "application": {
-            "title": f"segmap {task_name} ({TITLES[variant]})",
-            "version": version,
-            "input-formats": inputs,
-            "output-formats": outputs,
-        },
-        "resources": dict(resources or (CPU_RESOURCES if cpu else GPU_RESOURCES)),
-        "segmap": {
-            "variant": variant,
-            "task_file": f"{TASK_ROOT}/{task_file}",
-            "task_name": task_name,
-            "model": model_name,
-            **RUNTIME_DEFAULTS,
-        },
+        "application": {"title": title, "version": version, "input-formats": inputs, "output-formats": outputs},
+        "resources": dict(resources or RESOURCES["cpu" if cpu else "gpu"]),
+        "segmap": {k: (str(v) if isinstance(v, Path) else v) for k, v in section.items()},
     }
 
 
-_CONFIG_HEADER = """\
+def render_app_yaml(config: Mapping[str, Any], header: str) -> str:
+    return header + yaml.safe_dump(dict(config), sort_keys=False, default_flow_style=False)
+
+
+_CONFIG_HEADER = f"""\
 # Configuration of a segmap MAP, written by `segmap package`.
-# segmap.model is a folder name under HOLOSCAN_MODEL_PATH. The run-time settings (device, mirroring,
-# omit_empty_frames, log_level) are defaults: SEGMAP_DEVICE, SEGMAP_MIRRORING, SEGMAP_OMIT_EMPTY_FRAMES and
-# SEGMAP_LOG_LEVEL override them, e.g. docker run -e SEGMAP_DEVICE=cpu ...
+# segmap.model is a folder name under HOLOSCAN_MODEL_PATH. The other settings are defaults that the
+# environment overrides ({", ".join(d.env for d in segmap_settings.declared() if d.packaged)}),
+# e.g. docker run -e SEGMAP_DEVICE=cpu ...; `docker run IMAGE env` prints the settings in effect.
 """
+
+REPO_CONFIG_HEADER = """\
+# segmap application configuration (also valid input to `monai-deploy package`), generated from segmap.settings
+# and segmap.packager.context by `make generate`; tests/test_settings.py fails when it drifts.
+# `segmap:` holds every setting with its default (SEGMAP_* environment variables override them; task_file is
+# relative to this file). `application:` and `resources:` are what holoscan-cli's `monai-deploy package` reads.
+"""
+
+
+def repo_app_yaml(version: str) -> str:
+    """The text of the repository's ``app/app.yaml``."""
+    return render_app_yaml(app_config(variant=None, task_file="task.yaml", task_name=None, model_name=None,
+                                      version=version, cpu=False), REPO_CONFIG_HEADER)
 
 
 def _write(path: Path, text: str | bytes, mode: int = 0o644) -> None:
@@ -219,26 +228,10 @@ def _copy_tree(src: Path, dest: Path) -> None:
 
 def model_files(model: Path) -> list[tuple[str, Path]]:
     """``(relative path inside models/<name>/, source file)`` for a model.ts or a folder of fold_K/model.ts."""
-    from ..model import find_fold_files
+    from ..model import FOLD_DIR, find_fold_files
 
-    out = []
-    for f in find_fold_files(Path(model)):
-        out.append((f"{f.parent.name}/{f.name}" if _FOLD_DIR.match(f.parent.name) else f.name, f))
-    return out
-
-
-def resolve_task_name(task: Path, task_name: str | None) -> str:
-    """The task to bake in: the one named, or the only one in the file."""
-    from ..tasks import list_tasks
-
-    names = list_tasks(task)
-    if task_name is not None:
-        if task_name not in names:
-            raise ContextError(f"{task}: no task {task_name!r} (tasks: {', '.join(names) or 'none'})")
-        return task_name
-    if len(names) != 1:
-        raise ContextError(f"{task}: holds {len(names)} tasks ({', '.join(names)}); choose one with --task-name")
-    return names[0]
+    return [(f"{f.parent.name}/{f.name}" if FOLD_DIR.match(f.parent.name) else f.name, f)
+            for f in find_fold_files(Path(model))]
 
 
 def resolve_python(base_image: str, python_version: str | None) -> str:
@@ -296,6 +289,8 @@ def write_context(out_dir: str | Path, *, model: str | Path, task: str | Path, t
     """
     if variant not in VARIANTS:
         raise ContextError(f"variant {variant!r}: expected one of {', '.join(VARIANTS)}")
+    from ..tasks import load_task
+
     for what, value in (("uid", uid), ("gid", gid)):
         if not isinstance(value, int) or value < 0:
             raise ContextError(f"--{what} {value!r}: expected a non-negative integer")
@@ -311,7 +306,7 @@ def write_context(out_dir: str | Path, *, model: str | Path, task: str | Path, t
     if not app_dir.is_dir() or not any(app_dir.glob("*.py")):
         raise ContextError(f"{app_dir}: application folder not found or holds no .py file (expected __main__.py)")
     files = model_files(Path(model))
-    task_name = resolve_task_name(task, task_name)
+    task_name = load_task(task, task_name).name
 
     out = Path(out_dir)
     _prepare_out_dir(out)
@@ -330,15 +325,17 @@ def write_context(out_dir: str | Path, *, model: str | Path, task: str | Path, t
     _write(out / "task" / task.name, task.read_bytes())
     (out / "task").chmod(0o755)
 
-    config = app_config(variant=variant, task_file=task.name, task_name=task_name, model_name=model_name,
-                        version=version, cpu=cpu, resources=resources)
-    _write(out / "app.yaml", _CONFIG_HEADER + yaml.safe_dump(config, sort_keys=False, default_flow_style=False))
-    _write(out / "app.json", _json(app_manifest(variant=variant, version=version, timeout=timeout)))
-    _write(out / "pkg.json", _json(pkg_manifest(model_name=model_name, version=version, cpu=cpu, resources=resources)))
-
     segmap_dir = out / "wheelhouse" / "segmap"
     wheel = build_segmap_wheel(package_source, segmap_dir)
-    with_deps, no_deps = requirements if requirements is not None else requirement_sets(wheel)
+    pinned = requirement_sets(wheel)
+    with_deps, no_deps = requirements if requirements is not None else pinned
+
+    config = app_config(variant=VARIANTS[variant], task_file=f"{TASK_ROOT}/{task.name}", task_name=task_name,
+                        model_name=model_name, version=version, cpu=cpu, resources=resources)
+    _write(out / "app.yaml", render_app_yaml(config, _CONFIG_HEADER))
+    _write(out / "app.json", _json(app_manifest(variant=variant, version=version, sdk_version=sdk_version(pinned[1]),
+                                                timeout=timeout)))
+    _write(out / "pkg.json", _json(pkg_manifest(model_name=model_name, version=version, cpu=cpu, resources=resources)))
     _write(out / "requirements.txt", _requirements_text(with_deps, "installed with their dependencies"))
     _write(out / "requirements-nodeps.txt", _requirements_text(no_deps, "installed without their dependencies"))
     deps_dir = out / "wheelhouse" / "deps"

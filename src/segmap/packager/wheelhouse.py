@@ -3,13 +3,15 @@
 Images are built without network access, so every package is installed from ``wheelhouse/`` with
 ``pip install --no-index --find-links``. Three sets are installed:
 
-* ``requirements.txt``, with dependencies: segmap's own run-time dependencies (read from the segmap wheel, so
-  ``pyproject.toml`` stays the one source of truth), the torch pin, and what ``monai.deploy.core`` and ``holoscan``
-  import when an application starts (:data:`SDK_RUNTIME`);
-* ``requirements-nodeps.txt``, without dependencies: the MONAI Deploy App SDK and Holoscan (:data:`SDK_NO_DEPS`).
+* ``requirements.txt``, with dependencies: segmap's own run-time dependencies and the torch pin of its ``app``
+  extra (read from the segmap wheel, so ``pyproject.toml`` stays the one source of truth), and what
+  ``monai.deploy.core`` and ``holoscan`` import when an application starts (:data:`SDK_RUNTIME`);
+* ``requirements-nodeps.txt``, without dependencies: the MONAI Deploy App SDK and Holoscan pins of the ``app``
+  extra.
   Their declared dependencies add ``holoscan-cli`` (the packaging tool), ``cupy`` (~250 MB installed) and
   ``tritonclient[all]``'s CUDA and aiohttp clients, none of which a MAP imports to run its graph;
-* the segmap wheel itself, built here reproducibly (``SOURCE_DATE_EPOCH``) from the project source.
+* the segmap wheel itself, built here reproducibly (``SOURCE_DATE_EPOCH``) from the project source, holding only
+  what runs: the packager and the demo (:data:`NOT_IN_IMAGE`) stay out of the image.
 """
 
 from __future__ import annotations
@@ -27,11 +29,10 @@ import zipfile
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import SegmapError
+from ..errors import WheelhouseError
 
 log = logging.getLogger(__name__)
 
-TORCH_REQUIREMENT = "torch==2.13.0"
 #: Imported by ``monai.deploy.core`` / ``holoscan`` at start-up: tritonclient (``monai.deploy.core.models`` imports
 #: ``tritonclient.http`` and ``tritonclient.grpc``), and holoscan's own small dependencies. wheel-axle-runtime makes
 #: holoscan's shared-library links the first time Python starts, which the Dockerfile triggers as root.
@@ -46,16 +47,16 @@ SDK_RUNTIME = (
     # holoscan-cu13 links against libcudart.so.13 but leaves it to the system; CPU base images have none.
     "nvidia-cuda-runtime>=13,<14",
 )
-SDK_NO_DEPS = ("monai-deploy-app-sdk==4.0.0", "holoscan-cu13==4.6.0")
+#: The extra of segmap's pyproject.toml that pins what the application runs on (SDK, Holoscan, torch).
+APP_EXTRA = "app"
 #: Newest glibc the wheels may need (holoscan-cu13 needs 2.35); Debian bookworm has 2.36, Ubuntu 24.04 2.39.
 GLIBC = (2, 35)
 #: A fixed build date for the segmap wheel, so that the same source gives the same bytes (1980-01-01, zip's epoch).
 SOURCE_DATE_EPOCH = "315532800"
+#: Sub-packages of segmap that a MAP never runs, left out of the image's segmap wheel.
+NOT_IN_IMAGE = ("segmap/packager", "segmap/demo")
 _SOURCE_FILES = ("pyproject.toml", "setup.cfg", "setup.py", "README.md", "README.rst", "LICENSE", "MANIFEST.in")
 
-
-class WheelhouseError(SegmapError):
-    """A wheel cannot be built, found or downloaded."""
 
 
 def _tail(text: str) -> str:
@@ -116,6 +117,8 @@ def _build_wheel(project: Path) -> tuple[str, bytes]:
                 shutil.copy2(project / name, src / name)
         if (project / "src").is_dir():
             shutil.copytree(project / "src", src / "src", ignore=_ignore_build_junk)
+            for sub in NOT_IN_IMAGE:
+                shutil.rmtree(src / "src" / sub, ignore_errors=True)
         out = Path(tmp) / "out"
         env = dict(os.environ, SOURCE_DATE_EPOCH=SOURCE_DATE_EPOCH, PYTHONHASHSEED="0")
         proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
@@ -128,21 +131,39 @@ def _build_wheel(project: Path) -> tuple[str, bytes]:
         return wheels[0].name, wheels[0].read_bytes()
 
 
-def wheel_requirements(wheel: Path) -> list[str]:
-    """The unconditional ``Requires-Dist`` lines of a wheel (extras left out), in the wheel's order."""
+def wheel_requirements(wheel: Path, extra: str | None = None) -> list[str]:
+    """The ``Requires-Dist`` lines of a wheel, in the wheel's order: the unconditional ones, or those of ``extra``
+    (without their marker)."""
     with zipfile.ZipFile(wheel) as zf:
         name = next((n for n in zf.namelist() if n.endswith(".dist-info/METADATA")), None)
         if name is None:
             raise WheelhouseError(f"{wheel}: not a wheel (no .dist-info/METADATA)")
         meta = email.parser.Parser().parsestr(zf.read(name).decode("utf-8"))
-    return [r.strip() for r in meta.get_all("Requires-Dist") or [] if not re.search(r"\bextra\s*==", r)]
+    out = []
+    for line in meta.get_all("Requires-Dist") or []:
+        requirement, _, marker = line.partition(";")
+        wanted = re.search(r"\bextra\s*==\s*[\"']([^\"']+)[\"']", marker)
+        if (wanted.group(1) if wanted else None) == extra:
+            out.append((requirement if extra else line).strip())
+    return out
 
 
-def requirement_sets(segmap_wheel: Path, torch: str = TORCH_REQUIREMENT) -> tuple[list[str], list[str]]:
+def requirement_sets(segmap_wheel: Path) -> tuple[list[str], list[str]]:
     """``(with_deps, no_deps)`` requirement lines for the image, in a stable order."""
-    with_deps = [torch] + [r for r in wheel_requirements(segmap_wheel) if not re.match(r"torch\b", r)]
+    pins = wheel_requirements(segmap_wheel, APP_EXTRA)
+    torch = [r for r in pins if re.match(r"torch\b", r)]
+    with_deps = torch + [r for r in wheel_requirements(segmap_wheel) if not re.match(r"torch\b", r)]
     with_deps += [r for r in SDK_RUNTIME if r not in with_deps]
-    return with_deps, list(SDK_NO_DEPS)
+    return with_deps, [r for r in pins if r not in torch]
+
+
+def sdk_version(no_deps: Sequence[str]) -> str:
+    """The MONAI Deploy App SDK version pinned among the image's requirements (app.json ``sdkVersion``)."""
+    for r in no_deps:
+        m = re.match(r"monai-deploy-app-sdk\s*==\s*([\w.]+)", r)
+        if m:
+            return m.group(1)
+    raise WheelhouseError("segmap's app extra pins no monai-deploy-app-sdk version")
 
 
 def copy_wheels(source: Path, dest: Path) -> list[Path]:

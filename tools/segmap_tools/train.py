@@ -1,6 +1,6 @@
 """Train the bundled demo model: a small nnU-Net PlainConvUNet that segments the spleen of synthetic phantoms.
 
-    python -m segmap.demo.train --out models/demo-spleen/model.ts [--steps N] [--seed S]
+    PYTHONPATH=tools python -m segmap_tools.train --out models/demo-spleen/model.ts [--steps N] [--seed S]
 
 The recipe follows nnU-Net where it matters for inference: the plans carry ``CTNormalization`` with intensity
 properties computed from the training cases' foreground voxels as nnU-Net's fingerprint does; phantoms are generated
@@ -26,7 +26,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .phantom import LABELS, Phantom, make_phantom
+from segmap.demo.phantom import LABELS, Phantom, make_phantom
 from .plans import build_network, make_dataset_json, make_plans
 
 CONFIGURATION = "3d_fullres"
@@ -158,7 +158,7 @@ def train(out: str | Path, *, steps: int = 250, seed: int = 0, num_cases: int = 
     """Train, export ``out`` (MONet model.ts) and return a report with timings and held-out Dice."""
     import torch
 
-    from ..model import export_monet
+    from segmap.model import export_monet
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -184,8 +184,8 @@ def train(out: str | Path, *, steps: int = 250, seed: int = 0, num_cases: int = 
     metadata = _metadata(dataset_json, steps=steps, seed=seed, num_cases=num_cases)
     path = export_monet(out, network, plans, dataset_json, CONFIGURATION, mirroring_axes=(0, 1, 2),
                         metadata=metadata)
-    from ..engine import EngineOptions, Segmenter
-    from ..model import load_model
+    from segmap.engine import EngineOptions, Segmenter
+    from segmap.model import load_model
 
     segmenter = Segmenter(load_model(path), EngineOptions(device="cpu"))
     dices = {}
@@ -209,7 +209,7 @@ def train(out: str | Path, *, steps: int = 250, seed: int = 0, num_cases: int = 
 
 
 def _metadata(dataset_json: Mapping, *, steps: int, seed: int, num_cases: int) -> dict:
-    from ..model import default_metadata
+    from segmap.model import default_metadata
 
     meta = default_metadata(dataset_json, name="Demo spleen segmentation (synthetic phantom)",
                             description=DESCRIPTION, input_names=["image"])
@@ -218,14 +218,14 @@ def _metadata(dataset_json: Mapping, *, steps: int, seed: int, num_cases: int) -
         "authors": "segmap",
         "data_source": "Synthetic phantoms from segmap.demo.phantom; no patient data.",
         "data_type": "nifti or dicom CT, axial",
-        "training": (f"python -m segmap.demo.train --steps {steps} --seed {seed}: {num_cases} phantoms "
+        "training": (f"python -m segmap_tools.train --steps {steps} --seed {seed}: {num_cases} phantoms "
                      f"{SHAPE_ZYX[0]}x{SHAPE_ZYX[1]}x{SHAPE_ZYX[2]} at {SPACING_ZYX} mm"),
     })
     return meta
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m segmap.demo.train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m segmap_tools.train", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("models/demo-spleen/model.ts"), help="model.ts to write")
     parser.add_argument("--steps", type=int, default=250, help="training steps (batches of 2 patches)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the training phantoms, patches and weights")

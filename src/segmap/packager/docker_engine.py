@@ -7,16 +7,13 @@ import os
 import re
 from typing import Any, Iterable
 
-from ..errors import SegmapError
+from ..errors import DockerEngineError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
-
-class DockerEngineError(SegmapError):
-    """The Docker engine cannot be reached, or it refused a build or an import."""
 
 
 def docker_host() -> str:
