@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import select
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ def test_bar_eta_extrapolates_from_the_tiles_done():
 
 def test_terminal_gets_one_line_redrawn_in_place():
     master, slave = os.openpty()  # a real terminal, so isatty() is the operating system's answer
+    out = b""
     try:
         with open(slave, "w", closefd=True) as tty:
             clock = Clock()
@@ -44,12 +46,14 @@ def test_terminal_gets_one_line_redrawn_in_place():
             for done in range(0, 5):
                 progress(done, 4)
                 clock.now += 2.0
-        out = os.read(master, 4096).decode()
+            while select.select([master], [], [], 0.5)[0]:  # read while the terminal is open; it comes in chunks
+                out += os.read(master, 4096)
     finally:
         os.close(master)
-    lines = out.replace("\r\n", "\n").split("\n")
+    text = out.decode()
+    lines = text.replace("\r\n", "\n").split("\n")
     # Every update starts with a carriage return; only the final one ends the line.
-    assert out.count("\r") >= 5 and lines[-1] == "" and len(lines) == 2
+    assert text.count("\r") >= 5 and lines[-1] == "" and len(lines) == 2, repr(text)
     assert "4/4" in lines[0].split("\r")[-1] and "0:08 elapsed" in lines[0] and "ETA 0:00" in lines[0]
 
 
