@@ -233,7 +233,8 @@ def main(argv=None) -> int:
                     ref = nnunet_predict(results, folds, image, spacing, mirroring=mirroring, device=args.device)
                     t_ref = time.perf_counter() - t
                 ref_growth = mem.growth
-                rows.append(dict(side="nnUNetPredictor", mirroring=mirroring, seconds=t_ref, peak_mib=mem.growth / 2**20))
+                rows.append(dict(side="nnUNetPredictor", mirroring=mirroring, seconds=t_ref,
+                                 peak_mib=mem.growth / 2**20))
                 print(f"  mirroring {'on ' if mirroring else 'off'} nnUNetPredictor      {t_ref:8.2f} s  "
                       f"peak +{mem.growth / 2**20:7.0f} MiB")
             for precision in precisions:
@@ -244,15 +245,17 @@ def main(argv=None) -> int:
                 outside = elapsed - seg.timings.get("network", 0.0)
                 row["outside_network_share"] = outside / elapsed
                 line = (f"  mirroring {'on ' if mirroring else 'off'} segmap {precision:<6}        {elapsed:8.2f} s  "
-                        f"peak +{growth / 2**20:7.0f} MiB  [{seg.network_path}; network {seg.timings['network']:.2f} s, "
+                        f"peak +{growth / 2**20:7.0f} MiB  [{seg.network_path}; "
+                        f"network {seg.timings['network']:.2f} s, "
                         f"outside it {100 * row['outside_network_share']:.1f} %]")
                 if ref is not None:
                     row["time_ratio"] = elapsed / t_ref
                     row["memory_ratio"] = growth / max(ref_growth, 1)
                     row["agreement"] = float((ref == labels).mean())
                     row["dice"] = dice_per_label(ref, labels)
-                    line += (f"\n      ratio time {row['time_ratio']:.3f}, memory {row['memory_ratio']:.3f}; agreement "
-                             f"{row['agreement']:.5f}; Dice " + ", ".join(f"{k}: {v:.4f}" for k, v in row["dice"].items()))
+                    dice = ", ".join(f"{k}: {v:.4f}" for k, v in row["dice"].items())
+                    line += (f"\n      ratio time {row['time_ratio']:.3f}, memory {row['memory_ratio']:.3f}; "
+                             f"agreement {row['agreement']:.5f}; Dice {dice}")
                 elif estimate:
                     row["memory_ratio_vs_estimate"] = growth / estimate
                     line += f"\n      memory vs nnU-Net's estimated class arrays: {growth / estimate:.3f}"

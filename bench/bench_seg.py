@@ -6,10 +6,10 @@ Cases (512x512 slices, source headers without pixel data, as the pipeline passes
 - ``many``: 100 segments (TotalSegmentator-like), each a blob over a band of slices; ``--many-slices`` sets the
   slice count (default 300; a BINARY SEG keeps one frame per segment per slice, so that is 30 000 frames).
 
-For each case and type it prints the wall time, then a profiled run's time split into segmap's checks, highdicom's ``Segmentation`` construction
-(and inside it: frame encoding, per-frame functional groups) and pydicom's ``save_as``, the file size and the
-number of frames, then reads the file back and checks it voxel for voxel. Run
-``.venv/bin/python bench/bench_seg.py --help``.
+For each case and type it prints the wall time, then a profiled run's time split into segmap's checks,
+highdicom's ``Segmentation`` construction (and inside it: frame encoding, per-frame functional groups) and
+pydicom's ``save_as``, the file size and the number of frames, then reads the file back and checks it voxel for
+voxel. Run ``.venv/bin/python bench/bench_seg.py --help``.
 """
 
 from __future__ import annotations
@@ -128,7 +128,8 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 back = read_seg_labels(path, [h.SOPInstanceUID for h in headers])
                 ok = np.array_equal(back, labels)
-                print(f"      read back {time.perf_counter() - t:.2f} s, voxel for voxel {'equal' if ok else 'DIFFERENT'}")
+                verdict = "equal" if ok else "DIFFERENT"
+                print(f"      read back {time.perf_counter() - t:.2f} s, voxel for voxel {verdict}")
                 if not ok:
                     return 1
     return 0

@@ -92,7 +92,8 @@ def frozen(network):
     """A frozen, oneDNN-fused copy of a TorchScript network, or None where torch cannot do it."""
     try:
         with torch.inference_mode(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # torch points to torch.compile; TorchScript is our input
+            # torch points to torch.compile; TorchScript is our input
+            warnings.simplefilter("ignore", DeprecationWarning)
             return torch.jit.optimize_for_inference(torch.jit.freeze(network.eval()))
     except Exception as e:  # an unusual graph: run it as it is
         log.debug("network not frozen for CPU inference: %s", e)

@@ -70,8 +70,8 @@ def logits_to_labels(logits: torch.Tensor, shape: Sequence[int], spec: ModelSpec
     """
     dtype = np.uint8 if len(spec.foreground_labels) < 255 else np.uint16
     labels = np.zeros(tuple(shape), dtype=dtype)
-    channels = iter_resampled(lambda c: logits[c].float().numpy(), logits.shape[0], shape, spec.probabilities_resampling,
-                              current_spacing, new_spacing, device=device)
+    channels = iter_resampled(lambda c: logits[c].float().numpy(), logits.shape[0], shape,
+                              spec.probabilities_resampling, current_spacing, new_spacing, device=device)
     if spec.has_regions:
         for value, ch in zip(spec.regions_class_order, channels):
             labels[ch > 0] = value

@@ -13,11 +13,14 @@ import itertools
 import logging
 import math
 from functools import lru_cache
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
+
+if TYPE_CHECKING:
+    from .precision import FastestCandidate
 
 log = logging.getLogger("segmap.engine")
 
