@@ -90,6 +90,14 @@ def test_fastest_candidate_is_kept_after_two_tiles_each():
     assert torch.allclose(logits.float(), torch.ones_like(logits.float()))
 
 
+def test_a_candidate_slow_even_to_warm_up_gets_no_second_trial():
+    quick, slow = Candidate("quick", [Sleepy(0.0, 1.0)]), Candidate("slow", [Sleepy(0.03, 1.0)])
+    runner = FastestCandidate([quick, slow])
+    sliding_window_logits(torch.zeros(1, 40, 10, 10).numpy(), runner, (10, 10, 10), 2, device=CPU)
+    assert runner.chosen is quick
+    assert runner.tiles == {"quick": 6, "slow": 1}
+
+
 def test_pin_refuses_a_precision_it_does_not_have():
     runner = FastestCandidate([Candidate("torchscript fp32", [Sleepy(0, 0)])])
     with pytest.raises(ValueError, match="no bf16 path"):

@@ -9,7 +9,8 @@ frozen, oneDNN-fused TorchScript is 3-6x faster than the plain graph on small ne
 features) but about 25 % slower on nnU-Net's default CT network (6 stages, 32..320 features, patch 128^3), where
 bf16 autocast on the plain graph is 2x faster than either fp32 variant yet slower than the fused fp32 graph on small
 networks. So the engine times the allowed candidates on the first tiles of a run (each candidate gets two tiles; the
-second is timed, the first pays TorchScript's profiling warm-up) and keeps the fastest for the rest. Every tile is
+second is timed, the first pays TorchScript's profiling warm-up; a candidate whose first tile already took twice
+the best timed tile gets no second) and keeps the fastest for the rest. Every tile is
 computed in full by one candidate, so the result is the same as if that candidate had run every tile, within the
 tolerance of the candidates allowed: exact allows only fp32 variants (logits within ~1e-5 of each other).
 """
@@ -136,6 +137,9 @@ class FastestCandidate:
     candidates: list[Candidate]
     #: Tiles per candidate while choosing; the last one is timed (the first pays TorchScript's warm-up).
     trials: int = 2
+    #: A candidate whose first (warm-up) tile took this many times the best timed tile gets no second trial: on
+    #: nnU-Net-sized networks a trial tile of the wrong path costs seconds.
+    give_up: float = 2.0
     seconds: dict[str, float] = field(default_factory=dict)
     tiles: dict[str, int] = field(default_factory=dict)
     chosen: Candidate | None = None
@@ -149,12 +153,20 @@ class FastestCandidate:
         if self.chosen is not None:
             return self.chosen
         for c in self.candidates:
-            if self.tiles.get(c.name, 0) < self.trials:
-                return c
+            n = self.tiles.get(c.name, 0)
+            if n >= self.trials:
+                continue
+            if n and self.seconds[c.name] > self.give_up * self._best_timed():
+                continue  # even its warm-up tile ruled it out: a second slow tile would be wasted time
+            return c
         self.chosen = min(self.candidates, key=lambda c: self.seconds[c.name])
         log.info("network path: %s (tile times %s)", self.chosen.name,
                  ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.seconds.items()))
         return self.chosen
+
+    def _best_timed(self) -> float:
+        done = [self.seconds[c.name] for c in self.candidates if self.tiles.get(c.name, 0) >= self.trials]
+        return min(done, default=float("inf"))
 
     def record(self, candidate: Candidate, seconds: float) -> None:
         self.tiles[candidate.name] = self.tiles.get(candidate.name, 0) + 1
