@@ -163,7 +163,8 @@ def sliding_window_logits(data: np.ndarray, runner: "FastestCandidate | Sequence
             if progress is not None:
                 progress(done, len(tiles))
         torch.div(logits, weights, out=logits)
-        if accumulate == torch.float16 and torch.isinf(logits).any():
+        # Class by class: a boolean copy of all logits would be a quarter of their size again (many-class models).
+        if accumulate == torch.float16 and any(bool(torch.isinf(ch).any()) for ch in logits):
             log.warning("logits overflow float16 in the sliding window: running it again in float32")
             del logits, weights
             return sliding_window_logits(data, runner, tile_size, num_outputs, device=device,
