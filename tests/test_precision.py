@@ -102,3 +102,14 @@ def test_pin_refuses_a_precision_it_does_not_have():
     runner = FastestCandidate([Candidate("torchscript fp32", [Sleepy(0, 0)])])
     with pytest.raises(ValueError, match="no bf16 path"):
         runner.pin("bf16")
+
+
+def test_float16_overflow_reruns_in_float32(caplog):
+    """Sums accumulate in float16 like nnU-Net's; logits too large for it must not come back as inf."""
+    data = torch.zeros(1, 20, 20, 20).numpy()
+    with caplog.at_level("WARNING", logger="segmap.engine"):
+        logits = sliding_window_logits(data, [Sleepy(0.0, 1e5)], (10, 10, 10), 2, device=CPU)
+    assert logits.dtype == torch.float32
+    assert torch.isfinite(logits).all() and torch.allclose(logits, torch.full_like(logits, 1e5))
+    assert "overflow float16" in caplog.text
+    assert sliding_window_logits(data, [Sleepy(0.0, 3.0)], (10, 10, 10), 2, device=CPU).dtype == torch.float16
