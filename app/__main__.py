@@ -13,8 +13,11 @@ _here = Path(__file__).resolve().parent
 for _p in (_here, _here.parent):
     if (_p / "operators").is_dir() and str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
-if str(_here.parent) not in sys.path:
-    sys.path.insert(0, str(_here.parent))
+# The folder holding the app package goes first: Python put the app folder itself there, where `app` would name
+# app/app.py instead of the package.
+if str(_here.parent) in sys.path:
+    sys.path.remove(str(_here.parent))
+sys.path.insert(0, str(_here.parent))
 
 # Quieter Holoscan by default; HOLOSCAN_LOG_LEVEL set by the user wins.
 os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN")

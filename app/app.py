@@ -25,8 +25,9 @@ from operators import (
 )
 from segmap.errors import SegmapError
 from segmap.logs import configure_logging
+from segmap.signals import install_sigterm_handler
 from segmap.model import MonetModel
-from segmap.pipeline import ResultWriter, input_kind, prepare
+from segmap.pipeline import ResultWriter, Study, input_kind, prepare, scan_study
 from segmap.settings import Settings
 from segmap.tasks import SegmentationTask
 
@@ -40,15 +41,16 @@ class SegmapApp(Application):
     labels + image -> writer (the output format and the run report)."""
 
     def __init__(self, *args, settings: Settings, kind: str, model: MonetModel, task: SegmentationTask,
-                 writer: ResultWriter, outcome: Outcome, **kwargs):
+                 writer: ResultWriter, outcome: Outcome, study: Study | None = None, **kwargs):
         self.settings, self.kind, self.model, self.task = settings, kind, model, task
-        self.writer, self.outcome = writer, outcome
+        self.writer, self.outcome, self.study = writer, outcome, study
         super().__init__(*args, **kwargs)
 
     def compose(self):
         once, outcome = CountCondition(self, 1), self.outcome
         if self.kind == "dicom":
-            scan = DicomScanOperator(self, once, input_path=self.settings.input, outcome=outcome, name="dicom_scan")
+            scan = DicomScanOperator(self, once, input_path=self.settings.input, study=self.study, outcome=outcome,
+                                     name="dicom_scan")
             select = SeriesSelectorOperator(self, task=self.task, outcome=outcome, name="series_selector")
             load = SeriesToVolumeOperator(self, task=self.task, outcome=outcome, name="series_to_volume")
             self.add_flow(scan, select, {("study", "study")})
@@ -64,7 +66,38 @@ class SegmapApp(Application):
         self.add_flow(load, write, {("image", "image")})
 
 
+def _run_graph(settings: Settings, kind: str, model: MonetModel, task: SegmentationTask, writer: ResultWriter,
+               study: Study | None = None):
+    outcome = Outcome()
+    SegmapApp(settings=settings, kind=kind, model=model, task=task, writer=writer, outcome=outcome,
+              study=study).run()
+    if outcome.error is not None:
+        raise outcome.error
+    if outcome.report is None:
+        raise SegmapError("the graph finished without writing outputs (see the log above)")
+    return outcome.report
+
+
+def _run_studies(settings: Settings, model: MonetModel, task: SegmentationTask, writer: ResultWriter) -> None:
+    """A DICOM input study by study (segmap.dicom.studies): the graph runs once per study, into the output folder
+    itself for a single study and into its ``study-<hash>/`` folder otherwise (then ``run_summary.json``)."""
+    from segmap.dicom.studies import process_studies, raise_if_any_failed, write_summary
+
+    study = scan_study(settings.input)
+
+    def one(scan, folder):
+        study_writer = writer if folder == writer.out_dir else \
+            ResultWriter(settings.with_values(output=folder), model, task, "dicom")
+        return _run_graph(settings, "dicom", model, task, study_writer, Study(scan, dict(study.timings_s)))
+
+    results = process_studies(study.scan, writer.out_dir, one)
+    if len(results) > 1:
+        write_summary(results, writer.out_dir)
+        raise_if_any_failed(results)
+
+
 def main(argv: list[str] | None = None) -> int:
+    install_sigterm_handler()
     try:
         settings = load_settings(argv)
         configure_logging(settings.log_level)
@@ -74,12 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                  f" ({settings.task_name})" if settings.task_name else "")
         model, task = prepare(settings)
         writer = ResultWriter(settings, model, task, kind)
-        outcome = Outcome()
-        SegmapApp(settings=settings, kind=kind, model=model, task=task, writer=writer, outcome=outcome).run()
-        if outcome.error is not None:
-            raise outcome.error
-        if outcome.report is None:
-            raise SegmapError("the graph finished without writing outputs (see the log above)")
+        if kind == "dicom":
+            _run_studies(settings, model, task, writer)
+        else:
+            _run_graph(settings, kind, model, task, writer)
         return 0
     except SegmapError as e:
         print(f"segmap: error: {e}", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from segmap.pipeline import choose_series, load_nifti, load_series, scan_study
+from segmap.pipeline import Study, choose_series, load_nifti, load_series, scan_study
 from segmap.tasks import SegmentationTask
 
 from .base import StepOperator
@@ -19,12 +19,13 @@ class DicomScanOperator(StepOperator):
 
     output = "study"
 
-    def __init__(self, fragment, *args: Any, input_path: Path, **kwargs: Any) -> None:
+    def __init__(self, fragment, *args: Any, input_path: Path, study: Study | None = None, **kwargs: Any) -> None:
         self.input_path = Path(input_path)
+        self.study = study  # one study of an input already scanned and split by study (app._run_studies)
         super().__init__(fragment, *args, **kwargs)
 
     def step(self):
-        return scan_study(self.input_path)
+        return self.study if self.study is not None else scan_study(self.input_path)
 
 
 class SeriesSelectorOperator(StepOperator):

@@ -93,7 +93,8 @@ def test_dicom_phantom_end_to_end(phantom_study, tmp_path):
     root, phantom = phantom_study
     proc = run_app(root / "dicom", tmp_path / "out")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run_report.json", "segmentation.dcm"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["overlay.png", "run_report.json",
+                                                                      "segmentation.dcm"]
     labels = check_seg_against_engine(tmp_path / "out" / "segmentation.dcm", root / "dicom")
     spleen = phantom.labels == 1
     dice = 2 * (spleen & (labels == 1)).sum() / (spleen.sum() + (labels == 1).sum())

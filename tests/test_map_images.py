@@ -113,6 +113,23 @@ def test_show_prints_the_manifests(images):
     assert '"HOLOSCAN_INPUT_PATH": "/var/holoscan/input"' in proc.stdout
 
 
+def test_env_prints_the_settings_in_effect(images):
+    """`docker run IMAGE env`: every setting of segmap.settings with its value, environment over app.yaml."""
+    from segmap.settings import declared
+
+    proc = subprocess.run(["docker", "run", "--rm", "-e", "SEGMAP_MIRRORING=true", images[1], "env"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert {d.env for d in declared()} <= {line.split("=", 1)[0] for line in lines}
+    for expected in ("SEGMAP_MIRRORING=true", "SEGMAP_INPUT_KIND=nifti", "SEGMAP_OUTPUT_FORMAT=nifti",
+                     "SEGMAP_MODEL=spleen", "HOLOSCAN_INPUT_PATH=/var/holoscan/input", "HOLOSCAN_TIMEOUT=0"):
+        assert expected in lines, proc.stdout
+    bad = subprocess.run(["docker", "run", "--rm", "-e", "SEGMAP_DEVICE=", "-e", "SEGMAP_OUTPUT_FORMAT=png", images[0],
+                          "env"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("segmap: error: SEGMAP_OUTPUT_FORMAT: output_format must")
+
+
 def test_empty_input_fails_like_segmap_run(images, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty").chmod(0o755)

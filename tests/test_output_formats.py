@@ -68,12 +68,13 @@ def test_dicom_to_nifti_from_the_command_line(dicom_study, tmp_path):
     nifti = subprocess.run(common + ["-o", str(tmp_path / "n"), "--output-format", "nifti"], capture_output=True,
                            text=True, timeout=600)
     assert nifti.returncode == 0, nifti.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "n").iterdir()) == ["run_report.json", "segmentation.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "n").iterdir()) == ["overlay.png", "run_report.json",
+                                                                    "segmentation.nii.gz"]
     seg = subprocess.run(common + ["-o", str(tmp_path / "s")], capture_output=True, text=True, timeout=600)
     assert seg.returncode == 0, seg.stderr[-3000:]
     check_nifti_matches_seg(tmp_path / "n" / "segmentation.nii.gz", tmp_path / "s" / "segmentation.dcm", dicom_study)
     report = json.loads((tmp_path / "n" / "run_report.json").read_text())
-    assert [o["kind"] for o in report["outputs"]] == ["nifti"]
+    assert [o["kind"] for o in report["outputs"]] == ["nifti", "overlay-png"]
     assert report["inputs"][0]["SeriesInstanceUID"]  # the DICOM provenance is kept
 
 

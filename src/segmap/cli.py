@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from . import signals
 from .errors import SegmapError
 from .logs import configure_logging
 from .settings import setting
@@ -22,29 +23,27 @@ examples:
   segmap demo
   segmap package --model models/demo-spleen/model.ts --task tasks/spleen.yaml --tag segmap/spleen:0.1 --cpu
 
-A model is a MONet model.ts (TorchScript with nnU-Net plans embedded) or a folder of fold_K/model.ts files,
-which runs as an ensemble. A task file is a MAIA Segmentation Task YAML; one that holds a single task needs no
+A model is a MONet model.ts (TorchScript with nnU-Net plans embedded), a folder of fold_K/model.ts files (an
+ensemble), or an nnU-Net results folder (plans.json, dataset.json, fold_K/checkpoint_final.pth). A task file is a MAIA Segmentation Task YAML; one that holds a single task needs no
 --task-name.
 """
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .model import load_model
+    from .model import load_model, parse_folds
     from .summary import describe_model
 
-    print(describe_model(load_model(args.model)))
+    print(describe_model(load_model(args.model, folds=parse_folds(args.folds), checkpoint=args.checkpoint)))
     return 0
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from .model import load_model
-    from .tasks import load_task
-    from .validate import check_agreement
+    from .pipeline import prepare
+    from .settings import resolve
 
-    task = load_task(args.task, args.task_name)
-    model = load_model(args.model)
-    check_agreement(task, model.spec, task_source=args.task, model_source=args.model)
-    print(f"OK: task '{task.name}' ({args.task}) agrees with model {args.model}: "
+    settings = resolve({name: getattr(args, name) for name in MODEL_AND_TASK}, env={})
+    model, task = prepare(settings)
+    print(f"OK: task '{task.name}' ({settings.task_file}) agrees with model {settings.model_path}: "
           f"{len(task.modalities)} modality(ies), {len(task.segments)} segment(s)")
     return 0
 
@@ -91,10 +90,8 @@ def _add_setting(p: argparse.ArgumentParser, d, **overrides) -> None:
     p.add_argument(*d.flags, **kwargs)
 
 
-def _add_task_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", required=True, help="model.ts file, or folder of fold_K/model.ts (ensemble)")
-    p.add_argument("--task", "-t", required=True, help="Segmentation Task YAML file")
-    p.add_argument("--task-name", default=None, help="task to use when the file holds several")
+#: The settings that name a model and a task (``segmap validate``).
+MODEL_AND_TASK = ("models", "task_file", "task_name", "folds", "checkpoint")
 
 
 def _not_installed(command: str, what: str):
@@ -115,11 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("inspect", help="print a readable summary of a model (plans, channels, labels, folds)")
-    p.add_argument("model", help="model.ts file or folder of fold_K/model.ts")
+    p.add_argument("model", help="model.ts, folder of fold_K/model.ts, or nnU-Net results folder")
+    for name in ("folds", "checkpoint"):
+        _add_setting(p, setting(name))
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("validate", help="check that a task file agrees with a model (modalities and segments)")
-    _add_task_model(p)
+    for name in MODEL_AND_TASK:
+        _add_setting(p, setting(name), **({"required": True} if name in ("models", "task_file") else {}))
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("run", help="segment a local input: a NIfTI file/folder or a DICOM folder",
@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_package_parser(sub)
 
+    from .convert import add_convert_parser
+
+    add_convert_parser(sub)
+
     p = sub.add_parser("demo", help="run both variants on a freshly generated phantom study with the bundled demo model")
     p.add_argument("--out", default="out/demo", help="where to write the phantom study and the results")
     _add_setting(p, setting("device"))
@@ -155,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signals.install_sigterm_handler()  # docker stop / Kubernetes: clean up, one line, exit 143
     configure_logging(args.log_level or setting("log_level").default)
     try:
         return args.func(args)

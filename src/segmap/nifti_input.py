@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .input_checks import check_allocation, replace_nonfinite
 from .tasks import SegmentationTask
 from .volume import Volume
 
@@ -59,13 +60,26 @@ def find_modality_files(input_path: Path, task: SegmentationTask) -> dict[str, P
 
 
 def read_nifti(path: Path) -> Volume:
-    """A one-channel :class:`Volume` in ``[1, z, y, x]`` order with the file's affine (no reorientation)."""
+    """A one-channel :class:`Volume` in ``[1, z, y, x]`` order with the file's affine (no reorientation).
+
+    Before the voxels are read, the declared size is checked against the bytes an uncompressed file holds and
+    against the available memory (a damaged header is one line, not a MemoryError). Non-finite voxels are
+    replaced as :func:`segmap.input_checks.replace_nonfinite` documents, and counted in
+    ``meta["nonfinite_voxels_replaced"]``. ``meta["nifti_header"]`` is a copy of the file's header, so the label map
+    can be written with exactly the same spatial fields (qform, sform, their codes, pixdim, units).
+    """
     import nibabel as nib
 
     path = Path(path)
     try:
         img = nib.load(str(path))
+    except Exception as e:  # nibabel raises several types for unreadable files
+        raise InputError(f"{path}: not a readable NIfTI file ({e})") from e
+    _check_declared_size(img, path)
+    try:
         data = np.asarray(img.dataobj)
+    except MemoryError:
+        raise InputError(f"{path}: not enough memory to read {img.header.get_data_shape()} voxels") from None
     except Exception as e:  # nibabel raises several types for unreadable files
         raise InputError(f"{path}: not a readable NIfTI file ({e})") from e
     if data.ndim == 4 and data.shape[3] == 1:
@@ -74,6 +88,31 @@ def read_nifti(path: Path) -> Volume:
         raise InputError(f"{path}: expected a 3D image, got shape {data.shape}")
     if not np.issubdtype(data.dtype, np.number):
         raise InputError(f"{path}: voxel type {data.dtype} is not numeric")
-    array = data.transpose(2, 1, 0)  # (x, y, z) -> (z, y, x)
-    return Volume(np.ascontiguousarray(array)[None], img.affine,
-                  {"source_files": [str(path)], "kind": "nifti"})
+    array = np.ascontiguousarray(data.transpose(2, 1, 0))  # (x, y, z) -> (z, y, x)
+    array, replaced = replace_nonfinite(array, str(path))
+    meta = {"source_files": [str(path)], "kind": "nifti", "nifti_header": img.header.copy()}
+    if replaced:
+        meta["nonfinite_voxels_replaced"] = replaced
+    return Volume(array[None], img.affine, meta)
+
+
+def _check_declared_size(img, path: Path) -> None:
+    header = img.header
+    shape = tuple(int(n) for n in header.get_data_shape())
+    try:
+        dtype = np.dtype(header.get_data_dtype())
+    except TypeError:
+        raise InputError(f"{path}: unsupported voxel type in the NIfTI header") from None
+    slope, inter = header.get_slope_inter()
+    # scaled values come out as float64 from nibabel; the model input is float32 in any case
+    itemsize = max(8 if slope not in (None, 1.0) or inter not in (None, 0.0) else 4, dtype.itemsize)
+    voxels = int(np.prod(shape, dtype=object)) if shape else 0
+    declared = f"{' x '.join(str(n) for n in shape)} voxels of {dtype}"
+    if not str(path).endswith(".gz"):
+        offset = int(header["vox_offset"])
+        needed = offset + voxels * dtype.itemsize
+        size = path.stat().st_size
+        if needed > size:
+            raise InputError(f"{path}: its header declares {declared} ({needed} bytes with the header), the file "
+                             f"has {size} bytes; the file is truncated or its header is damaged")
+    check_allocation(voxels * itemsize, str(path), declared)

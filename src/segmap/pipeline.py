@@ -36,6 +36,8 @@ from .validate import check_agreement
 from .volume import Volume
 
 log = logging.getLogger("segmap")
+#: The picture a person checks the result with (settings.overlay).
+OVERLAY_NAME = "overlay.png"
 T = TypeVar("T")
 
 
@@ -206,11 +208,16 @@ def combine_modalities(volumes: dict[str, Volume], task: SegmentationTask) -> Vo
 
 
 def resolve_model_path(path: Path) -> Path:
-    """A model file or fold folder; a folder holding exactly one model folder (a MAP's models/<name>/) is entered."""
+    """A model file, fold folder or results folder; a folder holding exactly one of those (a MAP's models/<name>/)
+    is entered."""
+    from .nnunet_results import is_results_folder
+
+    def is_model(d: Path) -> bool:
+        return (d / "model.ts").exists() or any(d.glob("fold_*/model.ts")) or is_results_folder(d)
+
     path = Path(path)
-    if path.is_dir() and not (path / "model.ts").exists() and not any(path.glob("fold_*/model.ts")):
-        subdirs = [d for d in path.iterdir()
-                   if d.is_dir() and ((d / "model.ts").exists() or any(d.glob("fold_*/model.ts")))]
+    if path.is_dir() and not is_model(path):
+        subdirs = [d for d in path.iterdir() if d.is_dir() and is_model(d)]
         if len(subdirs) == 1:
             return subdirs[0]
     return path
@@ -220,7 +227,9 @@ def prepare(settings: Settings) -> tuple[MonetModel, SegmentationTask]:
     """Load and cross-check the model and the task (fails before any input is read)."""
     task = load_task(settings.task_file, settings.task_name)
     model_path = resolve_model_path(settings.model_path)
-    model = load_model(model_path)
+    from .model import parse_folds
+
+    model = load_model(model_path, folds=parse_folds(settings.folds), checkpoint=settings.checkpoint)
     check_agreement(task, model.spec, task_source=settings.task_file, model_source=model_path)
     return model, task
 
@@ -258,7 +267,7 @@ class ResultWriter:
     """
 
     def __init__(self, settings: Settings, model: MonetModel, task: SegmentationTask, kind: str) -> None:
-        from .outputs.atomic import ensure_writable
+        from .outputs.atomic import claim_output_folder
         from .outputs.formats import output_format
         from .outputs.report import RunReport
 
@@ -266,7 +275,8 @@ class ResultWriter:
         self.format = output_format(settings.output_format, kind)
         self.writer = self.format.make_writer(task, settings)
         self.task = task
-        self.out_dir = ensure_writable(settings.output)
+        self.overlay = settings.overlay
+        self.out_dir = claim_output_folder(settings.output, input_path=settings.input)
         self.report = RunReport(task_name=task.name, task_file=settings.task_file)
         self.report.set_model(model.fold_files, path=settings.model_path, configuration=model.spec.configuration,
                               folds=[f.parent.name for f in model.fold_files])
@@ -286,6 +296,12 @@ class ResultWriter:
             with report.stage("write"):
                 path = self.writer.write(labels, image, staging.dir)
                 report.add_output(staging.final_path(path), self.format.name)
+                if self.overlay:
+                    from .outputs.overlay import write_overlay
+
+                    png = write_overlay(image.volume, labels, self.task.segments, staging.dir / OVERLAY_NAME,
+                                        volumes_ml=[s["volume_ml"] for s in report.segments])
+                    report.add_output(staging.final_path(png), "overlay-png")
             report.finish("succeeded")
             report.write(staging.dir / REPORT_NAME)
         for seg in report.segments:
@@ -295,21 +311,48 @@ class ResultWriter:
 
 
 def _record_inputs(report, image: InputImage) -> None:
+    from .outputs.report import input_notes
+
     for key, vol in image.per_modality.items():
-        details = {"shape_zyx": list(vol.shape_zyx), "spacing_zyx": [round(s, 4) for s in vol.spacing_zyx]}
+        details = {"shape_zyx": list(vol.shape_zyx), "spacing_zyx": [round(s, 4) for s in vol.spacing_zyx],
+                   **input_notes(vol.meta)}
         sel = image.selections.get(key)
         if sel is not None:
             report.add_input(key, files=vol.meta.get("source_paths", []), datasets=sel.series.datasets,
-                             selected_by=sel.selection_name, **details)
+                             selected_by=sel.selection_name, passed_over=list(sel.passed_over), **details)
         else:
             report.add_input(key, files=vol.meta.get("source_files", []), **details)
 
 
 def run(settings: Settings) -> Path:
-    """One complete run; returns the path of the run report. Nothing is written unless the run succeeds."""
+    """One complete run; returns the path of the run report (of ``run_summary.json`` for a DICOM input of several
+    studies, see :func:`run_studies`). Nothing is written unless the run (the study) succeeds."""
     kind = input_kind(settings)
     model, task = prepare(settings)
     writer = ResultWriter(settings, model, task, kind)
+    inference = Inference(model, settings)
+    if kind == "dicom":
+        return run_studies(scan_study(settings.input), settings, model, task, writer, inference)
     image = load_image(settings.input, task, kind)
-    labels = Inference(model, settings).segment(image)
-    return writer.write(labels, image)
+    return writer.write(inference.segment(image), image)
+
+
+def run_studies(study: Study, settings: Settings, model: MonetModel, task: SegmentationTask, writer: ResultWriter,
+                inference: Inference) -> Path:
+    """A DICOM input study by study (:mod:`segmap.dicom.studies`): one study is written with ``writer`` at the top
+    of the output folder as always; several go into ``study-<hash>/`` subfolders, each with its own report, then
+    ``run_summary.json``; any failed study ends the run with one line (exit code 2) after the others are done."""
+    from .dicom.studies import process_studies, raise_if_any_failed, write_summary
+
+    def one(scan, folder: Path) -> Path:
+        study_writer = writer if folder == writer.out_dir else \
+            ResultWriter(settings.with_values(output=folder), model, task, "dicom")
+        image = load_series(choose_series(Study(scan, dict(study.timings_s)), task), task)
+        return study_writer.write(inference.segment(image), image)
+
+    results = process_studies(study.scan, writer.out_dir, one)
+    if len(results) == 1:
+        return results[0].report
+    summary = write_summary(results, writer.out_dir)
+    raise_if_any_failed(results)
+    return summary

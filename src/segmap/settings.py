@@ -54,12 +54,18 @@ class Settings:
     output: Path = _setting(Path("output"), "output folder (created if missing); outputs appear only when the "
                             "whole run succeeded", short="-o", env="HOLOSCAN_OUTPUT_PATH", yaml_key=False,
                             packaged=False, metavar="OUT")
-    models: Path = _setting(Path("models"), "model: a model.ts, a folder of fold_K/model.ts (an ensemble), or a "
-                            "folder holding one such model folder", flag="--model", short="-m",
+    models: Path = _setting(Path("models"), "model: a model.ts, a folder of fold_K/model.ts (an ensemble), an "
+                            "nnU-Net results folder (plans.json, dataset.json, fold_K/checkpoint_final.pth), or a "
+                            "folder holding one such model", flag="--model", short="-m",
                             env="HOLOSCAN_MODEL_PATH", yaml_key=False, packaged=False, metavar="MODEL")
     # --- what runs ------------------------------------------------------------------------------------------------
     model: str | None = _setting(None, "model folder under the models path; none: the only one there",
                                  flag=None, packaged=False)
+    folds: str | None = _setting(None, "folds to ensemble, e.g. 0,1 or all; none: every fold of the model",
+                                 metavar="LIST", packaged=False)
+    checkpoint: str | None = _setting(None, "nnU-Net results folders only: final (checkpoint_final.pth, also when "
+                                      "none), best (checkpoint_best.pth) or a checkpoint file name", metavar="NAME",
+                                      packaged=False)
     task_file: Path = _setting(Path("task.yaml"), "Segmentation Task YAML (relative to the configuration file's "
                                "folder in the application)", flag="--task", short="-t", packaged=False,
                                metavar="TASK")
@@ -75,6 +81,8 @@ class Settings:
                                "default; 8x the network time in 3D)")
     omit_empty_frames: bool = _setting(False, "DICOM SEG: leave out frames without segmented voxels (smaller "
                                        "files; some viewers misplace them)")
+    overlay: bool = _setting(True, "write overlay.png beside the outputs: axial and coronal slices through the "
+                             "segments, in the task's colours, with volumes in mL (no patient data)")
     log_level: str = _setting("INFO", "log detail", short="-l", choices=LOG_LEVELS)
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -243,12 +251,17 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-def iter_env_lines(settings: Settings) -> Iterator[str]:
-    """``NAME=value  (setting)`` lines of the effective settings, for ``docker run IMAGE env``."""
+def iter_env_lines(settings: Settings, env: Mapping[str, str] | None = None) -> Iterator[str]:
+    """``NAME=value`` lines of the effective settings, then the environment's other ``HOLOSCAN_*`` variables (the
+    MAP's manifests, timeout, logs), for ``docker run IMAGE env``."""
+    names = set()
     for d in declared():
         value = getattr(settings, d.name)
-        shown = "" if value is None else (str(value).lower() if isinstance(value, bool) else str(value))
-        yield f"{d.env}={shown}"
+        names.add(d.env)
+        yield f"{d.env}={'' if value is None else (str(value).lower() if isinstance(value, bool) else str(value))}"
+    env = os.environ if env is None else env
+    for name in sorted(n for n in env if n.startswith("HOLOSCAN_") and n not in names):
+        yield f"{name}={env[name]}"
 
 
 def main(argv: list[str] | None = None) -> int:

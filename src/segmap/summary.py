@@ -37,7 +37,8 @@ def _label_lines(spec: ModelSpec) -> list[str]:
         lines = ["  regions (value: name = union of training labels; sigmoid > 0.5 per region, painted in "
                  f"regions_class_order {list(spec.regions_class_order)}):"]
         value_of = {n: v for v, n in spec.foreground_labels}
-        for name, region in spec.labels.items():
+        # by painted value (MONet's files list the regions alphabetically; the value is what a task describes)
+        for name, region in sorted(spec.labels.items(), key=lambda kv: (kv[0] in value_of, value_of.get(kv[0], 0))):
             members = list(region) if isinstance(region, (list, tuple)) else [region]
             value = value_of.get(name)
             lines.append(f"    {value if value is not None else '-'}: {name} = {members}"
@@ -49,13 +50,26 @@ def _label_lines(spec: ModelSpec) -> list[str]:
     return lines
 
 
+def spec_architecture(model: MonetModel) -> str | None:
+    """The plans' ``network_class_name`` of the model's configuration, where the plans name one."""
+    try:
+        config = model.inference["plans"]["configurations"][model.spec.configuration]
+        return config.get("architecture", {}).get("network_class_name")
+    except (KeyError, TypeError, AttributeError):
+        return None
+
+
 def describe_model(model: MonetModel) -> str:
     """Multi-line, human-readable description of a model (plans, channels, labels, folds)."""
     spec = model.spec
     meta = spec.metadata or {}
     lines = [f"model: {model.path}"]
+    if model.source == "nnunet-results":
+        arch = (spec_architecture(model) or "?").rsplit(".", 1)[-1]
+        lines.append(f"  source: nnU-Net results folder, {getattr(model, 'checkpoint', '?')} per fold; network "
+                     f"rebuilt from the plans ({arch}; needs dynamic-network-architectures)")
     if model.num_folds == 1:
-        lines.append("  folds: 1 (single model.ts)")
+        lines.append("  folds: 1 (single model.ts)" if model.source == "model.ts" else "  folds: 1")
         if model.fold_files[0] != model.path:
             lines.append(f"    {model.fold_files[0]}")
     else:

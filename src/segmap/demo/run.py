@@ -62,6 +62,8 @@ def run_demo(out: Path, *, device: str | None = None, model: Path = DEMO_MODEL, 
         print(f"         segment '{seg['name']}': {seg['voxels']} voxels, {seg['volume_ml']:.1f} mL; "
               f"device {report['device']}; inference {report['timings_s'].get('inference', 0):.1f} s; "
               f"report {reports[variant]}")
+        for o in report["outputs"][1:]:
+            print(f"         {o['kind']}: {reports[variant].parent / o['path']}")
     agree = bool(np.array_equal(dicom_labels, nifti_labels))
     dice = _dice(dicom_labels == 1, truth)
     print(f"  DICOM SEG and NIfTI label map identical: {'yes' if agree else 'NO'}; "

@@ -5,9 +5,16 @@ decoded here (that happens in :mod:`segmap.dicom.series_volume`, for the selecte
 be present and complete, so a truncated slice is reported at once instead of breaking the volume later. Where
 uncompressed pixel data lie in the file is recorded, so the volume step reads them without parsing the file again.
 
+Files without preamble and file meta (a raw data set, as some old modalities and scripts write them) are read with
+pydicom's ``force=True`` when they start like a data set; the transfer syntax they were parsed with (implicit or
+explicit VR, byte order) is recorded in their file meta (:func:`infer_transfer_syntax`), so their pixel data decode.
+
 Tolerance: hospital exports mix DICOM with other files (``DICOMDIR``, reports, ``.DS_Store``, half-copied slices).
 Every file that cannot be used is skipped, recorded in :attr:`DicomScan.skipped` with the reason, and logged as a
 warning naming it. Only when nothing usable is left does the scan fail with :class:`~segmap.errors.InputError`.
+
+A series whose slice positions repeat because it holds several 3D stacks (phases, echoes, b-values) is split into
+one :class:`DicomSeries` per stack (:mod:`segmap.dicom.stacks`).
 
 Blank UIDs (seen in de-identified data, e.g. the sample CT whose data sets carry empty Study, Series and SOP Instance
 UIDs and an empty SOP Class UID). A hospital user expects the series to be segmented and the result to be usable,
@@ -41,9 +48,11 @@ from typing import Iterator
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian,
+                         ImplicitVRLittleEndian, generate_uid)
 
 from ..errors import InputError
+from .stacks import Stack, split_stacks
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +116,9 @@ class DicomSeries:
     instances: list[DicomInstance]
     #: Names of the UIDs segmap generated for this series ("StudyInstanceUID", "SeriesInstanceUID"); empty if none.
     generated_uids: tuple[str, ...] = ()
+    #: Set when the series holds several 3D stacks (phases, echoes) and this is one of them (see
+    #: :mod:`segmap.dicom.stacks`); then other DicomSeries share the Series Instance UID.
+    stack: Stack | None = None
 
     def _first(self, keyword: str, default=None):
         for inst in self.instances:
@@ -142,7 +154,8 @@ class DicomSeries:
         """A one-line description without patient identity, for logs and error messages."""
         n = len(self.instances)
         number = f" #{self.series_number}" if self.series_number is not None else ""
-        return (f"{self.modality or '?'}{number} {self.description!r} ({n} instance{'s' if n != 1 else ''}, "
+        stack = f" [{self.stack.describe()}]" if self.stack is not None else ""
+        return (f"{self.modality or '?'}{number} {self.description!r}{stack} ({n} instance{'s' if n != 1 else ''}, "
                 f"UID {self.series_instance_uid})")
 
 
@@ -196,9 +209,9 @@ def scan_dicom_folder(folder: str | os.PathLike) -> DicomScan:
                          f"looked at, {len(skipped)} skipped{_skip_summary(skipped, base)})")
 
     _fill_study_uids(found)
-    series = _group_series(found, base, skipped)
+    series = [stack for s in _group_series(found, base, skipped) for stack in split_stacks(s)]
     _report_skipped(skipped, base)
-    series.sort(key=lambda s: (s.study_instance_uid, _sort_number(s.series_number), s.series_instance_uid))
+    series.sort(key=lambda s: (s.study_instance_uid, _sort_number(s.series_number), s.series_instance_uid))  # stable
     n_studies = len({s.study_instance_uid for s in series})
     log.info("found %d series in %d stud%s under %s (%d files looked at, %d skipped)", len(series), n_studies,
              "y" if n_studies == 1 else "ies", root, len(files), len(skipped))
@@ -246,6 +259,7 @@ def _read_header(path: Path) -> tuple[Dataset, bool, tuple[int, int] | None]:
                 raise _Skip("not a DICOM file") from None
             ds = pydicom.dcmread(path, defer_size=DEFER_SIZE, force=True)
             forced = True
+            infer_transfer_syntax(ds)
     except _Skip:
         raise
     except OSError as e:
@@ -266,6 +280,26 @@ def _read_header(path: Path) -> tuple[Dataset, bool, tuple[int, int] | None]:
     if forced or meta is None or meta.get("TransferSyntaxUID") not in _NATIVE_IN_FILE:
         pixel_data_at = None
     return ds, forced, pixel_data_at
+
+
+def infer_transfer_syntax(ds: Dataset) -> None:
+    """Give a data set read without file meta (``force=True``) the transfer syntax it was actually parsed with.
+
+    Such files (written by old modalities and some scripts, no preamble and no group 0002) can only be uncompressed:
+    an encapsulated transfer syntax would need the file meta to be recognised. pydicom found out while parsing
+    whether the VR is implicit or explicit and the byte order; recording that as the Transfer Syntax UID lets the
+    pixel data be decoded like any other file (GDCM does the same). A file meta that names one is left alone.
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and meta.get("TransferSyntaxUID"):
+        return
+    implicit, little = ds.original_encoding
+    if implicit is None:
+        return
+    if meta is None:
+        ds.file_meta = meta = pydicom.dataset.FileMetaDataset()
+    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit
+                              else ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
 
 
 def _is_image_storage(ds: Dataset) -> bool:

@@ -39,6 +39,12 @@ How the defects of the original are fixed:
   images (frames) wins, then the lowest Series Number (a missing number counts last), then the smallest Series
   Instance UID; the others are logged and kept in :attr:`SeriesSelection.alternatives`.
 
+- A 4D series (phases, echoes at the same positions) offers each stack as a candidate of its own; two stacks of one
+  series matching one selection is refused with the condition that would pick one (:mod:`segmap.dicom.stacks`).
+- Candidates in several studies are refused, and the series chosen for one task must share one study, one patient
+  and one frame of reference (:mod:`segmap.dicom.studies`); a run splits a multi-study input by study first.
+- :attr:`SeriesSelection.passed_over` lists every other series with the reason it was not chosen (logged too).
+
 Several modalities (:func:`select_for_task`): each modality gets its own series. Among all the ways of giving the
 modalities distinct series, the one that prefers the modalities in task order is taken: the first modality gets its
 best match, the second its best among the rest, ..., backtracking when a later modality would be left without a
@@ -52,7 +58,7 @@ import logging
 import math
 import operator
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
@@ -61,6 +67,8 @@ from pydicom.multival import MultiValue
 
 from ..errors import InputError, TaskFileError
 from .loading import DicomScan, DicomSeries
+from .stacks import refuse_ambiguous_stacks
+from .studies import check_one_study, passed_over, refuse_several_studies
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +96,9 @@ class SeriesSelection:
     alternatives: tuple[DicomSeries, ...] = ()
     #: True when this series also serves another modality because nothing else matched (see :func:`select_for_task`).
     shared: bool = False
+    #: The other series of the scan, each with why it was not chosen for this modality (see
+    #: :func:`segmap.dicom.studies.passed_over`); filled by :func:`select_for_task`.
+    passed_over: tuple[dict, ...] = ()
 
 
 def select_series(scan: DicomScan, rules: Mapping[str, Any], *, modality_key: str = "image") -> SeriesSelection:
@@ -106,6 +117,7 @@ def select_for_task(scan: DicomScan, modality_rules: Mapping[str, Mapping[str, A
     """One series per modality key (keys in task order), distinct where possible (see the module docstring)."""
     compiled = {key: _compile_rules(rules, key) for key, rules in modality_rules.items()}
     options = {key: _ranked_matches(scan, sels, key) for key, sels in compiled.items()}
+    refuse_several_studies(scan, [s for ranked in options.values() for s, _ in ranked])
     keys = list(options)
 
     chosen = _distinct_assignment([[s for s, _ in options[k]] for k in keys])
@@ -129,7 +141,13 @@ def select_for_task(scan: DicomScan, modality_rules: Mapping[str, Mapping[str, A
         index = next(i for t, i in options[k] if t is s)
         result[k] = _make_selection(k, compiled[k][index], s, options[k],
                                     shared=s.series_instance_uid in shared_uids)
-    return result
+    return _with_passed_over(scan, result)
+
+
+def _with_passed_over(scan: DicomScan, result: dict[str, SeriesSelection]) -> dict[str, SeriesSelection]:
+    check_one_study(result)
+    notes = passed_over(scan, result)
+    return {k: replace(sel, passed_over=tuple(notes[k])) for k, sel in result.items()}
 
 
 # ---- compiled rules
@@ -396,6 +414,7 @@ def _distinct_assignment(options: list[list[DicomSeries]], budget: int = 100_000
 def _make_selection(key: str, sel: _Selection, series: DicomSeries, ranked: list[tuple[DicomSeries, int]],
                     shared: bool = False) -> SeriesSelection:
     alternatives = tuple(s for s, i in ranked if i == sel.index and s is not series)
+    refuse_ambiguous_stacks(key, series, alternatives)
     log.info("modality '%s': selection '%s' chose %s", key, sel.name, series.summary())
     if alternatives:
         log.info("modality '%s': %d other series also matched '%s' (%s); chose the one with the most images, then "

@@ -18,6 +18,10 @@ slices' own geometry:
   values in a single call; the rescale is then done on blocks of slices. Anything else (compressed or deflated data,
   files without file meta, differing pixel formats, a Modality LUT) takes the per-file path: read the file again with
   pydicom, ``pixel_array``, ``apply_rescale``. Both paths give the same values;
+- the declared image size is checked against the pixel data present and the available memory before anything is
+  allocated; non-finite values (possible after a float rescale) are replaced as in
+  :func:`segmap.input_checks.replace_nonfinite`; lossy compression (LossyImageCompression "01" or a lossy transfer
+  syntax) is logged as a warning and recorded in ``meta["lossy_compression"]``;
 - multi-frame (enhanced) images are not supported: a clear error says so.
 
 ``volume.meta`` holds provenance only, never patient identity: ``series_instance_uid``, ``study_instance_uid``,
@@ -39,8 +43,9 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_rescale, get_decoder
 
 from ..errors import InputError
+from ..input_checks import check_allocation, replace_nonfinite
 from ..volume import Volume, affine_from_dicom
-from .loading import DicomInstance, DicomSeries
+from .loading import DicomInstance, DicomSeries, infer_transfer_syntax
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +53,10 @@ log = logging.getLogger(__name__)
 SPACING_TOLERANCE = 0.05
 #: Slices whose positions along the normal differ by less than this (mm) are at the same position.
 DUPLICATE_TOLERANCE_MM = 0.01
-#: Largest sideways drift of slice positions from the slice normal, as a fraction of the smallest pixel spacing.
-TILT_TOLERANCE = 0.1
+#: Largest sideways drift of slice positions from the slice normal, as a fraction of the smallest pixel spacing:
+#: below half a pixel, placing every slice on the untilted grid misplaces no voxel by more than half a voxel, which
+#: is the precision of any voxel grid (a 0.1 degree tilt drifts 0.25 mm over 140 mm: accepted at 0.7 mm pixels).
+TILT_TOLERANCE = 0.5
 #: Largest difference between the orientation cosines of two slices of one volume.
 ORIENTATION_TOLERANCE = 1e-3
 #: Threads that read pixel data from the files (reads release the GIL; helps most on network or cold storage).
@@ -112,7 +119,9 @@ def series_to_volume(series: DicomSeries) -> Volume:
     _refuse_gantry_tilt(slices, normal, min(pixel_spacing), name)
     step = _slice_step(slices, name, first)
 
+    _check_declared_size(slices, shape, name)
     array = _decode(slices, shape, name)
+    array, replaced = replace_nonfinite(array, name)
     affine = affine_from_dicom(slices[0].position, row, col, normal * step, pixel_spacing)
     meta = {
         "series_instance_uid": series.series_instance_uid,
@@ -123,9 +132,50 @@ def series_to_volume(series: DicomSeries) -> Volume:
         "sop_instance_uids": [s.instance.sop_instance_uid for s in slices],
         "source_paths": [str(s.instance.path) for s in slices],
     }
+    if replaced:
+        meta["nonfinite_voxels_replaced"] = replaced
+    lossy = lossy_compression([s.instance.dataset for s in slices])
+    if lossy:
+        meta["lossy_compression"] = lossy
+        log.warning("%s: lossy-compressed input (%s): the model sees compression artefacts, check the result "
+                    "with that in mind", name, lossy)
+    if series.stack is not None:
+        meta["stack"] = series.stack.describe()
     log.info("%s: volume of %d x %d x %d voxels (x, y, z), spacing %.4g x %.4g x %.4g mm, %s", name, shape[1],
              shape[0], len(slices), pixel_spacing[1], pixel_spacing[0], step, array.dtype)
     return Volume(array[None], affine, meta)
+
+
+#: Transfer syntaxes that always lose information: JPEG baseline/extended, MPEG-2/4 and HEVC video.
+LOSSY_TRANSFER_SYNTAXES = frozenset({
+    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.100", "1.2.840.10008.1.2.4.100.1",
+    "1.2.840.10008.1.2.4.101", "1.2.840.10008.1.2.4.101.1", "1.2.840.10008.1.2.4.102", "1.2.840.10008.1.2.4.102.1",
+    "1.2.840.10008.1.2.4.103", "1.2.840.10008.1.2.4.103.1", "1.2.840.10008.1.2.4.104", "1.2.840.10008.1.2.4.104.1",
+    "1.2.840.10008.1.2.4.105", "1.2.840.10008.1.2.4.105.1", "1.2.840.10008.1.2.4.106", "1.2.840.10008.1.2.4.106.1",
+    "1.2.840.10008.1.2.4.107", "1.2.840.10008.1.2.4.108",
+})
+#: Transfer syntaxes that may be lossy or lossless (JPEG-LS near-lossless, JPEG 2000, HTJ2K); lossy unless the
+#: images say LossyImageCompression "00".
+MAYBE_LOSSY_TRANSFER_SYNTAXES = frozenset({
+    "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.203",
+})
+
+
+def lossy_compression(datasets) -> str | None:
+    """Why the pixel data of these instances are lossy-compressed, or ``None`` when they are not (as far as the
+    headers tell): LossyImageCompression "01" on any instance (compressed lossily at some point, even when stored
+    uncompressed now), or a lossy transfer syntax."""
+    reasons = set()
+    for ds in datasets:
+        flag = str(ds.get("LossyImageCompression", "") or "").strip()
+        if flag == "01":
+            ratio = ds.get("LossyImageCompressionRatio")
+            reasons.add("LossyImageCompression 01" + (f", ratio {ratio}" if ratio not in (None, "") else ""))
+            continue
+        ts = getattr(getattr(ds, "file_meta", None), "get", lambda _k: None)("TransferSyntaxUID")
+        if ts in LOSSY_TRANSFER_SYNTAXES or (ts in MAYBE_LOSSY_TRANSFER_SYNTAXES and flag != "00"):
+            reasons.add(f"transfer syntax {getattr(ts, 'name', ts)}")
+    return "; ".join(sorted(reasons)) or None
 
 
 def source_datasets(series: DicomSeries, volume: Volume) -> list[Dataset]:
@@ -216,6 +266,12 @@ def _drop_duplicate_positions(slices: list[_Slice], name: str) -> list[_Slice]:
             groups[-1].append(s)
         else:
             groups.append([s])
+    repeated = sum(1 for g in groups if len(g) > 1)
+    if repeated > 1 and 2 * repeated > len(groups):
+        raise InputError(f"{name}: {repeated} of its {len(groups)} slice positions hold more than one slice: it looks "
+                         "like several stacks (phases, echoes) in one series, and no attribute (TemporalPosition"
+                         "Identifier, AcquisitionNumber, EchoNumbers, ...) tells them apart; export each stack as a "
+                         "series of its own")
     kept = []
     dropped = 0
     for g in groups:
@@ -235,12 +291,17 @@ def _refuse_gantry_tilt(slices: list[_Slice], normal: np.ndarray, pixel: float, 
     offsets = np.array([s.position - slices[0].position for s in slices])
     sideways = offsets - np.outer(offsets @ normal, normal)
     drift = float(np.max(np.linalg.norm(sideways, axis=1)))
-    if drift > TILT_TOLERANCE * pixel:
-        span = float(slices[-1].along - slices[0].along)
-        angle = float(np.degrees(np.arctan2(drift, abs(span)))) if span else 90.0
+    span = float(slices[-1].along - slices[0].along)
+    angle = float(np.degrees(np.arctan2(drift, abs(span)))) if span else 90.0
+    tolerance = TILT_TOLERANCE * pixel
+    if drift > tolerance:
         raise InputError(f"{name}: slice positions drift {drift:.2f} mm sideways from the slice normal (about "
-                         f"{angle:.1f} degrees): a gantry-tilted series is not supported; reconstruct it without "
-                         "tilt (or resample it) and send that series")
+                         f"{angle:.2f} degrees), more than the tolerance of {tolerance:.2f} mm (half the smallest "
+                         f"pixel spacing, {pixel:g} mm): a gantry-tilted series is not supported; reconstruct it "
+                         "without tilt (or resample it) and send that series")
+    if drift > 0.01:
+        log.info("%s: slice positions drift %.3f mm sideways (about %.2f degrees of tilt), within the tolerance of "
+                 "%.2f mm; treated as untilted", name, drift, angle, tolerance)
 
 
 def _slice_step(slices: list[_Slice], name: str, first: Dataset) -> float:
@@ -458,11 +519,32 @@ def _rescale_stack(stored: np.ndarray, params: list[tuple[float, float]], intege
     return out
 
 
+def _check_declared_size(slices: list[_Slice], shape: tuple[int, int], name: str) -> None:
+    """Refuse a header whose declared image size the file's pixel data cannot hold or the memory cannot take
+    (Rows = Columns = 60000 with a few bytes of pixel data), before anything is allocated."""
+    first = slices[0].instance
+    try:
+        bits = int(first.dataset.get("BitsAllocated", 16) or 16)
+    except (TypeError, ValueError):
+        bits = 16
+    frame_bytes = (shape[0] * shape[1] * bits + 7) // 8
+    for s in slices:
+        at = s.instance.pixel_data_at
+        if at is not None and at[1] < frame_bytes:
+            raise InputError(f"{name}: {s.instance.path.name} declares {shape[1]} x {shape[0]} pixels of {bits} bits "
+                             f"({frame_bytes} bytes) but its pixel data hold {at[1]} bytes; its header is damaged")
+    # the stored values and the decoded volume (float32 at most) exist together for a moment
+    check_allocation(len(slices) * shape[0] * shape[1] * (max(bits, 8) // 8 + 4), name,
+                     f"{shape[1]} x {shape[0]} pixels x {len(slices)} slices")
+
+
 def _pixels(inst: DicomInstance, name: str) -> np.ndarray:
     try:
         ds = pydicom.dcmread(inst.path, force=inst.forced)
     except Exception as e:
         raise InputError(f"{name}: cannot read {inst.path} again ({type(e).__name__}: {_short(e)})") from None
+    if inst.forced:
+        infer_transfer_syntax(ds)
     try:
         return ds.pixel_array
     except Exception as e:  # decoders raise many types; the user needs the file and the transfer syntax

@@ -2,10 +2,16 @@
 
 The label map arrives as ``[z, y, x]`` (segmap's convention) and is stored as NIfTI expects, voxel ``(i, j, k) =
 (x, y, z)``, by a transpose that costs nothing: the transposed array is Fortran-ordered, which is the order nibabel
-writes. The affine is stored unchanged in both the sform and the qform (codes 1/1 unless the caller passes the
-source's codes), so the output lies exactly on the input image's grid. NIfTI-1 keeps the sform in float32, so the
-affine read back equals the given one to float32 precision; the qform cannot hold a sheared affine and is then an
-approximation that readers ignore while the sform code is set.
+writes.
+
+Geometry. With the input image's header (``source_header``, what :func:`segmap.nifti_input.read_nifti` keeps in
+``meta["nifti_header"]``), its spatial fields are copied exactly: qform (quaternion, offsets, qfac), sform (the three
+rows), both codes, pixdim and xyzt_units. Readers disagree on which transform wins when both are set (nibabel and
+3D Slicer prefer the sform, ITK/SimpleITK prefer the qform when its code is set); copying both keeps the label map
+on the image in every reader, even when the input's qform and sform disagree. Without a source header the affine is
+stored in both the sform and the qform (codes 1/1 unless the caller passes others). NIfTI-1 keeps the sform in
+float32, so the affine read back equals the given one to float32 precision; the qform cannot hold a sheared affine
+and is then an approximation that readers ignore while the sform code is set.
 
 Values are stored as they are: uint8 (uint16 when a label exceeds 255), no scaling (``scl_slope`` NaN), intent
 "label", ``cal_min``/``cal_max`` 0 and the largest label so viewers pick a sensible colour range.
@@ -24,11 +30,13 @@ _SUFFIXES = (".nii", ".nii.gz")
 
 
 def write_label_nifti(labels_zyx: np.ndarray, affine: np.ndarray, path: str | Path, *,
-                      sform_code: int = 1, qform_code: int = 1) -> Path:
+                      sform_code: int = 1, qform_code: int = 1, source_header=None) -> Path:
     """Write a ``[z, y, x]`` label map on the grid ``affine`` (voxel ``(x, y, z)`` -> RAS+ mm) to ``path``.
 
     ``path`` must end in ``.nii`` or ``.nii.gz``. ``sform_code``/``qform_code``: the NIfTI codes to record (pass
-    the source image's to preserve them; 1 = scanner anatomical). Returns ``path``.
+    the source image's to preserve them; 1 = scanner anatomical). ``source_header``: the input image's NIfTI
+    header (nibabel); its spatial fields are copied exactly and the codes arguments are ignored. It must describe
+    the grid ``affine`` (same best affine and the same voxel counts), else ``ValueError``. Returns ``path``.
     """
     path = Path(path)
     if not path.name.endswith(_SUFFIXES):
@@ -48,10 +56,13 @@ def write_label_nifti(labels_zyx: np.ndarray, affine: np.ndarray, path: str | Pa
     header = nib.Nifti1Header()
     header.set_data_dtype(dtype)
     img = nib.Nifti1Image(data_xyz, affine=None, header=header)
-    img.set_sform(affine, code=int(sform_code))
-    img.set_qform(affine, code=int(qform_code))
+    if source_header is None:
+        img.set_sform(affine, code=int(sform_code))
+        img.set_qform(affine, code=int(qform_code))
+        img.header.set_xyzt_units("mm", "sec")
+    else:
+        _copy_spatial_fields(source_header, img.header, affine, data_xyz.shape)
     hdr = img.header
-    hdr.set_xyzt_units("mm", "sec")
     hdr.set_intent("label")
     hdr.set_slope_inter(np.nan, np.nan)
     hdr["cal_min"] = 0
@@ -61,6 +72,21 @@ def write_label_nifti(labels_zyx: np.ndarray, affine: np.ndarray, path: str | Pa
     except OSError as e:
         raise OutputError(f"{path}: cannot write the NIfTI label map ({e.strerror or e})") from e
     return path
+
+
+#: Header fields that place the voxels in space; copied from the input image's header unchanged.
+SPATIAL_FIELDS = ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y",
+                  "qoffset_z", "srow_x", "srow_y", "srow_z", "pixdim", "xyzt_units")
+
+
+def _copy_spatial_fields(source, target: nib.Nifti1Header, affine: np.ndarray, shape_xyz: tuple) -> None:
+    src_shape = tuple(int(n) for n in source.get_data_shape()[:3])
+    if src_shape != tuple(shape_xyz):
+        raise ValueError(f"source header is for {src_shape} voxels (x, y, z), the label map has {tuple(shape_xyz)}")
+    if not np.allclose(source.get_best_affine(), affine, atol=1e-4):
+        raise ValueError("source header does not describe the label map's grid (its best affine differs)")
+    for name in SPATIAL_FIELDS:
+        target[name] = source[name]
 
 
 def read_label_nifti(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -98,4 +124,6 @@ class NiftiWriter:
         pass
 
     def write(self, labels, image, folder: Path) -> Path:
-        return write_label_nifti(labels.array[0], labels.affine, Path(folder) / self.filename)
+        # A NIfTI input's header travels in the volume's meta: its spatial fields are copied exactly (see above).
+        header = labels.meta.get("nifti_header") or image.volume.meta.get("nifti_header")
+        return write_label_nifti(labels.array[0], labels.affine, Path(folder) / self.filename, source_header=header)

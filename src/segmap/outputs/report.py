@@ -36,6 +36,9 @@ PHI_KEYS = frozenset({
     "OtherPatientNames", "OtherPatientIDsSequence", "PatientMotherBirthName", "PatientTelephoneNumbers",
     "IssuerOfPatientID", "MedicalRecordLocator", "patient_name", "patient_id", "birth_date",
 })
+#: Facts about a loaded input that its :class:`~segmap.volume.Volume` carries in ``meta`` and the report records
+#: (see :func:`input_notes`): voxels that were not finite, lossy compression, the stack chosen from a 4D series.
+NOTED_META_KEYS = ("nonfinite_voxels_replaced", "lossy_compression", "stack")
 #: Inputs with at most this many files list each path; larger ones (DICOM series) give the count and folder.
 MAX_LISTED_FILES = 8
 _CHUNK = 1 << 20
@@ -81,6 +84,11 @@ def _bincount(labels: np.ndarray, n: int) -> np.ndarray:
             counts = np.pad(counts, (0, len(part) - len(counts)))
         counts[: len(part)] += part
     return counts
+
+
+def input_notes(volume_meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`NOTED_META_KEYS` a volume's ``meta`` holds, ready for :meth:`RunReport.add_input` ``**details``."""
+    return {k: _plain(volume_meta[k]) for k in NOTED_META_KEYS if volume_meta.get(k) not in (None, 0, "")}
 
 
 def sha256_file(path: str | Path) -> str:
@@ -205,14 +213,19 @@ class RunReport:
 
     # ---------------------------------------------------------------------------------------------- output
 
-    def to_dict(self, relative_to: str | Path | None = None) -> dict:
-        """The report as plain JSON-able data, with PHI keys removed; output paths relative to ``relative_to``."""
+    def to_dict(self, relative_to: str | Path | None = None, *, staged_in: str | Path | None = None) -> dict:
+        """The report as plain JSON-able data, with PHI keys removed; output paths relative to ``relative_to``.
+
+        ``staged_in``: the staging folder of :func:`segmap.outputs.atomic.atomic_outputs` the outputs are still in
+        (their recorded paths are the final ones, in its parent folder); sizes are then taken from the staged
+        files, since the final paths do not exist yet or still hold an earlier run's files.
+        """
         finished = self._finished or _now()
         outputs = []
         for out in self.outputs:
             p = Path(out["path"])
             entry = dict(out)
-            entry["bytes"] = p.stat().st_size if p.is_file() else None
+            entry["bytes"] = _size(_staged_copy(p, Path(staged_in)) if staged_in is not None else p)
             if relative_to is not None:
                 entry["path"] = _relative(p, Path(relative_to))
             outputs.append(entry)
@@ -235,9 +248,17 @@ class RunReport:
         return _scrub(doc)
 
     def write(self, path: str | Path) -> Path:
-        """Write the report atomically (temporary file + rename) to ``path``; output paths relative to its folder."""
+        """Write the report atomically (temporary file + rename) to ``path``; output paths relative to its folder.
+
+        Written into a staging folder of :func:`~segmap.outputs.atomic.atomic_outputs` (the usual case), the output
+        paths are relative to the output folder and the sizes those of the staged files that will be moved there.
+        """
+        from .atomic import STAGING_PREFIX  # here: atomic names the report to commit it last
+
         path = Path(path)
-        text = json.dumps(self.to_dict(relative_to=path.parent), indent=2, allow_nan=False) + "\n"
+        staging = path.parent if path.parent.name.startswith(STAGING_PREFIX) else None
+        doc = self.to_dict(relative_to=staging.parent if staging is not None else path.parent, staged_in=staging)
+        text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             tmp.write_text(text, encoding="utf-8")
@@ -256,6 +277,20 @@ class RunReport:
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc).astimezone()
+
+
+def _staged_copy(final: Path, staging: Path) -> Path:
+    try:
+        return staging / final.absolute().relative_to(staging.absolute().parent)
+    except ValueError:
+        return final  # not an output of this staging folder
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size if path.is_file() else None
+    except OSError:
+        return None
 
 
 def _relative(path: Path, base: Path) -> str:

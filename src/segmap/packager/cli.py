@@ -49,9 +49,11 @@ def add_package_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Build MONAI Application Packages: one image per variant, DICOM (study in, DICOM SEG out) "
                     "and NIfTI (image in, label map out), each holding the model, the task and the application.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", "-m", required=True, help="model.ts file, or folder of fold_K/model.ts (ensemble)")
-    p.add_argument("--task", "-t", required=True, help="Segmentation Task YAML file")
-    p.add_argument("--task-name", default=None, help="task to use when the file holds several")
+    from ..cli import MODEL_AND_TASK, _add_setting
+    from ..settings import setting
+
+    for name in MODEL_AND_TASK:
+        _add_setting(p, setting(name), **({"required": True} if name in ("models", "task_file") else {}))
     p.add_argument("--tag", required=True, metavar="NAME:VERSION",
                    help="image name and version; the NIfTI variant is tagged NAME:VERSION-nifti")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
@@ -94,7 +96,7 @@ def parse_variants(text: str) -> list[str]:
 
 def package(args: argparse.Namespace) -> int:
     """Run ``segmap package``; return the exit code (user mistakes raise :class:`SegmapError`)."""
-    model, task = Path(args.model), Path(args.task)
+    model, task = Path(args.models), Path(args.task_file)
     name = ImageName.parse(args.tag)
     variants = parse_variants(args.variants)
     base_image = args.base_image or (CPU_BASE_IMAGE if args.cpu else GPU_BASE_IMAGE)
@@ -105,7 +107,8 @@ def package(args: argparse.Namespace) -> int:
     from ..settings import Settings
 
     # the model and the task must agree before anything is built
-    _, loaded_task = prepare(Settings(models=model, task_file=task, task_name=args.task_name))
+    _, loaded_task = prepare(Settings(models=model, task_file=task, task_name=args.task_name, folds=args.folds,
+                                      checkpoint=args.checkpoint))
 
     api = None
     if args.dry_run is None:
@@ -127,7 +130,8 @@ def package(args: argparse.Namespace) -> int:
             contexts[variant] = write_context(
                 root / variant, model=model, task=task, task_name=args.task_name, variant=variant,
                 base_image=base_image, uid=args.uid, gid=args.gid, wheelhouse=wheelhouse, app_dir=source / "app",
-                package_source=source, tag=args.tag, cpu=args.cpu or base_image == CPU_BASE_IMAGE)
+                package_source=source, tag=args.tag, cpu=args.cpu or base_image == CPU_BASE_IMAGE,
+                folds=args.folds, checkpoint=args.checkpoint)
         if args.dry_run is not None:
             for variant, ctx in contexts.items():
                 print(f"{variant}: build context {ctx} -> docker build -t {name.for_variant(variant)} {ctx}")

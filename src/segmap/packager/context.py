@@ -226,12 +226,31 @@ def _copy_tree(src: Path, dest: Path) -> None:
     dest.chmod(0o755)
 
 
-def model_files(model: Path) -> list[tuple[str, Path]]:
+def model_files(model: Path, folds: str | None = None) -> list[tuple[str, Path]]:
     """``(relative path inside models/<name>/, source file)`` for a model.ts or a folder of fold_K/model.ts."""
-    from ..model import FOLD_DIR, find_fold_files
+    from ..model import FOLD_DIR, find_fold_files, parse_folds
 
     return [(f"{f.parent.name}/{f.name}" if FOLD_DIR.match(f.parent.name) else f.name, f)
-            for f in find_fold_files(Path(model))]
+            for f in find_fold_files(Path(model), parse_folds(folds))]
+
+
+def write_model(dest: Path, model: Path, *, folds: str | None, checkpoint: str | None) -> None:
+    """The model inside the image: MONet files as they are, an nnU-Net results folder converted to them (each fold
+    checked against its checkpoint, as ``segmap convert`` does)."""
+    from ..nnunet_results import is_results_folder
+
+    if is_results_folder(model):
+        from ..convert import convert_results_folder
+        from ..model import parse_folds
+
+        convert_results_folder(model, dest, folds=parse_folds(folds), checkpoint=checkpoint)
+        for f in dest.rglob("*"):
+            f.chmod(0o755 if f.is_dir() else 0o644)
+    else:
+        for rel, src in model_files(model, folds):
+            _write(dest / rel, src.read_bytes())
+    for d in sorted({p.parent for p in dest.rglob("*")} | {dest, dest.parent}):
+        d.chmod(0o755)
 
 
 def resolve_python(base_image: str, python_version: str | None) -> str:
@@ -280,7 +299,8 @@ def write_context(out_dir: str | Path, *, model: str | Path, task: str | Path, t
                   wheelhouse: str | Path | None = None, app_dir: str | Path, package_source: str | Path,
                   version: str | None = None, tag: str, cpu: bool | None = None, python_version: str | None = None,
                   model_name: str | None = None, resources: Mapping[str, Any] | None = None, timeout: int = 0,
-                  requirements: tuple[Sequence[str], Sequence[str]] | None = None) -> Path:
+                  requirements: tuple[Sequence[str], Sequence[str]] | None = None, folds: str | None = None,
+                  checkpoint: str | None = None) -> Path:
     """Write the build context of one MAP variant into ``out_dir`` (replacing an earlier context there).
 
     ``wheelhouse`` is a folder of wheels for the image's Python (``pip download`` fills one when it is None);
@@ -305,8 +325,11 @@ def write_context(out_dir: str | Path, *, model: str | Path, task: str | Path, t
         raise ContextError(f"{task}: task file not found")
     if not app_dir.is_dir() or not any(app_dir.glob("*.py")):
         raise ContextError(f"{app_dir}: application folder not found or holds no .py file (expected __main__.py)")
-    files = model_files(Path(model))
     task_name = load_task(task, task_name).name
+    from ..nnunet_results import is_results_folder
+
+    if not is_results_folder(Path(model)):
+        model_files(Path(model), folds)  # a missing or malformed model fails before anything is written
 
     out = Path(out_dir)
     _prepare_out_dir(out)
@@ -318,10 +341,7 @@ def write_context(out_dir: str | Path, *, model: str | Path, task: str | Path, t
     if operators.is_dir() and not (app_dir / "operators").exists() and any(operators.glob("*.py")):
         # The repository keeps operators beside app/; inside the image they must be importable from the app folder.
         _copy_tree(operators, out / "app" / "operators")
-    for rel, src in files:
-        _write(out / "models" / model_name / rel, src.read_bytes())
-    for d in sorted({p.parent for p in (out / "models").rglob("*")} | {out / "models"}):
-        d.chmod(0o755)
+    write_model(out / "models" / model_name, Path(model), folds=folds, checkpoint=checkpoint)
     _write(out / "task" / task.name, task.read_bytes())
     (out / "task").chmod(0o755)
 
