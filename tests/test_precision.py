@@ -47,7 +47,9 @@ def test_tile_step_out_of_range_is_a_user_error(step):
 def test_exact_never_runs_reduced_precision():
     assert resolve_precision("exact", CPU) is None
     net = torch.jit.trace(torch.nn.Conv3d(1, 2, 3, padding=1).eval(), torch.zeros(1, 1, 4, 4, 4))
-    assert {c.precision for c in candidates_for([net], CPU, None)} == {"fp32"}
+    assert [c.name for c in candidates_for([net], CPU, None)] == ["torchscript fp32", "torchscript frozen fp32"]
+    assert [c.name for c in candidates_for([net], CPU, None, optimize=True)] == ["torchscript frozen fp32"]
+    assert [c.name for c in candidates_for([net], CPU, None, optimize=False)] == ["torchscript fp32"]
 
 
 def test_auto_follows_the_cpu():

@@ -114,20 +114,28 @@ class Candidate:
         return _DTYPE_NAMES[self.dtype]
 
 
-def candidates_for(networks: Sequence, device: torch.device, dtype: torch.dtype | None) -> list[Candidate]:
-    """The ways to run ``networks`` on ``device`` that the chosen precision allows, most likely fastest first."""
+def candidates_for(networks: Sequence, device: torch.device, dtype: torch.dtype | None,
+                   optimize: bool | None = None) -> list[Candidate]:
+    """The ways to run ``networks`` on ``device`` that the chosen precision allows.
+
+    ``optimize`` picks the CPU's fp32 graph: None both the plain and the frozen/fused one (the faster is kept),
+    True only the frozen/fused one (the plain one where torch cannot freeze it), False only the plain one.
+    """
     if device.type != "cpu":
         return [Candidate(f"torchscript {_DTYPE_NAMES[dtype]}" + (" autocast" if dtype else ""), networks, dtype)]
     # First the path that is best on large networks: a run too short to time every candidate (one or two tiles)
     # then loses least in absolute terms (a small network's tiles are cheap whichever path runs them).
-    fused = [frozen(n) for n in networks]
+    out = []
     if dtype is not None:
         # Plain fp32 never beats bf16 autocast on a CPU with native bf16; the frozen fp32 graph can (small nets).
-        out = [Candidate(f"torchscript {_DTYPE_NAMES[dtype]} autocast", networks, dtype)]
-    else:
-        out = [Candidate("torchscript fp32", networks)]
+        out.append(Candidate(f"torchscript {_DTYPE_NAMES[dtype]} autocast", networks, dtype))
+    elif not optimize:
+        out.append(Candidate("torchscript fp32", networks))
+    fused = [frozen(n) for n in networks] if optimize is not False else [None]
     if all(f is not None for f in fused):
         out.append(Candidate("torchscript frozen fp32", fused))
+    elif not out:
+        out.append(Candidate("torchscript fp32", networks))
     return out
 
 
