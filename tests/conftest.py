@@ -120,7 +120,8 @@ def engine():
 #: Tier of each test file that is not a fast unit test. `make test-fast` runs `-m unit` (everything not listed);
 #: `make test` runs every tier.
 TIERS = {
-    "e2e": ("test_app.py", "test_multimodal.py", "test_output_formats.py", "test_phantom.py", "test_install.py"),
+    "e2e": ("test_app.py", "test_multimodal.py", "test_output_formats.py", "test_phantom.py", "test_install.py",
+            "test_convert.py", "test_bad_input_runs.py"),
     "images": ("test_map_images.py", "test_holoscan_cli_compat.py"),
     "fidelity": ("test_fidelity.py", "test_engine_steps.py"),
 }
