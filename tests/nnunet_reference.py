@@ -40,12 +40,16 @@ def make_model_pair(root: Path, state_dicts: Sequence[dict], *, plans: dict, dat
     return ModelPair(monet, results, len(state_dicts))
 
 
-def nnunet_predict(results: Path, folds: int, image_czyx: np.ndarray, spacing_zyx, *, mirroring: bool) -> np.ndarray:
-    """nnU-Net's own label map for an image already in SimpleITK's (c, z, y, x) order."""
+def nnunet_predict(results: Path, folds: int, image_czyx: np.ndarray, spacing_zyx, *, mirroring: bool,
+                   device: str = "cpu") -> np.ndarray:
+    """nnU-Net's own label map for an image already in SimpleITK's (c, z, y, x) order.
+
+    On a GPU nnU-Net keeps everything on the device (its default there); on the CPU there is nothing to move."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
+    dev = torch.device(device)
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
-                                perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
+                                perform_everything_on_device=dev.type == "cuda", device=dev, verbose=False,
                                 verbose_preprocessing=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(results), use_folds=tuple(range(folds)))
     return predictor.predict_single_npy_array(np.asarray(image_czyx, dtype=np.float32),

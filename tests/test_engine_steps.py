@@ -60,12 +60,16 @@ def test_tile_starts_equal_nnunet(size, tile):
     assert tile_starts(size, tile, 0.5) == [list(s) for s in compute_steps_for_sliding_window(size, tile, 0.5)]
 
 
-def test_gaussian_equals_nnunet():
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_gaussian_equals_nnunet(dtype):
+    """float16 is what nnUNetPredictor uses (its default), float32 what segmap's float32 accumulation uses."""
     from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
-    ref = compute_gaussian((20, 32, 28), sigma_scale=1.0 / 8, value_scaling_factor=10, dtype=torch.float32,
-                           device=torch.device("cpu")).numpy()
-    np.testing.assert_allclose(gaussian_importance((20, 32, 28)), ref, rtol=1e-5)
+    ref = compute_gaussian((20, 32, 28), sigma_scale=1.0 / 8, value_scaling_factor=10,
+                           dtype=torch.from_numpy(np.zeros(1, dtype)).dtype, device=torch.device("cpu")).numpy()
+    ours = gaussian_importance((20, 32, 28), dtype=dtype)
+    assert ours.dtype == ref.dtype
+    np.testing.assert_allclose(ours, ref, rtol=1e-5 if dtype == np.float32 else 0)
 
 
 def test_padding_equals_nnunet():

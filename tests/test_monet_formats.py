@@ -210,8 +210,8 @@ def test_scripted_network_is_frozen_for_the_cpu_and_returns_logits(tmp_path):
     with torch.no_grad():
         expected = net(x)
     path = export_monet(tmp_path / "m.ts", script_like_monet(net), plans, make_dataset_json(LABELS), "3d_fullres")
-    segmenter = Segmenter(load_model(path), EngineOptions(device="cpu"))
-    (network,) = segmenter.networks
+    segmenter = Segmenter(load_model(path), EngineOptions(device="cpu", optimize=True))
+    (network,) = segmenter.runner.candidates[0].networks  # optimize=True: the frozen/fused graph is the only path
     with torch.no_grad():
         got = network(x)
     assert isinstance(got, torch.Tensor) and float((got - expected).abs().max()) < 1e-4

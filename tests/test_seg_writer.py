@@ -231,6 +231,34 @@ def test_labelmap_option_round_trips(tmp_path):
     np.testing.assert_array_equal(read_seg_labels(out, uids(series)), labels)
 
 
+@pytest.mark.parametrize("omit_empty_frames", [False, True])
+def test_labelmap_passes_dciodvfy(tmp_path, omit_empty_frames):
+    out = write_seg(make_labels(), make_series(), make_segments(3), tmp_path / "seg.dcm",
+                    segmentation_type="labelmap", omit_empty_frames=omit_empty_frames)
+    assert pydicom.dcmread(out).SegmentationType == "LABELMAP"
+    errors = dciodvfy_errors(out)
+    if "Error - Information Object Not found" in errors:
+        pytest.skip("this dciodvfy predates the Label Map Segmentation IOD (DICOM 2024): it cannot check LABELMAP")
+    assert errors == []
+
+
+def test_labelmap_holds_many_segments_in_one_frame_per_slice(tmp_path):
+    """100 segments: BINARY needs a frame per segment per slice, LABELMAP one per slice; both read back equal."""
+    n = 100
+    series = make_series()
+    labels = (np.arange(NZ * NY * NX).reshape(NZ, NY, NX) % (n + 1)).astype(np.uint8)
+    segments = [Segment(f"Structure {k}", ORGAN, Code("91772007", "SCT", "Organ"), "algo") for k in range(1, n + 1)]
+    binary = write_seg(labels, series, segments, tmp_path / "binary.dcm")
+    labelmap = write_seg(labels, series, segments, tmp_path / "labelmap.dcm", segmentation_type="LABELMAP")
+    assert int(pydicom.dcmread(binary, stop_before_pixels=True).NumberOfFrames) == NZ * n
+    seg = pydicom.dcmread(labelmap, stop_before_pixels=True)
+    assert int(seg.NumberOfFrames) == NZ
+    # highdicom describes the background as segment 0 in a LABELMAP; 1..n are the task's segments.
+    assert [int(item.SegmentNumber) for item in seg.SegmentSequence if int(item.SegmentNumber)] == list(range(1, n + 1))
+    for out in (binary, labelmap):
+        np.testing.assert_array_equal(read_seg_labels(out, uids(series)), labels)
+
+
 def test_int64_and_bool_label_maps_are_accepted(tmp_path):
     series, labels = make_series(), make_labels()
     out = write_seg(labels.astype(np.int64), series, make_segments(2), tmp_path / "a.dcm")

@@ -89,8 +89,8 @@ def _resample_axis(t: torch.Tensor, axis: int, n_out: int, order: int, offset: i
     shape[axis] = n_out
     out = None
     for k in range(idx.shape[0]):
-        taken = t.index_select(axis, torch.from_numpy(idx[k]))
-        weight = torch.from_numpy(w[k]).to(t.dtype).reshape(shape)
+        taken = t.index_select(axis, torch.from_numpy(idx[k]).to(t.device))
+        weight = torch.from_numpy(w[k]).to(device=t.device, dtype=t.dtype).reshape(shape)
         if out is None:
             out = taken.mul_(weight) if order else taken
         else:
@@ -98,10 +98,13 @@ def _resample_axis(t: torch.Tensor, axis: int, n_out: int, order: int, offset: i
     return out
 
 
-def _spline_resize(arr: np.ndarray, new_shape: Sequence[int], order: int, axes: Sequence[int]) -> np.ndarray:
+def _spline_resize(arr: np.ndarray, new_shape: Sequence[int], order: int, axes: Sequence[int],
+                   device: torch.device | None = None) -> np.ndarray:
     """skimage ``resize(arr, new_shape, order, mode='edge', anti_aliasing=False)`` along ``axes`` only.
 
-    Clipping to the input range is the caller's job (it differs between the 3D and per-slice paths).
+    Clipping to the input range is the caller's job (it differs between the 3D and per-slice paths). With a CUDA
+    ``device`` the interpolation (not scipy's prefilter) runs there; the gathers and multiply-adds are the same
+    float32 operations, so results agree with the CPU to float32 rounding.
     """
     axes = [a for a in axes if arr.shape[a] != new_shape[a]]
     if not axes:
@@ -113,31 +116,35 @@ def _spline_resize(arr: np.ndarray, new_shape: Sequence[int], order: int, axes: 
         coef = np.pad(arr, pad, mode="edge").astype(np.float32, copy=False)
         for a in axes:
             coef = spline_filter1d(coef, 3, axis=a, mode="nearest", output=np.float32)
-        t = torch.from_numpy(coef)
+        t = _to(torch.from_numpy(coef), device)
         for a in axes:
             t = _resample_axis(t, a, new_shape[a], 3, offset=_SPLINE_PAD, n_in=arr.shape[a])
-        return t.numpy()
-    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        return t.cpu().numpy()
+    t = _to(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)), device)
     for a in axes:
         t = _resample_axis(t, a, new_shape[a], order)
-    return t.numpy()
+    return t.cpu().numpy()
+
+
+def _to(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    return t if device is None or device.type == "cpu" else t.to(device)
 
 
 def resample_channel(arr: np.ndarray, new_shape: Sequence[int], order: int, order_z: int,
-                     z_axis: int | None) -> np.ndarray:
-    """Resample one ``[z, y, x]`` channel the way nnU-Net does (float32 result)."""
+                     z_axis: int | None, device: torch.device | None = None) -> np.ndarray:
+    """Resample one ``[z, y, x]`` channel the way nnU-Net does (float32 result; interpolation on ``device``)."""
     new_shape = tuple(int(s) for s in new_shape)
     if tuple(arr.shape) == new_shape:
         return arr
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if z_axis is None:
-        out = _spline_resize(arr, new_shape, order, range(3))
+        out = _spline_resize(arr, new_shape, order, range(3), device)
         if order > 1:
             np.clip(out, arr.min(), arr.max(), out=out)
         return out
     in_plane = [a for a in range(3) if a != z_axis]
     shape_2d = tuple(arr.shape[a] if a == z_axis else new_shape[a] for a in range(3))
-    out = _spline_resize(arr, shape_2d, order, in_plane)
+    out = _spline_resize(arr, shape_2d, order, in_plane, device)
     if order > 1 and out is not arr:
         # skimage clips every 2D slice to that slice's own range.
         lo = arr.min(axis=tuple(in_plane), keepdims=True)
@@ -146,23 +153,25 @@ def resample_channel(arr: np.ndarray, new_shape: Sequence[int], order: int, orde
     if arr.shape[z_axis] != new_shape[z_axis]:
         if order_z not in (0, 1):
             raise ValueError(f"order_z {order_z} is not supported (0 or 1)")
-        out = _resample_axis(torch.from_numpy(np.ascontiguousarray(out)), z_axis, new_shape[z_axis], order_z).numpy()
+        out = _resample_axis(_to(torch.from_numpy(np.ascontiguousarray(out)), device), z_axis, new_shape[z_axis],
+                             order_z).cpu().numpy()
     return out
 
 
 def resample(data: np.ndarray, new_shape: Sequence[int], spec: ResamplingSpec, current_spacing: Sequence[float],
-             new_spacing: Sequence[float]) -> np.ndarray:
+             new_spacing: Sequence[float], device: torch.device | None = None) -> np.ndarray:
     """nnU-Net's ``resample_data_or_seg_to_shape`` for image data ``[c, z, y, x]`` (float32 result)."""
     z_axis = separate_z_axis(spec, current_spacing, new_spacing)
     if tuple(data.shape[1:]) == tuple(new_shape):
         return data
-    return np.stack([resample_channel(data[c], new_shape, spec.order, spec.order_z, z_axis)
+    return np.stack([resample_channel(data[c], new_shape, spec.order, spec.order_z, z_axis, device)
                      for c in range(data.shape[0])])
 
 
 def iter_resampled(channels: Callable[[int], np.ndarray], n: int, new_shape: Sequence[int], spec: ResamplingSpec,
-                   current_spacing: Sequence[float], new_spacing: Sequence[float]) -> Iterator[np.ndarray]:
+                   current_spacing: Sequence[float], new_spacing: Sequence[float],
+                   device: torch.device | None = None) -> Iterator[np.ndarray]:
     """Resample channels one at a time (so many-class logits never exist at full size all at once)."""
     z_axis = separate_z_axis(spec, current_spacing, new_spacing)
     for c in range(n):
-        yield resample_channel(channels(c), new_shape, spec.order, spec.order_z, z_axis)
+        yield resample_channel(channels(c), new_shape, spec.order, spec.order_z, z_axis, device)

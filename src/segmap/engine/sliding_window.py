@@ -10,13 +10,19 @@ is linear, so the result is the same while only one logits volume is ever held.
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from functools import lru_cache
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
+
+if TYPE_CHECKING:
+    from .precision import FastestCandidate
+
+log = logging.getLogger("segmap.engine")
 
 
 def tile_starts(image_size: Sequence[int], tile_size: Sequence[int], step: float = 0.5) -> list[list[int]]:
@@ -33,14 +39,19 @@ def tile_starts(image_size: Sequence[int], tile_size: Sequence[int], step: float
 
 
 @lru_cache(maxsize=4)
-def gaussian_importance(tile_size: tuple[int, ...], sigma_scale: float = 1.0 / 8, peak: float = 10.0) -> np.ndarray:
-    """nnU-Net's tile weighting: a Gaussian (sigma = tile/8) centred at ``size // 2``, peak ``peak``, no zeros."""
+def gaussian_importance(tile_size: tuple[int, ...], sigma_scale: float = 1.0 / 8, peak: float = 10.0,
+                        dtype: type = np.float32) -> np.ndarray:
+    """nnU-Net's tile weighting: a Gaussian (sigma = tile/8) centred at ``size // 2``, peak ``peak``, no zeros.
+
+    nnU-Net's predictor uses it in float16 (values rounded to half precision, zeros replaced after rounding).
+    """
     delta = np.zeros(tile_size)
     delta[tuple(s // 2 for s in tile_size)] = 1
     g = gaussian_filter(delta, [s * sigma_scale for s in tile_size], 0, mode="constant", cval=0)
     g = g / g.max() * peak
-    g = g.astype(np.float32)
+    g = g.astype(dtype)
     g[g == 0] = g[g > 0].min()
+    g.flags.writeable = False  # cached and shared
     return g
 
 
@@ -60,15 +71,28 @@ def mirror_combinations(axes: Sequence[int]) -> list[tuple[int, ...]]:
     return [c for i in range(len(axes)) for c in itertools.combinations(axes, i + 1)]
 
 
-def predict_tile(networks: Sequence[Callable], x: torch.Tensor, mirror_axes: Sequence[int]) -> torch.Tensor:
-    """Mean over folds of each fold's (optionally mirror-averaged) logits for a ``[b, c, *tile]`` batch."""
+def predict_tile(networks: Sequence[Callable], x: torch.Tensor, mirror_axes: Sequence[int],
+                 batch_mirrors: bool = False) -> torch.Tensor:
+    """Mean over folds of each fold's (optionally mirror-averaged) logits for a ``[1, c, *tile]`` tile.
+
+    ``batch_mirrors`` sends the tile and its mirrored copies through the network as one batch (faster on a GPU;
+    on the CPU, measured on toy and nnU-Net-sized networks, one call per copy is faster).
+    """
     combos = mirror_combinations(mirror_axes)
+    flips = [[a + 2 for a in axes] for axes in combos]
     total = None
     for net in networks:
-        pred = net(x)
-        for axes in combos:
-            dims = [a + 2 for a in axes]
-            pred += torch.flip(net(torch.flip(x, dims)), dims)
+        if batch_mirrors and combos:
+            batch = torch.cat([x] + [torch.flip(x, dims) for dims in flips])
+            out = net(batch)
+            pred = out[:1].float()
+            for k, dims in enumerate(flips, start=1):
+                pred += torch.flip(out[k:k + 1], dims)
+        else:
+            # fp32 accumulation whatever the network's output dtype (bf16/fp16 under autocast)
+            pred = net(x).float()
+            for dims in flips:
+                pred += torch.flip(net(torch.flip(x, dims)), dims)
         if combos:
             pred /= len(combos) + 1
         total = pred if total is None else total.add_(pred)
@@ -77,42 +101,88 @@ def predict_tile(networks: Sequence[Callable], x: torch.Tensor, mirror_axes: Seq
     return total
 
 
-def sliding_window_logits(data: np.ndarray, networks: Sequence[Callable], tile_size: Sequence[int],
+def _zeros(shape, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def sliding_window_logits(data: np.ndarray, runner: "FastestCandidate | Sequence[Callable]", tile_size: Sequence[int],
                           num_outputs: int, *, device: torch.device, mirror_axes: Sequence[int] = (),
-                          step: float = 0.5, use_gaussian: bool = True, batch_size: int = 1,
-                          autocast: bool = False, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Logits ``[num_outputs, *spatial]`` (float32, on the CPU) for a preprocessed ``[c, *spatial]`` array."""
+                          step: float = 0.5, use_gaussian: bool = True, accumulate: torch.dtype = torch.float16,
+                          progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Logits ``[num_outputs, *spatial]`` (dtype ``accumulate``, on the CPU) for a preprocessed ``[c, *spatial]``
+    array.
+
+    ``runner`` chooses how each tile runs (:class:`~segmap.engine.precision.FastestCandidate`); a plain list of
+    networks runs them in fp32. Weighted sums accumulate in float16 as nnU-Net's predictor does (its Gaussian is
+    float16 too): that is both its result near ties between classes and half the memory of float32 (what makes
+    many-class models fit). Should a sum overflow float16, the window is run again in float32 with a warning.
+    A CUDA out-of-memory error propagates: the caller falls back to the CPU.
+    """
+    from .precision import Candidate, FastestCandidate
+
+    if not isinstance(runner, FastestCandidate):
+        runner = FastestCandidate([Candidate("fp32", list(runner))])
     padded, unpad = pad_to_tile(data, tile_size)
     spatial = padded.shape[1:]
     starts = tile_starts(spatial, tile_size, step)
     tiles = [tuple(slice(s, s + t) for s, t in zip(corner, tile_size)) for corner in itertools.product(*starts)]
+    on_gpu = device.type == "cuda"
 
     # Accumulate on the device when it is a GPU with room; otherwise on the CPU.
     acc_device = device
     try:
-        logits = torch.zeros((num_outputs, *spatial), dtype=torch.float32, device=acc_device)
-        weights = torch.zeros(spatial, dtype=torch.float32, device=acc_device)
+        logits = _zeros((num_outputs, *spatial), acc_device, accumulate)
+        weights = _zeros(spatial, acc_device, accumulate)
     except torch.OutOfMemoryError:
         acc_device = torch.device("cpu")
-        logits = torch.zeros((num_outputs, *spatial), dtype=torch.float32)
-        weights = torch.zeros(spatial, dtype=torch.float32)
-    g = torch.from_numpy(gaussian_importance(tuple(tile_size))).to(acc_device) if use_gaussian else None
+        if on_gpu:
+            torch.cuda.empty_cache()
+        logits = _zeros((num_outputs, *spatial), acc_device, accumulate)
+        weights = _zeros(spatial, acc_device, accumulate)
+    g_dtype = np.float16 if accumulate == torch.float16 else np.float32
+    g = torch.from_numpy(gaussian_importance(tuple(tile_size), dtype=g_dtype).copy()).to(acc_device) \
+        if use_gaussian else None
     source = torch.from_numpy(padded)
+    if progress is not None:
+        progress(0, len(tiles))
     with torch.inference_mode():
-        for first in range(0, len(tiles), batch_size):
-            batch = tiles[first:first + batch_size]
-            x = torch.stack([source[(slice(None), *sl)] for sl in batch]).to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=autocast):
-                pred = predict_tile(networks, x, mirror_axes)
-            pred = pred.float().to(acc_device)
-            for sl, p in zip(batch, pred):
-                if g is not None:
-                    p *= g
-                    weights[sl] += g
-                else:
-                    weights[sl] += 1
-                logits[(slice(None), *sl)] += p
+        for done, sl in enumerate(tiles, start=1):
+            x = source[(slice(None), *sl)][None]
+            if on_gpu:  # page-locked memory lets the copy overlap with the previous tile's work
+                x = x.pin_memory().to(device, non_blocking=True)
+            else:
+                x = x.contiguous()
+            candidate = runner.next()
+            pred = runner.timed(candidate, lambda: _run(candidate, x, mirror_axes, device))[0].to(acc_device)
+            if g is not None:
+                pred *= g  # float32 times the (float16) weights, as nnU-Net
+                weights[sl] += g
+            else:
+                weights[sl] += 1
+            logits[(slice(None), *sl)] += pred
             if progress is not None:
-                progress(min(first + batch_size, len(tiles)), len(tiles))
-        logits /= weights
+                progress(done, len(tiles))
+        torch.div(logits, weights, out=logits)
+        # Class by class: a boolean copy of all logits would be a quarter of their size again (many-class models).
+        if accumulate == torch.float16 and any(bool(torch.isinf(ch).any()) for ch in logits):
+            log.warning("logits overflow float16 in the sliding window: running it again in float32")
+            del logits, weights
+            return sliding_window_logits(data, runner, tile_size, num_outputs, device=device,
+                                         mirror_axes=mirror_axes, step=step, use_gaussian=use_gaussian,
+                                         accumulate=torch.float32, progress=progress)
     return logits[(slice(None), *unpad)].cpu()
+
+
+def _run(candidate, x: torch.Tensor, mirror_axes: Sequence[int], device: torch.device) -> torch.Tensor:
+    on_gpu = device.type == "cuda"
+    if on_gpu and candidate.dtype is None:
+        # Exact on a GPU means fp32 convolutions: cuDNN would otherwise use TF32 (10-bit mantissa).
+        with torch.backends.cudnn.flags(enabled=True, benchmark=torch.backends.cudnn.benchmark,
+                                        deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
+            out = predict_tile(candidate.networks, x, mirror_axes, batch_mirrors=True)
+    else:
+        with torch.autocast(device.type, dtype=candidate.dtype or torch.float32, enabled=candidate.dtype is not None):
+            out = predict_tile(candidate.networks, x, mirror_axes, batch_mirrors=on_gpu)
+    if on_gpu:
+        torch.cuda.synchronize(device)  # so that the tile's timing is the tile's
+    return out

@@ -19,9 +19,15 @@ Behaviour worth knowing:
   fall back to that with a warning anyway).
 - Source datasets need no PixelData (headers read with ``stop_before_pixels`` suffice); highdicom only reads
   geometry and identifiers from them.
-- Speed: the writer adds one ``max()`` pass (and one cast when the labels are not already uint8/uint16) to
-  highdicom's work; highdicom's construction and pydicom's serialisation of the per-frame functional groups are
-  the cost.
+- Speed (``bench/bench_seg.py``): the writer adds one ``max()`` pass (and one cast when the labels are not already
+  uint8/uint16) to highdicom's work; highdicom's construction (per-frame functional groups, attribute validation)
+  and pydicom's serialisation of the per-frame sequences are the cost, so time follows the number of frames.
+  BINARY has one frame per segment per slice, LABELMAP one per slice. Measured (512x512 slices, empty frames
+  kept): 300 slices x 2 segments BINARY 0.68 s / 19 MiB, LABELMAP 0.36 s / 75 MiB (8 bits per pixel against 1 bit
+  per segment); 100 slices x 100 segments BINARY 6.4 s / 317 MiB / 10 000 frames, LABELMAP 0.14 s / 25 MiB.
+- ``segmentation_type="LABELMAP"`` writes the Label Map Segmentation IOD (DICOM 2024; highdicom adds a
+  "Background" segment 0 there). Only newer viewers read it and older validators (dicom3tools 2022) do not know
+  the IOD; BINARY stays the default.
 """
 
 from __future__ import annotations

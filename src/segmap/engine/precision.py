@@ -1,0 +1,204 @@
+"""How the network runs: exact (fp32) or fast (bf16 on CPUs that compute it natively, fp16 on CUDA).
+
+``precision`` is ``"exact"``, ``"fast"`` or ``"auto"`` (fast where the hardware has it, else exact). The fast path
+uses autocast, so normalisation layers, softmax-free logits accumulation and everything outside the network stay
+in fp32; only convolutions and matrix products run in the low precision.
+
+On the CPU, which variant of a network is fastest depends on its size, not on a rule we could write down: torch's
+frozen, oneDNN-fused TorchScript is 3-6x faster than the plain graph on small networks (32x48x48 patches, <= 256
+features) but about 25 % slower on nnU-Net's default CT network (6 stages, 32..320 features, patch 128^3), where
+bf16 autocast on the plain graph is 2x faster than either fp32 variant yet slower than the fused fp32 graph on small
+networks. So the engine times the allowed candidates on the first tiles of a run (each candidate gets two tiles; the
+second is timed, the first pays TorchScript's profiling warm-up; a candidate whose first tile already took twice
+the best timed tile gets no second) and keeps the fastest for the rest. Every tile is
+computed in full by one candidate, so the result is the same as if that candidate had run every tile, within the
+tolerance of the candidates allowed: exact allows only fp32 variants (logits within ~1e-5 of each other).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from ..errors import SegmapError
+
+log = logging.getLogger("segmap.engine")
+
+PRECISIONS = ("exact", "fast", "auto")
+
+#: CPU flags that mean native bf16 arithmetic (oneDNN uses AMX tiles or AVX512-BF16 dot products). Without them
+#: torch still accepts bf16 but emulates it, which is slower than fp32.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_bf16_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str, ...]:
+    """The native-bf16 flags this CPU reports (empty when none, or when the CPU cannot be inspected)."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return ()
+    flags: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("flags") and ":" in line:
+            flags.update(line.split(":", 1)[1].split())
+    return tuple(f for f in BF16_CPU_FLAGS if f in flags)
+
+
+def cpu_has_fast_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """True when the CPU computes bf16 natively and torch's oneDNN can use it; never assumed."""
+    if not cpu_bf16_flags(cpuinfo):
+        return False
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def fast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the fast path on ``device``, or None where there is no fast path."""
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return None
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype to use (None: fp32) for a requested ``precision`` on ``device``.
+
+    ``fast`` where the hardware has no fast path runs exact with a warning: a deployed image may land on an older
+    host, and emulated bf16 would be slower than fp32, never faster.
+    """
+    if precision not in PRECISIONS:
+        raise SegmapError(f"unknown precision '{precision}' (use exact, fast or auto)")
+    if precision == "exact":
+        return None
+    dtype = fast_dtype(device)
+    if dtype is None and precision == "fast":
+        log.warning("precision 'fast' requested but this CPU has no native bf16 (flags %s); running exact fp32",
+                    "/".join(BF16_CPU_FLAGS))
+    return dtype
+
+
+_DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def frozen(network):
+    """A frozen, oneDNN-fused copy of a TorchScript network, or None where torch cannot do it."""
+    try:
+        with torch.inference_mode(), warnings.catch_warnings():
+            # torch points to torch.compile; TorchScript is our input
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.jit.optimize_for_inference(torch.jit.freeze(network.eval()))
+    except Exception as e:  # an unusual graph: run it as it is
+        log.debug("network not frozen for CPU inference: %s", e)
+        return None
+
+
+@dataclass
+class Candidate:
+    """One way to run the fold networks: which graphs, and autocast to which dtype (None: fp32)."""
+
+    name: str
+    networks: Sequence[Callable]
+    dtype: torch.dtype | None = None
+
+    @property
+    def precision(self) -> str:
+        return _DTYPE_NAMES[self.dtype]
+
+
+def candidates_for(networks: Sequence, device: torch.device, dtype: torch.dtype | None,
+                   optimize: bool | None = None) -> list[Candidate]:
+    """The ways to run ``networks`` on ``device`` that the chosen precision allows.
+
+    ``optimize`` picks the CPU's fp32 graph: None both the plain and the frozen/fused one (the faster is kept),
+    True only the frozen/fused one (the plain one where torch cannot freeze it), False only the plain one.
+    """
+    if device.type != "cpu":
+        return [Candidate(f"torchscript {_DTYPE_NAMES[dtype]}" + (" autocast" if dtype else ""), networks, dtype)]
+    # First the path that is best on large networks: a run too short to time every candidate (one or two tiles)
+    # then loses least in absolute terms (a small network's tiles are cheap whichever path runs them).
+    out = []
+    if dtype is not None:
+        # Plain fp32 never beats bf16 autocast on a CPU with native bf16; the frozen fp32 graph can (small nets).
+        out.append(Candidate(f"torchscript {_DTYPE_NAMES[dtype]} autocast", networks, dtype))
+    elif not optimize:
+        out.append(Candidate("torchscript fp32", networks))
+    fused = [frozen(n) for n in networks] if optimize is not False else [None]
+    if all(f is not None for f in fused):
+        out.append(Candidate("torchscript frozen fp32", fused))
+    elif not out:
+        out.append(Candidate("torchscript fp32", networks))
+    return out
+
+
+@dataclass
+class FastestCandidate:
+    """Runs tiles with each candidate in turn until each has a timed tile, then only with the fastest."""
+
+    candidates: list[Candidate]
+    #: Tiles per candidate while choosing; the last one is timed (the first pays TorchScript's warm-up).
+    trials: int = 2
+    #: A candidate whose first (warm-up) tile took this many times the best timed tile gets no second trial: on
+    #: nnU-Net-sized networks a trial tile of the wrong path costs seconds.
+    give_up: float = 2.0
+    seconds: dict[str, float] = field(default_factory=dict)
+    tiles: dict[str, int] = field(default_factory=dict)
+    chosen: Candidate | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.candidates) == 1:
+            self.chosen = self.candidates[0]
+
+    def next(self) -> Candidate:
+        """The candidate for the next tile."""
+        if self.chosen is not None:
+            return self.chosen
+        for c in self.candidates:
+            n = self.tiles.get(c.name, 0)
+            if n >= self.trials:
+                continue
+            if n and self.seconds[c.name] > self.give_up * self._best_timed():
+                continue  # even its warm-up tile ruled it out: a second slow tile would be wasted time
+            return c
+        self.chosen = min(self.candidates, key=lambda c: self.seconds[c.name])
+        log.info("network path: %s (tile times %s)", self.chosen.name,
+                 ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.seconds.items()))
+        return self.chosen
+
+    def _best_timed(self) -> float:
+        done = [self.seconds[c.name] for c in self.candidates if self.tiles.get(c.name, 0) >= self.trials]
+        return min(done, default=float("inf"))
+
+    def record(self, candidate: Candidate, seconds: float) -> None:
+        self.tiles[candidate.name] = self.tiles.get(candidate.name, 0) + 1
+        if self.chosen is None:
+            self.seconds[candidate.name] = seconds
+
+    def pin(self, precision: str) -> Candidate:
+        """Run every tile with the first candidate of ``precision`` (fp32, bf16, fp16): for measurements and tests
+        that must know which arithmetic ran. Raises ``ValueError`` when no candidate has it."""
+        for c in self.candidates:
+            if c.precision == precision:
+                self.chosen = c
+                return c
+        raise ValueError(f"no {precision} path among {[c.name for c in self.candidates]}")
+
+    def current(self) -> Candidate:
+        """The chosen candidate, or the one that ran the most tiles when the run was too short to choose."""
+        if self.chosen is not None:
+            return self.chosen
+        return max(self.candidates, key=lambda c: self.tiles.get(c.name, 0))
+
+    def timed(self, candidate: Candidate, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        t = time.perf_counter()
+        out = fn()
+        self.record(candidate, time.perf_counter() - t)
+        return out

@@ -1,0 +1,117 @@
+"""Choosing how the network runs: precision settings, bf16 detection, the fastest-candidate choice."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from segmap.engine import EngineOptions
+from segmap.engine.precision import (Candidate, FastestCandidate, candidates_for, cpu_bf16_flags, cpu_has_fast_bf16,
+                                     resolve_precision)
+from segmap.engine.sliding_window import sliding_window_logits
+from segmap.errors import SegmapError
+
+CPU = torch.device("cpu")
+
+
+def _cpuinfo(tmp_path, flags: str):
+    path = tmp_path / "cpuinfo"
+    path.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: fpu sse2 avx2 {flags}\n\n"
+                    f"processor\t: 1\nflags\t\t: fpu sse2 avx2 {flags}\n")
+    return path
+
+
+def test_bf16_flags_are_read_from_cpuinfo(tmp_path):
+    assert cpu_bf16_flags(_cpuinfo(tmp_path, "avx512f avx512_bf16")) == ("avx512_bf16",)
+    assert cpu_bf16_flags(_cpuinfo(tmp_path, "amx_tile amx_bf16 avx512_bf16")) == ("amx_bf16", "avx512_bf16")
+    # avx512f alone emulates bf16 (slower than fp32): not a fast path.
+    assert cpu_bf16_flags(_cpuinfo(tmp_path, "avx512f avx512bw")) == ()
+    assert not cpu_has_fast_bf16(_cpuinfo(tmp_path, "avx512f avx512bw"))
+    assert cpu_bf16_flags(tmp_path / "missing") == ()  # not Linux, or /proc hidden: never assume
+
+
+@pytest.mark.parametrize("bad", ["fp16", "", "Exact"])
+def test_unknown_precision_is_a_user_error(bad):
+    with pytest.raises(SegmapError, match="unknown precision"):
+        EngineOptions(precision=bad)
+
+
+@pytest.mark.parametrize("step", [0, 1.5, -0.5])
+def test_tile_step_out_of_range_is_a_user_error(step):
+    with pytest.raises(SegmapError, match="tile step"):
+        EngineOptions(step=step)
+
+
+def test_exact_never_runs_reduced_precision():
+    assert resolve_precision("exact", CPU) is None
+    net = torch.jit.trace(torch.nn.Conv3d(1, 2, 3, padding=1).eval(), torch.zeros(1, 1, 4, 4, 4))
+    assert [c.name for c in candidates_for([net], CPU, None)] == ["torchscript fp32", "torchscript frozen fp32"]
+    assert [c.name for c in candidates_for([net], CPU, None, optimize=True)] == ["torchscript frozen fp32"]
+    assert [c.name for c in candidates_for([net], CPU, None, optimize=False)] == ["torchscript fp32"]
+
+
+def test_auto_follows_the_cpu():
+    expected = torch.bfloat16 if cpu_has_fast_bf16() else None
+    assert resolve_precision("auto", CPU) == expected
+    assert resolve_precision("fast", CPU) == expected
+
+
+def test_fast_path_is_available_on_this_cpu():
+    """Makes a missing bf16 path visible: without it the fast-path fidelity checks in test_fidelity do not run."""
+    if not cpu_has_fast_bf16():
+        pytest.skip("this CPU has no native bf16 (amx_bf16 / avx512_bf16 flags): fast-path fidelity not checked")
+    net = torch.jit.trace(torch.nn.Conv3d(1, 2, 3, padding=1).eval(), torch.zeros(1, 1, 4, 4, 4))
+    runner = FastestCandidate(candidates_for([net], CPU, resolve_precision("fast", CPU)))
+    assert runner.pin("bf16").dtype == torch.bfloat16
+    x = torch.randn(1, 1, 8, 8, 8)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert runner.chosen.networks[0](x).dtype == torch.bfloat16
+
+
+class Sleepy(torch.nn.Module):
+    """A 'network' that costs a known time: the choice must follow measured time, not the list order."""
+
+    def __init__(self, seconds: float, value: float):
+        super().__init__()
+        self.seconds, self.value = seconds, value
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return torch.full((x.shape[0], 2, *x.shape[2:]), self.value)
+
+
+def test_fastest_candidate_is_kept_after_two_tiles_each():
+    slow, quick = Candidate("slow", [Sleepy(0.03, 1.0)]), Candidate("quick", [Sleepy(0.0, 1.0)])
+    runner = FastestCandidate([slow, quick])
+    data = torch.zeros(1, 40, 10, 10).numpy()
+    logits = sliding_window_logits(data, runner, (10, 10, 10), 2, device=CPU)
+    assert runner.chosen is quick
+    assert runner.tiles == {"slow": 2, "quick": 5}  # 7 tiles: 2 + 2 trials, then the rest on the faster
+    assert torch.allclose(logits.float(), torch.ones_like(logits.float()))
+
+
+def test_a_candidate_slow_even_to_warm_up_gets_no_second_trial():
+    quick, slow = Candidate("quick", [Sleepy(0.0, 1.0)]), Candidate("slow", [Sleepy(0.03, 1.0)])
+    runner = FastestCandidate([quick, slow])
+    sliding_window_logits(torch.zeros(1, 40, 10, 10).numpy(), runner, (10, 10, 10), 2, device=CPU)
+    assert runner.chosen is quick
+    assert runner.tiles == {"quick": 6, "slow": 1}
+
+
+def test_pin_refuses_a_precision_it_does_not_have():
+    runner = FastestCandidate([Candidate("torchscript fp32", [Sleepy(0, 0)])])
+    with pytest.raises(ValueError, match="no bf16 path"):
+        runner.pin("bf16")
+
+
+def test_float16_overflow_reruns_in_float32(caplog):
+    """Sums accumulate in float16 like nnU-Net's; logits too large for it must not come back as inf."""
+    data = torch.zeros(1, 20, 20, 20).numpy()
+    with caplog.at_level("WARNING", logger="segmap.engine"):
+        logits = sliding_window_logits(data, [Sleepy(0.0, 1e5)], (10, 10, 10), 2, device=CPU)
+    assert logits.dtype == torch.float32
+    assert torch.isfinite(logits).all() and torch.allclose(logits, torch.full_like(logits, 1e5))
+    assert "overflow float16" in caplog.text
+    assert sliding_window_logits(data, [Sleepy(0.0, 3.0)], (10, 10, 10), 2, device=CPU).dtype == torch.float16
