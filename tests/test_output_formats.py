@@ -133,3 +133,18 @@ def test_compose_shows_named_ports(kind, tmp_path):
         expected[("dicom_scan", "series_selector")] = {"study": ["study"]}
         expected[("series_selector", "series_to_volume")] = {"series": ["series"]}
     assert flows == expected
+
+
+def test_precision_and_seg_type_settings_reach_the_engine_and_the_writer(dicom_study, tmp_path):
+    import pydicom
+
+    proc = subprocess.run([sys.executable, "-m", "segmap.cli", "run", "-m", str(DEMO_MODEL), "-t", str(SPLEEN_TASK),
+                           "-i", str(dicom_study), "-o", str(tmp_path / "o"), "--device", "cpu", "--no-overlay",
+                           "--segmentation-type", "labelmap", "--precision", "exact"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seg = pydicom.dcmread(tmp_path / "o" / "segmentation.dcm", stop_before_pixels=True)
+    assert seg.SegmentationType == "LABELMAP"
+    report = json.loads((tmp_path / "o" / "run_report.json").read_text())
+    assert report["engine"]["precision"] == "exact" and report["engine"]["arithmetic"] == "fp32"
+    assert [o["kind"] for o in report["outputs"]] == ["dicom-seg"]  # --no-overlay

@@ -256,11 +256,14 @@ class Inference:
         check_memory_for(image, self.model)
         if self._segmenter is None:
             self._segmenter = _timed(timings, "load_model", lambda: Segmenter(self.model, EngineOptions(
-                device=self.settings.device, mirroring=self.settings.mirroring)))
+                device=self.settings.device, mirroring=self.settings.mirroring, precision=self.settings.precision)))
         labels = _timed(timings, "inference", lambda: self._segmenter.segment(image.volume))
         for k in ("preprocess", "network", "postprocess"):
             timings[f"inference.{k}"] = self._segmenter.timings.get(k, 0.0)
-        return Volume(labels.array, labels.affine, {"device": str(self._segmenter.device), "timings_s": timings})
+        return Volume(labels.array, labels.affine, {
+            "device": str(self._segmenter.device), "timings_s": timings,
+            "engine": {"precision": self.settings.precision, "arithmetic": self._segmenter.precision_used,
+                       "network_path": self._segmenter.network_path}})
 
 
 def check_memory_for(image: InputImage, model: MonetModel) -> int:
@@ -327,6 +330,7 @@ class ResultWriter:
         report.timings_s.update(image.timings_s)
         report.timings_s.update(labels.meta.get("timings_s", {}))
         report.set_device(labels.meta.get("device"))
+        report.extra["engine"] = labels.meta.get("engine")
         report.set_segments(labels.array[0], labels.affine, self.task.segments)
         old_umask = apply_umask(self.umask)  # the outputs hold patient data: 0640 by default; only while writing
         try:

@@ -79,6 +79,12 @@ class Settings:
     device: str = _setting("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
     mirroring: bool = _setting(False, "nnU-Net test-time mirroring over the model's allowed axes (nnU-Net's "
                                "default; 8x the network time in 3D)")
+    precision: str = _setting("exact", "network arithmetic: exact (fp32, matches nnU-Net to Dice >= 0.999), fast "
+                              "(bf16 on CPUs with native bf16, fp16 on CUDA; Dice >= 0.99) or auto (fast where the "
+                              "hardware has it); the report records which ran", choices=("exact", "fast", "auto"))
+    segmentation_type: str = _setting("binary", "DICOM SEG type: binary (one frame per segment and slice; every "
+                                      "viewer) or labelmap (one frame per slice; newer viewers only)",
+                                      choices=("binary", "labelmap"))
     omit_empty_frames: bool = _setting(False, "DICOM SEG: leave out frames without segmented voxels (smaller "
                                        "files; some viewers misplace them)")
     overlay: bool = _setting(True, "write overlay.png beside the outputs: axial and coronal slices through the "

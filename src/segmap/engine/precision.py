@@ -27,10 +27,11 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import SegmapError
+from ..settings import setting
 
 log = logging.getLogger("segmap.engine")
 
-PRECISIONS = ("exact", "fast", "auto")
+PRECISIONS = setting("precision").choices
 
 #: CPU flags that mean native bf16 arithmetic (oneDNN uses AMX tiles or AVX512-BF16 dot products). Without them
 #: torch still accepts bf16 but emulates it, which is slower than fp32.

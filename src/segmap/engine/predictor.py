@@ -39,7 +39,7 @@ class EngineOptions:
     step: float = 0.5
     #: "exact" (fp32, matches nnU-Net to Dice >= 0.999), "fast" (bf16 on CPUs with native bf16, fp16 on CUDA;
     #: Dice >= 0.99) or "auto" (fast where the hardware has it, else exact). See :mod:`segmap.engine.precision`.
-    precision: str = "exact"
+    precision: str = Settings.precision
     #: The CPU's fp32 graph: None (default) times the plain TorchScript graph and torch's frozen, oneDNN-fused
     #: copy on the first tiles and keeps the faster (fused: 3-6x faster on small networks, ~25 % slower on
     #: nnU-Net-sized ones; logits within ~1e-6); True only the fused graph, False only the plain one.
