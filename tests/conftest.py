@@ -140,3 +140,25 @@ def pytest_collection_modifyitems(config, items):
         tier = "images" if "engine" in getattr(item, "fixturenames", ()) else by_file.get(item.path.name, "unit")
         if not any(item.get_closest_marker(t) for t in ("unit", *TIERS)):
             item.add_marker(getattr(pytest.mark, tier))
+
+
+#: The demo model's MAP images, built once per test session by `segmap package` for every module that runs them.
+MAP_TAG = "segmap-test/spleen:ci"
+
+
+@pytest.fixture(scope="session")
+def images(engine):
+    """``(dicom image, nifti image)`` of the bundled demo model, CPU base (tests/test_map_images.py, test_image_ops.py)."""
+    import shutil
+    import time
+
+    if shutil.which("docker") is None:
+        pytest.fail("the docker command-line client is missing although an engine runs")
+    root = Path(__file__).resolve().parents[1]
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "segmap.cli", "package", "--model",
+                           str(root / "models" / "demo-spleen" / "model.ts"), "--task", str(root / "tasks" / "spleen.yaml"),
+                           "--tag", MAP_TAG, "--cpu"], capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    print(f"segmap package (both variants) took {time.perf_counter() - t:.0f} s")
+    return MAP_TAG, MAP_TAG + "-nifti"

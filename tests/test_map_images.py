@@ -23,19 +23,7 @@ from segmap.demo.phantom import make_phantom, write_dicom_series, write_nifti
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "demo-spleen" / "model.ts"
 TASK = ROOT / "tasks" / "spleen.yaml"
-TAG = "segmap-test/spleen:ci"
 
-
-@pytest.fixture(scope="module")
-def images(engine):
-    if shutil.which("docker") is None:
-        pytest.fail("the docker command-line client is missing although an engine runs")
-    t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "segmap.cli", "package", "--model", str(MODEL), "--task", str(TASK),
-                           "--tag", TAG, "--cpu"], capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    print(f"segmap package (both variants) took {time.perf_counter() - t:.0f} s")
-    return TAG, TAG + "-nifti"
 
 
 @pytest.fixture(scope="module")
