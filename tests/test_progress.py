@@ -68,8 +68,9 @@ def test_non_terminal_gets_periodic_log_lines_and_no_bar(caplog):
             clock.now += 1.0
     assert stream.getvalue() == ""
     messages = [r.getMessage() for r in caplog.records]
-    # 0 s start (silent), a line every 5 s, and always the last tile.
-    assert messages == ["sliding window: 5/10 tiles, 0:05 elapsed", "sliding window: 10/10 tiles, 0:10 elapsed"]
+    # 0 s start (silent), the first tile, a line every 5 s after the last one, and always the last tile.
+    assert messages == ["sliding window: 1/10 tiles, 0:01 elapsed", "sliding window: 6/10 tiles, 0:06 elapsed",
+                        "sliding window: 10/10 tiles, 0:10 elapsed"]
 
 
 def test_sliding_window_reports_every_tile_from_zero():

@@ -57,6 +57,7 @@ class TileProgress:
             end = "\n" if done >= total else ""
             self.stream.write("\r" + bar_line(done, total, elapsed) + end)
             self.stream.flush()
-        elif done >= total or (done and now - self.last_log >= self.interval):
+        elif done >= total or done == 1 or (done and now - self.last_log >= self.interval):
+            # The first tile is always reported: it says the network runs and how long a tile takes.
             self.last_log = now
             self.log.info("sliding window: %d/%d tiles, %s elapsed", done, total, format_seconds(elapsed))
