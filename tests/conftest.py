@@ -160,5 +160,22 @@ def images(engine):
                            str(root / "models" / "demo-spleen" / "model.ts"), "--task", str(root / "tasks" / "spleen.yaml"),
                            "--tag", MAP_TAG, "--cpu"], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    print(f"segmap package (both variants) took {time.perf_counter() - t:.0f} s")
+    record_figure(f"segmap package (both variants) took {time.perf_counter() - t:.0f} s")
     return MAP_TAG, MAP_TAG + "-nifti"
+
+
+# ------------------------------------------------------------------------------------------------ measured figures
+
+#: Figures tests measure (image size, stop latency, timings), printed at the end of the run so CI's log shows them.
+FIGURES: list[str] = []
+
+
+def record_figure(text: str) -> None:
+    FIGURES.append(text.strip("\n"))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if FIGURES:
+        terminalreporter.section("measured figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import record_figure
+
 from segmap.demo.phantom import make_phantom, write_dicom_series, write_nifti
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,16 +79,16 @@ def test_image_is_slim_and_labelled(images):
     size = int(info["Size"])
     history = subprocess.run(["docker", "history", "--no-trunc", "--format", "{{.Size}}\t{{.CreatedBy}}", images[0]],
                              capture_output=True, text=True, check=True).stdout
-    print(f"\nimage {images[0]}: {size / 1e9:.3f} GB ({size / 2**20:.0f} MiB)")
+    record_figure(f"\nimage {images[0]}: {size / 1e9:.3f} GB ({size / 2**20:.0f} MiB)")
     for line in history.splitlines():
         if not line.startswith("0B"):
-            print("  layer", line[:110])
+            record_figure(f"  layer {line[:110]}")
     assert size < 1.0e9, f"{size / 1e9:.2f} GB"
 
     labels = info["Config"]["Labels"]
     assert labels["io.segmap.model.sha256"] == hashlib.sha256(MODEL.read_bytes()).hexdigest()
     assert labels["io.segmap.task"] == "Spleen" and labels["io.segmap.variant"] == "dicom"
-    assert labels["org.opencontainers.image.version"] == "ops"
+    assert labels["org.opencontainers.image.version"] == images[0].rsplit(":", 1)[1]
     for key in ("created", "revision", "source"):
         assert labels[f"org.opencontainers.image.{key}"], key
     assert labels["org.opencontainers.image.created"].endswith("Z")
@@ -203,7 +205,7 @@ def test_docker_stop_at_any_moment_exits_143_at_once(images, study, tmp_path, mo
         image, inp = images[0], study / "dicom"
         ready = lambda logs, out: any(out.glob(".segmap-staging-*"))  # noqa: E731
     code, logs, took = _stop_when(image, inp, out, ready)
-    print(f"\ndocker stop {moment}: exit {code} after {took:.2f} s")
+    record_figure(f"\ndocker stop {moment}: exit {code} after {took:.2f} s")
     assert code == 143, logs[-3000:]
     assert took < 2.0
     assert logs.splitlines().count(STOP_LINE) == 1 and "Traceback" not in logs
@@ -242,7 +244,7 @@ def test_four_containers_with_one_cpu_each_are_no_slower_than_serial(images, stu
         parallel = time.perf_counter() - t
         clear()
         pairs.append((parallel / serial, serial, parallel))
-        print(f"\nfour runs with --cpus 1: one after another {serial:.1f} s ({', '.join(f'{s:.1f}' for s in each)}), "
+        record_figure(f"\nfour runs with --cpus 1: one after another {serial:.1f} s ({', '.join(f'{s:.1f}' for s in each)}), "
               f"at once {parallel:.1f} s on {os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f})")
         if parallel <= serial:
             break
@@ -316,4 +318,4 @@ def test_hardened_runs_cold_and_warm(images, study, tmp_path):
             times.append(time.perf_counter() - t)
             assert proc.returncode == 0, proc.stderr[-3000:]
             assert (out / "segmentation.dcm").is_file()
-        print(f"\nhardened run on the {name}: first {times[0]:.1f} s, again {times[1]:.1f} s")
+        record_figure(f"\nhardened run on the {name}: first {times[0]:.1f} s, again {times[1]:.1f} s")
