@@ -6,7 +6,6 @@ network's order, which the plans' spacing and patch size already use).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -87,14 +86,3 @@ def normalize(image: np.ndarray, schemes: Sequence[ChannelNormalization], mask: 
 def target_shape(shape: Sequence[int], spacing: Sequence[float], target_spacing: Sequence[float]) -> tuple[int, ...]:
     """nnU-Net's ``compute_new_shape``: round(old_spacing / new_spacing * old_shape), Python rounding."""
     return tuple(int(round(s / t * n)) for n, s, t in zip(shape, spacing, target_spacing))
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """The network-ready array and what is needed to map the prediction back."""
-
-    data: np.ndarray                 # [c, z, y, x] float32, network order, target spacing
-    bbox: Bbox                       # crop box in the transposed, uncropped grid
-    shape_before_crop: tuple[int, ...]
-    shape_after_crop: tuple[int, ...]
-    spacing: tuple[float, ...]       # original spacing, network order

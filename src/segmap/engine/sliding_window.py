@@ -107,7 +107,7 @@ def _zeros(shape, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 
 def sliding_window_logits(data: np.ndarray, runner: "FastestCandidate | Sequence[Callable]", tile_size: Sequence[int],
                           num_outputs: int, *, device: torch.device, mirror_axes: Sequence[int] = (),
-                          step: float = 0.5, use_gaussian: bool = True, accumulate: torch.dtype = torch.float16,
+                          step: float = 0.5, accumulate: torch.dtype = torch.float16,
                           progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """Logits ``[num_outputs, *spatial]`` (dtype ``accumulate``, on the CPU) for a preprocessed ``[c, *spatial]``
     array.
@@ -140,8 +140,7 @@ def sliding_window_logits(data: np.ndarray, runner: "FastestCandidate | Sequence
         logits = _zeros((num_outputs, *spatial), acc_device, accumulate)
         weights = _zeros(spatial, acc_device, accumulate)
     g_dtype = np.float16 if accumulate == torch.float16 else np.float32
-    g = torch.from_numpy(gaussian_importance(tuple(tile_size), dtype=g_dtype).copy()).to(acc_device) \
-        if use_gaussian else None
+    g = torch.from_numpy(gaussian_importance(tuple(tile_size), dtype=g_dtype).copy()).to(acc_device)
     source = torch.from_numpy(padded)
     if progress is not None:
         progress(0, len(tiles))
@@ -154,11 +153,8 @@ def sliding_window_logits(data: np.ndarray, runner: "FastestCandidate | Sequence
                 x = x.contiguous()
             candidate = runner.next()
             pred = runner.timed(candidate, lambda: _run(candidate, x, mirror_axes, device))[0].to(acc_device)
-            if g is not None:
-                pred *= g  # float32 times the (float16) weights, as nnU-Net
-                weights[sl] += g
-            else:
-                weights[sl] += 1
+            pred *= g  # float32 times the (float16) weights, as nnU-Net
+            weights[sl] += g
             logits[(slice(None), *sl)] += pred
             if progress is not None:
                 progress(done, len(tiles))
@@ -168,7 +164,7 @@ def sliding_window_logits(data: np.ndarray, runner: "FastestCandidate | Sequence
             log.warning("logits overflow float16 in the sliding window: running it again in float32")
             del logits, weights
             return sliding_window_logits(data, runner, tile_size, num_outputs, device=device,
-                                         mirror_axes=mirror_axes, step=step, use_gaussian=use_gaussian,
+                                         mirror_axes=mirror_axes, step=step,
                                          accumulate=torch.float32, progress=progress)
     return logits[(slice(None), *unpad)].cpu()
 
