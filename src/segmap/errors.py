@@ -49,3 +49,11 @@ class ContextError(SegmapError):
 
 class SettingsError(SegmapError):
     """A setting has a value segmap cannot use; the message names where the value came from."""
+
+
+class MemoryLimitError(SegmapError):
+    """The run's estimated peak memory does not fit the container's memory limit."""
+
+
+class StudiesFailed(SegmapError):
+    """Some studies of a multi-study input failed (the others' outputs are in place)."""

@@ -268,7 +268,7 @@ class Inference:
 
 def check_memory_for(image: InputImage, model: MonetModel) -> int:
     """Estimate the run's peak memory (:func:`segmap.resources.estimate_peak_memory`), log it, and refuse the run
-    with :class:`~segmap.resources.MemoryLimitError` when it exceeds the container's memory limit."""
+    with :class:`~segmap.errors.MemoryLimitError` when it exceeds the container's memory limit."""
     from .resources import check_memory, estimate_peak_memory
 
     spec = model.spec

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .errors import SegmapError
+from .errors import MemoryLimitError, SegmapError
 
 log = logging.getLogger("segmap")
 
@@ -36,9 +36,6 @@ THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 #: v1 reports "no limit" as a huge page-rounded number; anything above this is no limit.
 _V1_UNLIMITED = 1 << 60
 
-
-class MemoryLimitError(SegmapError):
-    """The run's estimated peak memory does not fit the container's memory limit."""
 
 
 def _read(path: Path) -> str | None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ..errors import InputError, SegmapError
+from ..errors import InputError, SegmapError, StudiesFailed
 from .loading import DicomScan, DicomSeries
 
 log = logging.getLogger(__name__)
@@ -207,9 +207,6 @@ def write_summary(results: list[StudyResult], out_dir: Path) -> Path:
     os.replace(tmp, path)
     return path
 
-
-class StudiesFailed(SegmapError):
-    """Some studies of a multi-study input failed (the others' outputs are in place)."""
 
 
 def raise_if_any_failed(results: list[StudyResult]) -> None:
