@@ -25,7 +25,6 @@ from operators import (
 )
 from segmap.errors import SegmapError
 from segmap.logs import configure_logging
-from segmap.signals import install_sigterm_handler
 from segmap.model import MonetModel
 from segmap.pipeline import ResultWriter, Study, input_kind, prepare, scan_study
 from segmap.settings import Settings
@@ -97,7 +96,6 @@ def _run_studies(settings: Settings, model: MonetModel, task: SegmentationTask, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    install_sigterm_handler()
     try:
         settings = load_settings(argv)
         configure_logging(settings.log_level)

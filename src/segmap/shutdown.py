@@ -64,9 +64,8 @@ def remove_staging() -> list[Path]:
     if atomic is None:  # nothing imported the writer yet: nothing can be staged
         return []
     removed = []
-    for folder in list(getattr(atomic, "_LOCKS", {})):
-        folder = Path(folder)
-        for staged in [*folder.glob(atomic.STAGING_PREFIX + "*"), *folder.glob("*/" + atomic.STAGING_PREFIX + "*")]:
+    for folder in atomic.claimed_folders():
+        for staged in atomic.staging_folders(Path(folder)):
             for _ in range(20):
                 shutil.rmtree(staged, ignore_errors=True)
                 if not os.path.lexists(staged):

@@ -136,13 +136,23 @@ def release_output_folder(folder: str | Path) -> None:
         os.close(fd)  # closing the only descriptor drops the flock
 
 
+def claimed_folders() -> list[Path]:
+    """The output folders this process holds (:func:`claim_output_folder`)."""
+    return list(_LOCKS)
+
+
+def staging_folders(folder: Path) -> list[Path]:
+    """The ``.segmap-staging-*`` folders in ``folder`` and one level down (per-study folders), sorted."""
+    return sorted([*folder.glob(STAGING_PREFIX + "*"), *folder.glob("*/" + STAGING_PREFIX + "*")])
+
+
 def remove_stale_staging(folder: str | Path) -> list[Path]:
     """Remove ``.segmap-staging-*`` folders in ``folder``; call only while holding its lock (then they are stale:
     left by a run that was killed outright), also one level down (the per-study folders of a multi-study run).
     Returns the removed paths."""
     removed = []
     folder = Path(folder)
-    for stale in sorted([*folder.glob(STAGING_PREFIX + "*"), *folder.glob("*/" + STAGING_PREFIX + "*")]):
+    for stale in staging_folders(folder):
         if stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
             removed.append(stale)
