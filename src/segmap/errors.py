@@ -57,3 +57,23 @@ class MemoryLimitError(SegmapError):
 
 class StudiesFailed(SegmapError):
     """Some studies of a multi-study input failed (the others' outputs are in place)."""
+
+
+class ServiceConfigError(SegmapError):
+    """The job service's configuration file is missing, unreadable, or a key has a value it cannot use."""
+
+
+class RunnerError(SegmapError):
+    """A runner (Docker engine, Kubernetes API) cannot be reached or refused a run."""
+
+
+class DestinationUnavailable(SegmapError):
+    """A result destination cannot be reached now (connection refused, timeout, 5xx): the export is retried later."""
+
+
+class ExportError(SegmapError):
+    """A destination refused a result for good (a DICOM failure status, a 4xx): retrying will not help."""
+
+
+class OrthancError(SegmapError):
+    """Orthanc's REST API cannot be reached or answered something unexpected."""
