@@ -111,6 +111,22 @@ class Orthanc:
         r.raise_for_status()
         return r.json()
 
+    def upload(self, data: bytes | Path) -> dict:
+        """POST one DICOM file to ``/instances`` (as a service exporting its SEG over REST would)."""
+        import requests
+        body = data.read_bytes() if isinstance(data, Path) else data
+        r = requests.post(self.url + "/instances", data=body, timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    def series_instance_count(self, series_uid: str) -> int:
+        """How many instances Orthanc holds of the series with this Series Instance UID (0 when none)."""
+        import requests
+        r = requests.post(self.url + "/tools/find", json={"Level": "Instance",
+                                                          "Query": {"SeriesInstanceUID": series_uid}}, timeout=10)
+        r.raise_for_status()
+        return len(r.json())
+
     def series_of_modality(self, modality: str) -> list[dict]:
         """Every series Orthanc holds with that Modality (``/series?expand``)."""
         return [s for s in self.get("/series?expand") if s["MainDicomTags"].get("Modality") == modality]
