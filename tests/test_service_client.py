@@ -189,3 +189,33 @@ def test_bad_target_is_refused(text):
 def test_target_default_ae_title():
     assert str(parse_node("pacs.local:11112")) == "pacs.local:11112/SEGMAP"
     assert str(parse_node("10.0.0.5:104/MYAE")) == "10.0.0.5:104/MYAE"
+
+
+def test_command_line_entry_prints_the_saved_path(orthanc, tmp_path, capsys):
+    import argparse
+
+    from segmap.service.client import add_arguments, command
+
+    study = phantom(tmp_path / "ct", seed=9)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([str(study["dicom_dir"]), "--to", f"127.0.0.1:{orthanc.dicom_port}/{orthanc.aet}",
+                              "--query", f"orthanc+{orthanc.url}", "-o", str(tmp_path / "out"), "--timeout", "60",
+                              "--poll", "0.3"])
+    service = PlayService(orthanc, study, tmp_path)
+    service.start()
+    assert command(args) == 0
+    service.join(30)
+    out, err = capsys.readouterr()
+    [saved] = out.split()
+    assert Path(saved).parent == tmp_path / "out" and referenced_series(Path(saved)) == [study["series_uid"]]
+    assert "segmap submit: sent 8/8" in err and NAME.split("^")[0] not in err
+
+    args.timeout = 1
+    with pytest.raises(SubmitError) as e:  # sent again with one more instance: the old SEG is not the answer
+        extra = study["dicom_dir"] / "extra.dcm"
+        ds = pydicom.dcmread(study["dicom_files"][-1])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(extra, enforce_file_format=True)
+        command(args)
+    assert "within 1 s" in str(e.value) and e.value.exit_code == 2

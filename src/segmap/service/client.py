@@ -17,7 +17,9 @@ a SEG that appeared after sending counts, so a study sent again with one more in
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -427,7 +429,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--poll", type=float, default=2, help="seconds between queries (default 2)")
 
 
-def run(args, progress: Progress | None = None) -> list[Path]:
-    """``segmap submit`` with parsed ``args`` (see :func:`add_arguments`); SubmitError propagates to the CLI."""
-    return submit(args.study, args.to, calling_ae=args.calling_ae, query=args.query, out_dir=args.out,
-                  timeout_s=args.timeout, poll_s=args.poll, progress=progress)
+def command(args) -> int:
+    """``segmap submit`` with parsed ``args`` (see :func:`add_arguments`): progress on stderr, saved paths on stdout.
+
+    A :class:`SubmitError` propagates: the CLI prints it as its one ``segmap: error:`` line and exits 2.
+    """
+    # pynetdicom logs each refused or failed association at ERROR with its own lines; the error we raise says it in
+    # one line, naming the node, so its chatter would only bury that line.
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    paths = submit(args.study, args.to, calling_ae=args.calling_ae, query=args.query, out_dir=args.out,
+                   timeout_s=args.timeout, poll_s=args.poll,
+                   progress=lambda line: print(f"segmap submit: {line}", file=sys.stderr, flush=True))
+    for path in paths:
+        print(path)
+    return 0
