@@ -22,6 +22,7 @@ from segmap.service.client import parse_node, scan_study, submit
 from segmap.tasks import Code, Segment
 
 SUBMIT_AE = "SEGMAP-SUBMIT"
+JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
 SPLEEN = Segment("Spleen", Code("91772007", "SCT", "Organ"), Code("78961009", "SCT", "Spleen"), "segmap-test")
 NAME, PATIENT_ID = "Sensitive^Person", "PID-998877"
 
@@ -196,7 +197,8 @@ def test_command_line_entry_prints_the_saved_path(orthanc, tmp_path, capsys):
 
     from segmap.service.client import add_arguments, command
 
-    study = phantom(tmp_path / "ct", seed=9)
+    # JPEG 2000 Lossless, as PACS archives often hold CT: sent as it is, no transcoding.
+    study = phantom(tmp_path / "ct", seed=9, transfer_syntax=JPEG2000_LOSSLESS)
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args([str(study["dicom_dir"]), "--to", f"127.0.0.1:{orthanc.dicom_port}/{orthanc.aet}",
@@ -210,6 +212,11 @@ def test_command_line_entry_prints_the_saved_path(orthanc, tmp_path, capsys):
     [saved] = out.split()
     assert Path(saved).parent == tmp_path / "out" and referenced_series(Path(saved)) == [study["series_uid"]]
     assert "segmap submit: sent 8/8" in err and NAME.split("^")[0] not in err
+    import requests
+    [first, *_] = requests.post(orthanc.url + "/tools/find", json={
+        "Level": "Instance", "Query": {"SeriesInstanceUID": study["series_uid"]}}, timeout=10).json()
+    assert requests.get(f"{orthanc.url}/instances/{first}/metadata/TransferSyntax", timeout=10).text == \
+        JPEG2000_LOSSLESS
 
     args.timeout = 1
     with pytest.raises(SubmitError) as e:  # sent again with one more instance: the old SEG is not the answer
@@ -219,3 +226,38 @@ def test_command_line_entry_prints_the_saved_path(orthanc, tmp_path, capsys):
         ds.save_as(extra, enforce_file_format=True)
         command(args)
     assert "within 1 s" in str(e.value) and e.value.exit_code == 2
+
+
+SAMPLE_DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sample-ct" / "ct_dicom"
+
+
+def test_files_whose_uids_were_blanked_are_refused_naming_one(tmp_path):
+    study = phantom(tmp_path / "ct")
+    ds = pydicom.dcmread(study["dicom_files"][2])
+    ds.StudyInstanceUID = ds.SeriesInstanceUID = ""
+    ds.save_as(study["dicom_files"][2])
+    with pytest.raises(SubmitError, match=r"slice_0003.dcm: 1 DICOM file\(s\) .* have no StudyInstanceUID, "
+                                          r"SeriesInstanceUID \(blanked"):
+        scan_study(study["dicom_dir"])
+
+
+def test_real_sample_ct_with_blanked_uids_is_refused_before_sending():
+    if not SAMPLE_DICOM.is_dir():
+        pytest.skip(f"shared sample data not found at {SAMPLE_DICOM}")
+    with pytest.raises(SubmitError, match=r"20 DICOM file\(s\) .* have no StudyInstanceUID, SeriesInstanceUID, "
+                                          r"SOPInstanceUID, SOPClassUID"):
+        scan_study(SAMPLE_DICOM)
+
+
+def test_dicom_query_names_a_refused_cget(tmp_path):
+    """A node that answers C-FIND but refuses C-GET from us: one line that says so, not a silent wait."""
+    server = Orthanc(tmp_path / "orthanc", free_port(), free_port(), modalities={"submit": {
+        "AET": SUBMIT_AE, "Host": "127.0.0.1", "Port": free_port(), "AllowGet": False}}).start()
+    try:
+        study = phantom(tmp_path / "ct")
+        server.upload(make_seg(study, tmp_path / "old-seg.dcm", n=6))  # a SEG series the C-FIND will find
+        with pytest.raises(SubmitError) as e:
+            run_submit(server, study, f"dicom://127.0.0.1:{server.dicom_port}/{server.aet}", tmp_path, timeout_s=5)
+    finally:
+        server.stop()
+    assert "C-GET" in str(e.value) and SUBMIT_AE in str(e.value) and "\n" not in str(e.value)

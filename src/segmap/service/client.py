@@ -36,6 +36,7 @@ from pydicom.errors import InvalidDicomError
 from segmap.errors import SubmitError
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 #: A DICOM association may propose at most 128 presentation contexts.
 _MAX_CONTEXTS = 128
 #: C-STORE statuses that mean "stored" (0x0000) or "stored with a warning" (coercion, elements discarded).
@@ -89,6 +90,7 @@ def scan_study(folder: str | Path, modality_filter: Sequence[str] = ("CT", "MR")
     if not folder.is_dir():
         raise SubmitError(f"{folder}: not a folder")
     by_study: dict[str, Study] = {}
+    unidentified: list[tuple[Path, list[str]]] = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -96,9 +98,14 @@ def scan_study(folder: str | Path, modality_filter: Sequence[str] = ("CT", "MR")
             continue  # not DICOM (a README, a DICOMDIR's companions): not ours to send
         study_uid, series_uid = ds.get("StudyInstanceUID"), ds.get("SeriesInstanceUID")
         sop_uid = ds.get("SOPInstanceUID")
-        sop_class = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
-        if not (study_uid and series_uid and sop_uid and sop_class):
-            continue  # a DICOMDIR or a fragment: no instance to store
+        sop_class = ds.get("SOPClassUID")  # C-STORE takes it from the data set: the file meta's copy is not enough
+        if ds.file_meta.get("MediaStorageSOPClassUID") == MEDIA_STORAGE_DIRECTORY:
+            continue  # a DICOMDIR: an index of the files, not an instance to store
+        missing = [name for name, value in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid),
+                                            ("SOPInstanceUID", sop_uid), ("SOPClassUID", sop_class)) if not value]
+        if missing:
+            unidentified.append((path, missing))
+            continue
         study = by_study.setdefault(str(study_uid), Study(str(study_uid)))
         modality = str(ds.get("Modality", "") or "")
         if modality not in modality_filter:
@@ -108,6 +115,13 @@ def scan_study(folder: str | Path, modality_filter: Sequence[str] = ("CT", "MR")
         study.sop_uids.setdefault(str(series_uid), set()).add(str(sop_uid))
         study.modality[str(series_uid)] = modality
         study.contexts[path] = (str(sop_class), str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")))
+    if unidentified:
+        # De-identification that blanks the UIDs leaves nothing a node can file the instance under, and inventing
+        # UIDs here would send data the user's files do not describe: refused, naming a file.
+        path, missing = unidentified[0]
+        raise SubmitError(f"{path}: {len(unidentified)} DICOM file(s) under {folder} have no {', '.join(missing)} "
+                          f"(blanked by de-identification?); a DICOM node files instances by these UIDs, so they "
+                          f"cannot be sent -- give the files UIDs first")
     if not by_study:
         raise SubmitError(f"{folder}: no DICOM files found")
     if len(by_study) > 1:
