@@ -180,6 +180,8 @@ def test_job_list_and_json(web):
     failed = requests.get(server.url + "/api/jobs?state=failed", timeout=10).json()["jobs"]
     assert [j["key"] for j in failed] == [keys["failed"]] and failed[0]["exit_code"] == 137
     assert requests.get(server.url + "/api/jobs?state=bogus", timeout=10).status_code == 400
+    head = requests.head(server.url + "/", timeout=10)
+    assert head.status_code == 200 and head.content == b"" and int(head.headers["Content-Length"]) == len(r.content)
 
 
 def test_job_detail_escapes_the_error_and_shows_the_log(web):

@@ -133,6 +133,12 @@ def _seconds(value: float | None) -> str:
     return f"{value / 86400:.1f} d"
 
 
+def _text(value) -> str:
+    if value is None:
+        return ""
+    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) + "Z" if ts else ""
 
@@ -168,8 +174,7 @@ def job_detail_page(store: JobStore, job: Job) -> bytes:
                  "export_started_at", "next_attempt_at", "lease_expires"):
         fields[name] = _when(fields[name])
     fields["age"], fields["duration"] = _seconds(job.age_s), _seconds(job.duration_s)
-    rows = "".join(f"<tr><th>{_E(k)}</th><td>{_E(', '.join(v) if isinstance(v, list) else str(v if v is not None else ''))}"
-                   f"</td></tr>" for k, v in fields.items())
+    rows = "".join(f"<tr><th>{_E(k)}</th><td>{_E(_text(v))}</td></tr>" for k, v in fields.items())
     timing_rows = "".join(f"<tr><th>{_E(k)}</th><td class=num>{v:.3f} s</td></tr>" for k, v in timings.items())
     log_text = redact_patient_lines(store.job_log(job))
     body = (f"<p><a href='/'>&larr; all jobs</a></p><h1>job <code>{_E(job.key[:12])}</code> "
