@@ -258,6 +258,8 @@ class JobStore:
             return self._record(db, arrival, time.time() if now is None else now)
 
     def _record(self, db: sqlite3.Connection, a: Arrival, now: float) -> bool:
+        if not (a.source and a.study_uid and a.series_uid and a.sop_uid):
+            raise ValueError(f"an arrival needs its source and study, series and SOP Instance UIDs, got {a}")
         row = db.execute("SELECT id, state, version FROM series WHERE source = ? AND series_uid = ? ORDER BY version DESC "
                          "LIMIT 1", (a.source, a.series_uid)).fetchone()
         if row is not None and row["state"] == "collecting":
