@@ -290,7 +290,8 @@ class Service:
         if status.state == "succeeded":
             segs = seg_files(Path(job.output_dir))
             if segs:
-                self.store.run_succeeded(job, self.worker, status.exit_code or 0, node=status.node)
+                self.store.run_succeeded(job, self.worker, status.exit_code or 0, node=status.node,
+                                         run_finished_at=status.finished_at)
                 log.info("job %s: run succeeded in %.1f s: %d SEG file(s)", short,
                          (status.finished_at or time.time()) - (status.started_at or job.started_at or time.time()),
                          len(segs))

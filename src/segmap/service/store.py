@@ -450,11 +450,12 @@ class JobStore:
             return _job(db.execute("SELECT * FROM jobs WHERE id = ?", (job.id,)).fetchone())
 
     def run_succeeded(self, job: Job, worker: str, exit_code: int = 0, node: str | None = None,
-                      now: float | None = None) -> Job | None:
+                      run_finished_at: float | None = None, now: float | None = None) -> Job | None:
+        """``run_finished_at``: when the container exited, if the runner knows (else now)."""
         now = time.time() if now is None else now
         return self._transition(job, worker, "exporting", f"run finished (exit {exit_code})", now,
-                                exit_code=exit_code, run_finished_at=now, export_started_at=now, next_attempt_at=None,
-                                node=node or job.node)
+                                exit_code=exit_code, run_finished_at=run_finished_at or now, export_started_at=now,
+                                next_attempt_at=None, node=node or job.node)
 
     def run_failed(self, job: Job, worker: str, error: str, exit_code: int | None, retry_after_s: float,
                    node: str | None = None, now: float | None = None) -> Job | None:
