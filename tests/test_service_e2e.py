@@ -5,7 +5,6 @@ every state), dciodvfy on the SEGs that arrive.
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import threading
