@@ -100,6 +100,8 @@ class SeriesVersion:
     last_seen: float
     stable_at: float | None
     instance_count: int
+    #: What routing decided when the version was closed ("spleen: job; liver: no job, ...").
+    decision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -256,6 +258,8 @@ class JobStore:
             return self._record(db, arrival, time.time() if now is None else now)
 
     def _record(self, db: sqlite3.Connection, a: Arrival, now: float) -> bool:
+        if not (a.source and a.study_uid and a.series_uid and a.sop_uid):
+            raise ValueError(f"an arrival needs its source and study, series and SOP Instance UIDs, got {a}")
         row = db.execute("SELECT id, state, version FROM series WHERE source = ? AND series_uid = ? ORDER BY version DESC "
                          "LIMIT 1", (a.source, a.series_uid)).fetchone()
         if row is not None and row["state"] == "collecting":
@@ -346,15 +350,22 @@ class JobStore:
             "AND s.version > o.version ORDER BY s.version DESC LIMIT 1", (series_id,)).fetchone()
         return _series(row) if row else None
 
-    def close_series(self, series_id: int, jobs: Sequence[NewJob], decision: str,
-                     now: float | None = None) -> tuple[list[str], list[str]]:
-        """Close a version and queue its jobs in one transaction: (keys queued now, keys that already existed)."""
+    def close_series(self, series_id: int, jobs: Sequence[NewJob], decision: str, *, instance_count: int,
+                     now: float | None = None) -> tuple[list[str], list[str]] | None:
+        """Close a version and queue its jobs in one transaction: (keys queued now, keys that already existed).
+
+        ``instance_count`` is how many instances the caller saw (and computed the keys from); when more arrived
+        meanwhile nothing happens and None is returned (the caller looks again after the quiet period).
+        """
         now = time.time() if now is None else now
         created, existing = [], []
         with self._tx() as db:
             s = db.execute("SELECT * FROM series WHERE id = ?", (series_id,)).fetchone()
             if s["state"] != "collecting":
                 return [], []
+            if db.execute("SELECT COUNT(*) FROM instances WHERE series_id = ?", (series_id,)).fetchone()[0] \
+                    != instance_count:
+                return None
             count = db.execute("SELECT COUNT(*) FROM instances WHERE series_id = ?", (series_id,)).fetchone()[0]
             db.execute("UPDATE series SET state = 'closed', closed_at = ?, decision = ? WHERE id = ?",
                        (now, decision, series_id))
@@ -439,11 +450,12 @@ class JobStore:
             return _job(db.execute("SELECT * FROM jobs WHERE id = ?", (job.id,)).fetchone())
 
     def run_succeeded(self, job: Job, worker: str, exit_code: int = 0, node: str | None = None,
-                      now: float | None = None) -> Job | None:
+                      run_finished_at: float | None = None, now: float | None = None) -> Job | None:
+        """``run_finished_at``: when the container exited, if the runner knows (else now)."""
         now = time.time() if now is None else now
         return self._transition(job, worker, "exporting", f"run finished (exit {exit_code})", now,
-                                exit_code=exit_code, run_finished_at=now, export_started_at=now, next_attempt_at=None,
-                                node=node or job.node)
+                                exit_code=exit_code, run_finished_at=run_finished_at or now, export_started_at=now,
+                                next_attempt_at=None, node=node or job.node)
 
     def run_failed(self, job: Job, worker: str, error: str, exit_code: int | None, retry_after_s: float,
                    node: str | None = None, now: float | None = None) -> Job | None:
@@ -566,7 +578,7 @@ def _series(row: sqlite3.Row) -> SeriesVersion:
     return SeriesVersion(id=row["id"], source=row["source"], study_uid=row["study_uid"], series_uid=row["series_uid"],
                          version=row["version"], modality=row["modality"], state=row["state"],
                          first_seen=row["first_seen"], last_seen=row["last_seen"], stable_at=row["stable_at"],
-                         instance_count=row["instance_count"])
+                         instance_count=row["instance_count"], decision=row["decision"])
 
 
 def _one_line(text: str) -> str:
