@@ -22,6 +22,7 @@ ORTHANC = "Orthanc"
 #: DCMTK's tools by full path: pynetdicom installs console scripts of the same names that would shadow them.
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
+CHROMIUM = "/usr/bin/chromium"
 
 
 def need(program: str, package: str) -> str:
@@ -189,3 +190,15 @@ def storescu(files, port: int, called_aet: str, calling_aet: str = "STORESCU", c
     if check and done.returncode != 0:
         pytest.fail(f"storescu failed ({done.returncode}): {done.stderr.strip()[-500:]}")
     return done
+
+
+def chromium(*args: str, profile: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Debian's Chromium, headless, with no network of its own (no updates, sync or QUIC), in a throw-away profile.
+
+    ``chromium("--dump-dom", url, profile=tmp_path / "p")`` gives the page's DOM after it loaded on stdout;
+    ``chromium("--screenshot=X.png", "--window-size=1280,800", url, profile=...)`` writes a PNG.
+    """
+    cmd = [need(CHROMIUM, "chromium"), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+           "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={profile}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

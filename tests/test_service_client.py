@@ -192,40 +192,44 @@ def test_target_default_ae_title():
     assert str(parse_node("10.0.0.5:104/MYAE")) == "10.0.0.5:104/MYAE"
 
 
-def test_command_line_entry_prints_the_saved_path(orthanc, tmp_path, capsys):
-    import argparse
-
-    from segmap.service.client import add_arguments, command
+def test_segmap_submit_command_prints_the_saved_path_and_fails_in_one_line(orthanc, tmp_path, capsys):
+    from segmap.cli import main
 
     # JPEG 2000 Lossless, as PACS archives often hold CT: sent as it is, no transcoding.
     study = phantom(tmp_path / "ct", seed=9, transfer_syntax=JPEG2000_LOSSLESS)
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args([str(study["dicom_dir"]), "--to", f"127.0.0.1:{orthanc.dicom_port}/{orthanc.aet}",
-                              "--query", f"orthanc+{orthanc.url}", "-o", str(tmp_path / "out"), "--timeout", "60",
-                              "--poll", "0.3"])
+    argv = ["submit", str(study["dicom_dir"]), "--to", f"127.0.0.1:{orthanc.dicom_port}/{orthanc.aet}",
+            "--query", f"orthanc+{orthanc.url}", "--out", str(tmp_path / "out"), "--timeout", "60"]
     service = PlayService(orthanc, study, tmp_path)
     service.start()
-    assert command(args) == 0
+    assert main(argv) == 0
     service.join(30)
     out, err = capsys.readouterr()
     [saved] = out.split()
     assert Path(saved).parent == tmp_path / "out" and referenced_series(Path(saved)) == [study["series_uid"]]
-    assert "segmap submit: sent 8/8" in err and NAME.split("^")[0] not in err
+    assert "sent 8/8" in err and NAME.split("^")[0] not in err and PATIENT_ID not in err
     import requests
     [first, *_] = requests.post(orthanc.url + "/tools/find", json={
         "Level": "Instance", "Query": {"SeriesInstanceUID": study["series_uid"]}}, timeout=10).json()
     assert requests.get(f"{orthanc.url}/instances/{first}/metadata/TransferSyntax", timeout=10).text == \
         JPEG2000_LOSSLESS
 
-    args.timeout = 1
-    with pytest.raises(SubmitError) as e:  # sent again with one more instance: the old SEG is not the answer
-        extra = study["dicom_dir"] / "extra.dcm"
-        ds = pydicom.dcmread(study["dicom_files"][-1])
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
-        ds.save_as(extra, enforce_file_format=True)
-        command(args)
-    assert "within 1 s" in str(e.value) and e.value.exit_code == 2
+    # Sent again with one more instance: the SEG already there is not the answer -> one line, exit 2.
+    ds = pydicom.dcmread(study["dicom_files"][-1])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(study["dicom_dir"] / "extra.dcm", enforce_file_format=True)
+    argv[argv.index("60")] = "1"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    [line] = [x for x in err.splitlines() if x.startswith("segmap: error:")]
+    assert "within 1 s" in line and study["series_uid"] in line
+
+    # An unreachable target: one line, exit 2, no pynetdicom chatter.
+    argv[argv.index("--to") + 1] = f"127.0.0.1:{free_port()}/NOBODY"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert [x for x in err.splitlines() if "error" in x.lower()] == [x for x in err.splitlines()
+                                                                    if x.startswith("segmap: error:")]
+    assert "NOBODY" in err.splitlines()[-1]
 
 
 SAMPLE_DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sample-ct" / "ct_dicom"

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from pacs import need
+from pacs import chromium
 from segmap.service.keys import job_key, run_name, seg_uids
 from segmap.service.store import Arrival, JobStore, NewJob
 from segmap.service.web import make_server, redact_patient_lines
@@ -49,7 +48,8 @@ class Filler:
                      run_name=run_name(key), seg_series_uid=seg_uids(key)[0], destinations=("orthanc",),
                      max_attempts=max_attempts, output_dir=str(self.workdir / run_name(key)),
                      log_path=str(log_path) if log_path else "")
-        created, _ = self.store.close_series(version.id, [job], "matched spleen", now=at + 10)
+        created, _ = self.store.close_series(version.id, [job], "matched spleen", instance_count=len(sops),
+                                             now=at + 10)
         assert created == [key]
         return key
 
@@ -209,17 +209,9 @@ def test_redaction_of_patient_attributes_in_log_lines():
     assert out.splitlines()[-1] == "series 1.2.3 done"
 
 
-def chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess:
-    exe = need("/usr/bin/chromium", "chromium")
-    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-
-
 def test_job_page_in_headless_chromium(web, tmp_path):
     server, _, keys = web
-    dom = chromium("--dump-dom", server.url + "/", tmp=tmp_path / "profile-dom")
+    dom = chromium("--dump-dom", server.url + "/", profile=tmp_path / "profile-dom")
     assert dom.returncode == 0, dom.stderr[-500:]
     rows = {}
     for key, state in ((k, s) for s, k in keys.items()):
@@ -230,7 +222,8 @@ def test_job_page_in_headless_chromium(web, tmp_path):
     assert "<script>" not in dom.stdout
 
     png = tmp_path / "jobs.png"
-    shot = chromium(f"--screenshot={png}", "--window-size=1280,800", server.url + "/", tmp=tmp_path / "profile-png")
+    shot = chromium(f"--screenshot={png}", "--window-size=1280,800", server.url + "/",
+                    profile=tmp_path / "profile-png")
     assert shot.returncode == 0, shot.stderr[-500:]
     data = png.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import tempfile
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -385,6 +385,20 @@ def save(datasets: Iterable[Dataset], out_dir: Path) -> list[Path]:
     return paths
 
 
+@contextmanager
+def _quiet_pynetdicom():
+    """pynetdicom logs each refused or failed association at ERROR over several lines; our one-line error says it,
+    naming the node, so its chatter would only bury that line. Restored afterwards (a service in the same process
+    keeps its own logging)."""
+    logger = logging.getLogger("pynetdicom")
+    level = logger.level
+    logger.setLevel(max(level, logging.CRITICAL))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def submit(study_folder: str | Path, to: str, *, calling_ae: str = "SEGMAP-SUBMIT", query: str,
            out_dir: str | Path, timeout_s: float = 600, poll_s: float = 2,
            modality_filter: Sequence[str] = ("CT", "MR"), progress: Progress | None = None) -> list[Path]:
@@ -408,6 +422,12 @@ def submit(study_folder: str | Path, to: str, *, calling_ae: str = "SEGMAP-SUBMI
     described = ", ".join(f"{study.modality[uid]} {uid} ({len(files)})" for uid, files in study.series.items())
     say(f"study {study.study_uid}: {len(study.files)} instances, series {described}")
 
+    with _quiet_pynetdicom():
+        return _send_and_wait(study, node, finder, calling_ae, Path(out_dir), timeout_s, poll_s, say)
+
+
+def _send_and_wait(study: Study, node: Node, finder, calling_ae: str, out_dir: Path, timeout_s: float,
+                   poll_s: float, say: Progress) -> list[Path]:
     before = finder.snapshot(study.study_uid)
     send_study(study, node, calling_ae=calling_ae, progress=say)
     say(f"waiting up to {timeout_s:g} s for a SEG at {finder.where}")
@@ -416,7 +436,7 @@ def submit(study_folder: str | Path, to: str, *, calling_ae: str = "SEGMAP-SUBMI
     while True:
         found = finder.poll(study, before)
         if found:
-            paths = save(found, Path(out_dir))
+            paths = save(found, out_dir)
             for ds, path in zip(found, paths):
                 say(f"found SEG {ds.SOPInstanceUID} (series {ds.SeriesInstanceUID}): {path}")
             return paths
@@ -428,32 +448,3 @@ def submit(study_folder: str | Path, to: str, *, calling_ae: str = "SEGMAP-SUBMI
             say(f"waiting ({deadline - now:.0f} s left)")
             last_note = now
         time.sleep(min(poll_s, max(0.0, deadline - now)))
-
-
-def add_arguments(parser) -> None:
-    """The flags of ``segmap submit`` (for the CLI's subparser)."""
-    parser.add_argument("study", type=Path, help="folder with one study's DICOM files (searched recursively)")
-    parser.add_argument("--to", required=True, metavar="HOST:PORT[/AE]",
-                        help="DICOM node to send the study to (AE title default SEGMAP)")
-    parser.add_argument("--query", required=True, metavar="URL",
-                        help="where the SEG appears: orthanc+http://HOST:PORT or dicom://HOST:PORT/AE")
-    parser.add_argument("-o", "--out", required=True, type=Path, help="folder to save the SEG in")
-    parser.add_argument("--calling-ae", default="SEGMAP-SUBMIT", help="our AE title (default SEGMAP-SUBMIT)")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the SEG (default 600)")
-    parser.add_argument("--poll", type=float, default=2, help="seconds between queries (default 2)")
-
-
-def command(args) -> int:
-    """``segmap submit`` with parsed ``args`` (see :func:`add_arguments`): progress on stderr, saved paths on stdout.
-
-    A :class:`SubmitError` propagates: the CLI prints it as its one ``segmap: error:`` line and exits 2.
-    """
-    # pynetdicom logs each refused or failed association at ERROR with its own lines; the error we raise says it in
-    # one line, naming the node, so its chatter would only bury that line.
-    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
-    paths = submit(args.study, args.to, calling_ae=args.calling_ae, query=args.query, out_dir=args.out,
-                   timeout_s=args.timeout, poll_s=args.poll,
-                   progress=lambda line: print(f"segmap submit: {line}", file=sys.stderr, flush=True))
-    for path in paths:
-        print(path)
-    return 0
