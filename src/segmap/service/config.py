@@ -108,6 +108,12 @@ class ServiceConfig:
         return self.workdir / "store.sqlite"
 
     @property
+    def store_location(self) -> str | Path:
+        """The job store: ``SEGMAP_DATABASE_URL``, else ``service.database``, else a SQLite file in the workdir."""
+        import os
+        return os.environ.get("SEGMAP_DATABASE_URL") or self.database or self.store_path
+
+    @property
     def spool_dir(self) -> Path:
         return self.workdir / "spool"
 
@@ -243,7 +249,8 @@ def parse_config(doc: Any, path: Path) -> ServiceConfig:
         export_give_up_s=svc.get("export_give_up_s", float, 86400.0, check=_positive),
         lease_s=svc.get("lease_s", float, 60.0, check=_positive),
         poll_s=svc.get("poll_s", float, 0.5, check=_positive),
-        database=svc.get("database", str, None),
+        database=svc.get("database", str, None, check=lambda v: None if v.startswith(("postgresql://", "postgres://"))
+                         else f"must be a postgresql:// URL (leave it out for SQLite in the workdir), got {v!r}"),
     )
     worker = svc.get("worker", str, None, check=_name)
     if worker:

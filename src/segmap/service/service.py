@@ -71,7 +71,7 @@ class Service:
         self.worker = config.worker
         for d in (config.workdir, config.spool_dir, config.jobs_dir, config.workdir / "series"):
             d.mkdir(parents=True, exist_ok=True)
-        self.store = JobStore(config.store_path)
+        self.store = JobStore(config.store_location)
         self.tasks = {m.name: load_task(m.task, m.task_name) for m in config.maps}
         check_routable(config.maps, self.tasks)
         self.runner = runner if runner is not None else make_runner(config)
