@@ -58,6 +58,7 @@ class ServiceProcess:
             doc["orthanc"] = {"url": self.orthanc_url, "poll_interval_s": 0.3}
         for section, values in self.extra.items():
             doc.setdefault(section, {}).update(values)
+        self.database = doc["service"].get("database")
         self.config_path.write_text(yaml.safe_dump(doc))
 
     @property
@@ -110,10 +111,10 @@ class ServiceProcess:
 
     def store(self):
         from segmap.service.store import JobStore
-        return JobStore(self.store_path)
+        return JobStore(self.database or self.store_path)
 
     def jobs(self, state: str | None = None):
-        if not self.store_path.exists():
+        if not self.database and not self.store_path.exists():
             return []
         return self.store().list_jobs([state] if state else None, limit=1000)
 

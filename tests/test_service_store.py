@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
-import sqlite3
 
 import pytest
 
 from segmap.service.keys import job_key, run_name, seg_uids
 from segmap.service.store import Arrival, JobStore, NewJob
+
+_databases = itertools.count()
 
 
 def arrival(sop: int, series: str = "1.2.3", source: str = "listener") -> Arrival:
@@ -29,9 +31,19 @@ def close(store: JobStore, now: float):
     return version, created, existing
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def location(request, tmp_path):
+    """Where a fresh store lives: a SQLite file, or a new database on the test PostgreSQL server."""
+    if request.param == "sqlite":
+        return tmp_path / "store.sqlite"
+    return request.getfixturevalue("postgres_server").fresh_database(f"store{next(_databases)}")
+
+
 @pytest.fixture
-def store(tmp_path):
-    return JobStore(tmp_path / "store.sqlite")
+def store(location):
+    s = JobStore(location)
+    yield s
+    s.close()
 
 
 def test_a_series_is_due_only_after_the_quiet_period(store):
@@ -69,7 +81,7 @@ def test_the_same_key_is_never_queued_twice(store):
     job = new_job(store, v1)
     result = store.close_series(v9.id, [job], "spleen: job", instance_count=v9.instance_count, now=120)
     assert result == ([], [job.key])
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(Exception, match="(?i)unique"):
         store._db().execute("INSERT INTO jobs SELECT * FROM jobs")  # the UNIQUE key holds in the schema itself
 
 
@@ -136,14 +148,14 @@ def _claim_many(path, worker, out):
     out.put(got)
 
 
-def test_concurrent_workers_never_claim_the_same_job(tmp_path):
-    store = JobStore(tmp_path / "store.sqlite")
+def test_concurrent_workers_never_claim_the_same_job(location):
+    store = JobStore(location)
     for n in range(30):
         store.record_instance(arrival(0, series=f"1.2.{n}"), now=100)
     for v in store.due_series(5, now=110):
         store.close_series(v.id, [new_job(store, v)], "x", instance_count=1, now=110)
     out = multiprocessing.Queue()
-    procs = [multiprocessing.Process(target=_claim_many, args=(tmp_path / "store.sqlite", f"w{i}", out))
+    procs = [multiprocessing.Process(target=_claim_many, args=(location, f"w{i}", out))
              for i in range(3)]
     for p in procs:
         p.start()
@@ -173,3 +185,12 @@ def test_get_job_by_prefix_and_our_outputs(store):
     assert store.get_job(key[:3]) is None
     assert store.is_our_output(seg_uids(key)[0])
     assert not store.is_our_output("1.2.3")
+
+
+def test_schema_is_versioned_and_migrated_once(location):
+    from segmap.service.store import SCHEMA_VERSION
+    first = JobStore(location)
+    assert first.schema_version() == SCHEMA_VERSION
+    first.record_instance(arrival(0), now=100)
+    again = JobStore(location)  # a second worker starting: nothing is re-created, nothing lost
+    assert again.schema_version() == SCHEMA_VERSION and again.due_series(0, now=200)[0].instance_count == 1

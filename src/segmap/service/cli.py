@@ -125,9 +125,10 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
     from .store import JobStore
 
     config = _load(args)
-    if not config.store_path.is_file():
-        raise SegmapError(f"no job store at {config.store_path} yet: has `segmap serve -c {args.config}` run?")
-    store = JobStore(config.store_path)
+    location = config.store_location
+    if isinstance(location, Path) and not location.is_file():
+        raise SegmapError(f"no job store at {location} yet: has `segmap serve -c {args.config}` run?")
+    store = JobStore(location)
     if args.action == "list":
         jobs = store.list_jobs(args.state, limit=args.limit)
         if args.json:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
 from pathlib import Path
@@ -69,9 +70,10 @@ class Service:
 
         self.cfg = config
         self.worker = config.worker
+        self.node = socket.gethostname()
         for d in (config.workdir, config.spool_dir, config.jobs_dir, config.workdir / "series"):
             d.mkdir(parents=True, exist_ok=True)
-        self.store = JobStore(config.store_path)
+        self.store = JobStore(config.store_location)
         self.tasks = {m.name: load_task(m.task, m.task_name) for m in config.maps}
         check_routable(config.maps, self.tasks)
         self.runner = runner if runner is not None else make_runner(config)
@@ -97,13 +99,13 @@ class Service:
             self.web.serve_in_thread()
             log.info("job page on http://%s:%d/ (metrics /metrics, health /healthz)", cfg.http.host,
                      self.web.server_address[1])
-        if cfg.orthanc is not None:
+        if cfg.orthanc is not None and cfg.does_intake:
             from .intake.orthanc import OrthancClient, OrthancFollower
             client = OrthancClient(cfg.orthanc.url, cfg.orthanc.username, cfg.orthanc.password)
             self.follower = OrthancFollower(client, self.store, self.spool, name=cfg.orthanc.name)
             self._spawn(self._follow, "orthanc-follower")
             log.info("following %s's changes at %s", cfg.orthanc.source, cfg.orthanc.url)
-        if cfg.listener is not None:
+        if cfg.listener is not None and cfg.does_intake:
             from .intake.listener import DicomListener
             lc = cfg.listener
             self.listener = DicomListener(lc.ae_title, lc.host, lc.port, spool=self.spool,
@@ -149,9 +151,10 @@ class Service:
     def run(self, stop: threading.Event | None = None) -> None:
         """Tick until ``stop`` (or :meth:`stop`) is set. A failing tick is logged and retried, never fatal."""
         stop = stop or self._stop
-        log.info("worker %s: %d MAP(s) (%s), runner %s with %d slot(s), quiet period %.0f s", self.worker,
-                 len(self.cfg.maps), ", ".join(m.name for m in self.cfg.maps), self.cfg.runner.kind,
-                 self.cfg.runner.max_concurrent, self.cfg.quiet_period_s)
+        log.info("%s %s (%s): %d MAP(s) (%s), runner %s with %d slot(s), quiet period %.0f s, %s",
+                 self.cfg.role if self.cfg.role != "all" else "worker", self.worker, self.node, len(self.cfg.maps),
+                 ", ".join(m.name for m in self.cfg.maps), self.cfg.runner.kind, self.cfg.runner.max_concurrent,
+                 self.cfg.quiet_period_s, self.store)
         while not stop.is_set() and not self._stop.is_set():
             try:
                 self.tick()
@@ -160,10 +163,12 @@ class Service:
             stop.wait(self.cfg.poll_s)
 
     def tick(self, now: float | None = None) -> None:
-        self.close_due_series(now)
-        self.advance_held(now)
-        self.claim(now)
-        self.export_due(now)
+        if self.cfg.does_intake:
+            self.close_due_series(now)
+        if self.cfg.does_work:
+            self.advance_held(now)
+            self.claim(now)
+            self.export_due(now)
 
     # ------------------------------------------------------------------------------------------- 1. close
     def close_due_series(self, now: float | None = None) -> None:
@@ -231,7 +236,7 @@ class Service:
             target = folder / f"{inst.sop_uid}.dcm"
             if target.exists():
                 continue
-            tmp = folder / f".{inst.sop_uid}.tmp"
+            tmp = folder / f".{inst.sop_uid}.{os.getpid()}.tmp"
             tmp.unlink(missing_ok=True)
             try:
                 os.link(inst.path, tmp)
@@ -322,7 +327,8 @@ class Service:
     # ------------------------------------------------------------------------------------------- 3. claim
     def claim(self, now: float | None = None) -> None:
         while True:
-            job = self.store.claim(self.worker, self.cfg.lease_s, self.cfg.runner.max_concurrent, now)
+            job = self.store.claim(self.worker, self.cfg.lease_s, self.cfg.runner.max_concurrent, now,
+                                   node=self.node if self.cfg.runner.kind == "docker" else None)
             if job is None:
                 return
             log.info("job %s: claimed (%s, series %s, waited %.1f s)", job.key[:12], job.map_name, job.series_uid,
