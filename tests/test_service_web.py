@@ -6,6 +6,7 @@ loaded in a real headless Chromium (Debian's package), whose screenshot is kept 
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -59,10 +60,22 @@ class Filler:
         return job
 
 
+_databases = itertools.count()
+BOTH = pytest.mark.parametrize("location", ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.fixture(params=["sqlite"])
+def location(request, tmp_path):
+    """A SQLite file by default; tests marked ``BOTH`` also run on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path / "store.sqlite"
+    return request.getfixturevalue("postgres_server").fresh_database(f"web{next(_databases)}")
+
+
 @pytest.fixture
-def filled(tmp_path):
+def filled(location, tmp_path):
     """A store with one job in each state; returns (store, {state: key})."""
-    store = JobStore(tmp_path / "store.sqlite")
+    store = JobStore(location)
     fill = Filler(store, tmp_path)
     keys = {}
     keys["done"] = fill.queue(T0, log="loading series\nPatientName: Doe^Jane\nsegmentation written\n")
@@ -94,6 +107,7 @@ def web(filled):
     server.serve_in_thread()
     yield server, store, keys
     server.shutdown()
+    store.close()
 
 
 def samples(text: str) -> dict:
@@ -105,6 +119,7 @@ def samples(text: str) -> dict:
     return out
 
 
+@BOTH
 def test_metrics_count_jobs_by_state_and_time_them(web):
     server, _, _ = web
     r = requests.get(server.url + "/metrics", timeout=10)
@@ -131,6 +146,7 @@ def test_metrics_count_jobs_by_state_and_time_them(web):
     assert m[("segmap_oldest_queued_job_age_seconds", frozenset())] > 0
 
 
+@BOTH
 def test_metrics_follow_the_store(web):
     server, store, keys = web
     store.retry(keys["failed"])
@@ -144,7 +160,7 @@ def test_healthz_ok_and_503_when_the_store_cannot_be_read(web):
     r = requests.get(server.url + "/healthz", timeout=10)
     assert r.status_code == 200
     doc = r.json()
-    assert doc["status"] == "ok" and doc["jobs"]["running"] == 1
+    assert doc["status"] == "ok" and doc["jobs"]["running"] == 1 and doc["store"].startswith("sqlite job store")
 
     store.close()
     for suffix in ("-wal", "-shm"):
@@ -167,6 +183,7 @@ def test_read_only(web, method, path):
     assert store.count_by_state() == before
 
 
+@BOTH
 def test_job_list_and_json(web):
     server, _, keys = web
     r = requests.get(server.url + "/", timeout=10)
@@ -184,6 +201,7 @@ def test_job_list_and_json(web):
     assert head.status_code == 200 and head.content == b"" and int(head.headers["Content-Length"]) == len(r.content)
 
 
+@BOTH
 def test_job_detail_escapes_the_error_and_shows_the_log(web):
     server, _, keys = web
     r = requests.get(server.url + f"/jobs/{keys['failed'][:10]}", timeout=10)
@@ -230,3 +248,24 @@ def test_job_page_in_headless_chromium(web, tmp_path):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(png, ARTIFACTS / "jobs-page.png")
     json.loads(requests.get(server.url + "/healthz", timeout=10).text)  # the server outlived the browser
+
+
+def test_healthz_503_when_the_postgresql_database_is_gone(postgres_server, tmp_path):
+    import psycopg
+
+    url = postgres_server.fresh_database(f"web{next(_databases)}")
+    store = JobStore(url)
+    Filler(store, tmp_path).queue(T0)
+    server = make_server(store, port=0)
+    server.serve_in_thread()
+    try:
+        assert requests.get(server.url + "/healthz", timeout=10).json()["jobs"]["queued"] == 1
+        store.close()
+        with psycopg.connect(postgres_server.url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+        r = requests.get(server.url + "/healthz", timeout=30)
+        assert r.status_code == 503 and r.json()["status"] == "error"
+        assert "postgresql job store" in r.json()["store"]
+        assert samples(requests.get(server.url + "/metrics", timeout=30).text)[("segmap_up", frozenset())] == 0
+    finally:
+        server.shutdown()

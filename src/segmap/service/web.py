@@ -26,9 +26,27 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CollectorRegistry, GaugeMetricFamily, HistogramMetricFamily
 
+from segmap.errors import ServiceConfigError
 from segmap.service.store import STATES, UNFINISHED, Job, JobStore
 
 log = logging.getLogger(__name__)
+
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    """What a store that cannot be read raises: SQLite's and psycopg's errors, or ours when a connection fails."""
+    errors: list[type[BaseException]] = [sqlite3.Error, ServiceConfigError]
+    try:
+        import psycopg
+    except ImportError:  # a SQLite-only installation
+        pass
+    else:
+        errors.append(psycopg.Error)
+    return tuple(errors)
+
+
+STORE_ERRORS = _store_errors()
+#: list_jobs' limit meaning "all" on SQLite and PostgreSQL alike (neither takes -1 the same way).
+_ALL = 2**31 - 1
 
 REFRESH_S = 5
 #: Histogram buckets in seconds: from a quick CPU job to a long GPU queue.
@@ -54,9 +72,9 @@ class StoreCollector:
         try:
             counts = self.store.count_by_state()
             # The store keeps every job, so histograms over its finished jobs are cumulative as Prometheus expects.
-            jobs = self.store.list_jobs(limit=-1)  # SQLite: LIMIT -1 is no limit
-        except sqlite3.Error as e:
-            log.warning("metrics: job store unreadable (%s)", e)
+            jobs = self.store.list_jobs(limit=_ALL)
+        except STORE_ERRORS as e:
+            log.warning("metrics: job store unreadable (%s)", _first_line(e))
             up.add_metric([], 0)
             yield up
             return
@@ -208,9 +226,9 @@ class _Handler(BaseHTTPRequestHandler):
         path, query = unquote(url.path), parse_qs(url.query)
         try:
             status, body, ctype = self._route(store, path, query)
-        except sqlite3.Error as e:
-            log.warning("web: job store unreadable (%s)", e)
-            status, body, ctype = (HTTPStatus.SERVICE_UNAVAILABLE, f"job store unreadable: {e}\n".encode(),
+        except STORE_ERRORS as e:
+            log.warning("web: job store unreadable (%s)", _first_line(e))
+            status, body, ctype = (HTTPStatus.SERVICE_UNAVAILABLE, f"job store unreadable: {_first_line(e)}\n".encode(),
                                    "text/plain; charset=utf-8")
         finally:
             store.close()  # each request runs in its own thread; its SQLite connection ends with it
@@ -251,10 +269,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _health(self, store: JobStore) -> tuple[int, bytes, str]:
         try:
             counts = store.count_by_state()
-        except sqlite3.Error as e:
-            doc = {"status": "error", "error": f"job store unreadable: {e}", "store": str(store.path)}
+        except STORE_ERRORS as e:
+            doc = {"status": "error", "error": f"job store unreadable: {_first_line(e)}", "store": str(store)}
             return HTTPStatus.SERVICE_UNAVAILABLE, _json(doc), "application/json"
-        doc = {"status": "ok", "store": str(store.path), "jobs": counts,
+        doc = {"status": "ok", "store": str(store), "jobs": counts,  # str(store) hides a database password
                "uptime_s": round(time.monotonic() - self.server.started, 1)}
         return HTTPStatus.OK, _json(doc), "application/json"
 
@@ -274,6 +292,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (the stdlib's signature)
         log.debug("%s %s", self.address_string(), format % args)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _json(doc) -> bytes:
