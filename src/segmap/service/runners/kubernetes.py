@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import time
 from datetime import datetime
@@ -217,16 +218,18 @@ class KubernetesRunner:
     """Runs each MAP as a Kubernetes Job in ``namespace`` (see the module docstring).
 
     ``api_client`` is a configured :class:`kubernetes.client.ApiClient`; without one, the in-cluster service account
-    is used, or else the local kubeconfig.
+    is used, or else the local kubeconfig. ``namespace`` None means the namespace ``segmap serve`` itself runs in
+    (``POD_NAMESPACE``, set by deploy/'s Deployment, or the service account's namespace file).
     """
 
     kind = "kubernetes"
 
-    def __init__(self, namespace: str, *, api_client: k8s.ApiClient | None = None, pvc_name: str,
+    def __init__(self, namespace: str | None, *, api_client: k8s.ApiClient | None = None, pvc_name: str,
                  workdir_root: str | Path, service_account: str | None = None,
                  node_selector: Mapping[str, str] | None = None, image_pull_secrets: Sequence[str] = (),
                  run_as_user: int = 65532, ttl_seconds_after_finished: int = DEFAULT_TTL_S,
                  delete_wait_s: float = 10.0):
+        namespace = namespace or current_namespace()
         if not namespace or not _DNS_LABEL.match(namespace):
             raise RunnerError(f"Kubernetes namespace {namespace!r} is not a DNS-1123 label")
         self.namespace = namespace
@@ -414,6 +417,19 @@ class KubernetesRunner:
         host = getattr(self.api_client.configuration, "host", "?")
         return RunnerError(_one_line(f"cannot {verb} Kubernetes Job {name}: API server {host} not reachable "
                                      f"({type(exc).__name__}: {exc})"))
+
+
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def current_namespace() -> str | None:
+    """The namespace this process runs in, when it runs in a pod; None elsewhere."""
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"].strip()
+    try:
+        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _default_api_client() -> k8s.ApiClient:

@@ -1,0 +1,305 @@
+"""The Kubernetes runner against an HTTP server that answers like the API server, and the deploy/ manifests.
+
+No Kubernetes cluster can run here (see tests/k8s_stub.py): these tests show that what the runner sends is a valid
+``batch/v1`` Job by the official client's own OpenAPI models, that it creates at most one Job per run name, and how
+it reads the states a Job and its pod go through. Scheduling, pulling, GPUs, volumes and the deadline being enforced
+are the cluster's part and need a real one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+k8s = pytest.importorskip("kubernetes.client")
+
+from k8s_stub import K8sStub  # noqa: E402
+
+from segmap.errors import RunnerError, SegmapError  # noqa: E402
+from segmap.service.keys import job_key, run_name  # noqa: E402
+from segmap.service.runners.base import CONTAINER_INPUT, CONTAINER_OUTPUT, RunSpec  # noqa: E402
+from segmap.service.runners.kubernetes import (  # noqa: E402
+    KubernetesRunner, job_manifest, memory_quantity, sanitise_labels)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+WORKDIR = Path("/var/lib/segmap")
+NS = "segmap"
+DIGEST = "sha256:" + "ab" * 32
+
+
+def validated(body: dict, model: str):
+    """``body`` read with the client's deserializer into ``model``; fails when a key is unknown to the model or a
+    value has the wrong type: the model, serialized back, must give exactly ``body`` again."""
+    api = k8s.ApiClient()
+    obj = api.deserialize(json.dumps(body), model, "application/json")
+    again = api.sanitize_for_serialization(obj)
+    assert again == body, f"{model}: keys or values the model does not know:\n{_diff(body, again)}"
+    return obj
+
+
+def _diff(sent, model, path="") -> str:
+    if isinstance(sent, dict) and isinstance(model, dict):
+        lines = [f"{path}.{k}: sent, not in the model" for k in sent if k not in model]
+        lines += [_diff(sent[k], model[k], f"{path}.{k}") for k in sent if k in model]
+        return "\n".join(x for x in lines if x)
+    if isinstance(sent, list) and isinstance(model, list):
+        return "\n".join(_diff(a, b, f"{path}[{i}]") for i, (a, b) in enumerate(zip(sent, model)))
+    return "" if sent == model else f"{path}: {sent!r} != {model!r}"
+
+
+def make_spec(key_seed: str = "1.2.3", **kw) -> RunSpec:
+    key = job_key(key_seed, ["1.2.3.1", "1.2.3.2"], DIGEST)
+    name = run_name(key)
+    args = dict(name=name, image=f"registry.example/segmap/spleen@{DIGEST}",
+                input_dir=WORKDIR / "jobs" / name / "input", output_dir=WORKDIR / "jobs" / name / "output",
+                env={"SEGMAP_UID_SEED": key}, cpus=2, memory="8g", gpus=("0",), timeout_s=1800,
+                labels={"segmap/map": "spleen", "segmap/series": "1.2.826.0.1.3680043.8.498." + "1" * 40})
+    args.update(kw)
+    return RunSpec(**args)
+
+
+@pytest.fixture
+def stub():
+    with K8sStub() as server:
+        yield server
+
+
+def make_runner(stub: K8sStub, **kw) -> KubernetesRunner:
+    api = k8s.ApiClient(k8s.Configuration(host=stub.url))
+    return KubernetesRunner(NS, api_client=api, pvc_name="segmap-work", workdir_root=WORKDIR,
+                            service_account="segmap-map", **kw)
+
+
+# ------------------------------------------------------------------------------------------------ the Job manifest
+
+
+def test_submitted_job_validates_against_the_clients_models(stub):
+    spec = make_spec()
+    make_runner(stub, node_selector={"nvidia.com/gpu.present": "true"}, image_pull_secrets=["regcred"]).start(spec)
+    [body] = stub.created_bodies
+    job = validated(body, "V1Job")
+
+    assert (job.api_version, job.kind, job.metadata.name) == ("batch/v1", "Job", spec.name)
+    labels = job.metadata.labels
+    assert labels["app.kubernetes.io/managed-by"] == "segmap" and labels["segmap/run"] == spec.name
+    assert job.spec.template.metadata.labels == labels  # the pods carry them too (logs, NetworkPolicy)
+    assert job.spec.backoff_limit == 0 and job.spec.active_deadline_seconds == 1800
+    assert job.spec.ttl_seconds_after_finished > 0
+    pod = job.spec.template.spec
+    assert pod.restart_policy == "Never" and pod.automount_service_account_token is False
+    assert pod.service_account_name == "segmap-map" and pod.node_selector == {"nvidia.com/gpu.present": "true"}
+    assert [s.name for s in pod.image_pull_secrets] == ["regcred"]
+    assert pod.security_context.run_as_non_root and pod.security_context.run_as_user == 65532
+    [c] = pod.containers
+    assert c.image == spec.image
+    assert {e.name: e.value for e in c.env} == {"SEGMAP_UID_SEED": spec.env["SEGMAP_UID_SEED"]}
+    sc = c.security_context
+    assert sc.run_as_non_root and sc.run_as_user == 65532 and sc.run_as_group == 65532
+    assert sc.allow_privilege_escalation is False and sc.read_only_root_filesystem is True
+    assert sc.capabilities.drop == ["ALL"]
+    assert c.resources.limits == c.resources.requests == {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"}
+    mounts = {m.mount_path: m for m in c.volume_mounts}
+    volumes = {v.name: v for v in pod.volumes}
+    inp, out = mounts[CONTAINER_INPUT], mounts[CONTAINER_OUTPUT]
+    assert inp.read_only is True and not out.read_only
+    assert (inp.sub_path, out.sub_path) == (f"jobs/{spec.name}/input", f"jobs/{spec.name}/output")
+    assert inp.name == out.name and volumes[inp.name].persistent_volume_claim.claim_name == "segmap-work"
+    assert volumes[mounts["/tmp"].name].empty_dir is not None  # the only writable place besides the output
+
+
+def test_model_check_catches_unknown_keys_and_wrong_types():
+    body = k8s.ApiClient().sanitize_for_serialization(job_manifest(
+        make_spec(), pvc_name="w", workdir_root=WORKDIR))
+    validated(body, "V1Job")
+    typo = json.loads(json.dumps(body))
+    typo["spec"]["backofLimit"] = 0
+    with pytest.raises(AssertionError, match="backofLimit"):
+        validated(typo, "V1Job")
+    wrong_type = json.loads(json.dumps(body))
+    wrong_type["spec"]["activeDeadlineSeconds"] = "1800"
+    with pytest.raises(ValueError, match="activeDeadlineSeconds"):  # pydantic's ValidationError
+        validated(wrong_type, "V1Job")
+    nameless = json.loads(json.dumps(body))
+    del nameless["spec"]["template"]["spec"]["containers"][0]["name"]
+    with pytest.raises(ValueError, match="name"):
+        validated(nameless, "V1Job")
+
+
+def test_resources_follow_the_run_spec():
+    cpu_only = job_manifest(make_spec(gpus=(), cpus=1.5, memory="512m"), pvc_name="w", workdir_root=WORKDIR)
+    res = cpu_only.spec.template.spec.containers[0].resources
+    assert res.limits == {"cpu": "1500m", "memory": "512Mi"}  # no nvidia.com/gpu: the pod fits CPU nodes
+    two = job_manifest(make_spec(gpus=("0", "1")), pvc_name="w", workdir_root=WORKDIR)
+    assert two.spec.template.spec.containers[0].resources.limits["nvidia.com/gpu"] == "2"
+    bare = job_manifest(make_spec(gpus=(), cpus=None, memory=None, timeout_s=59.2), pvc_name="w",
+                        workdir_root=WORKDIR)
+    assert bare.spec.template.spec.containers[0].resources is None
+    assert bare.spec.active_deadline_seconds == 60
+    # Docker's notation (the service's one memory setting) is binary; Kubernetes' own binary quantities pass.
+    assert [memory_quantity(m) for m in ("8g", "8G", "1.5g", "8Gi", "1073741824")] == \
+        ["8Gi", "8Gi", "1536Mi", "8Gi", "1073741824"]
+    with pytest.raises(RunnerError, match="'lots'"):
+        memory_quantity("lots")
+
+
+def test_folders_outside_the_shared_volume_are_refused():
+    with pytest.raises(RunnerError, match="/tmp/elsewhere/input.*workdir_root /var/lib/segmap"):
+        job_manifest(make_spec(input_dir=Path("/tmp/elsewhere/input")), pvc_name="w", workdir_root=WORKDIR)
+    with pytest.raises(RunnerError, match="inside workdir_root"):
+        job_manifest(make_spec(output_dir=WORKDIR), pvc_name="w", workdir_root=WORKDIR)
+    with pytest.raises(RunnerError, match="DNS-1123"):
+        job_manifest(make_spec(name="Segmap_Job"), pvc_name="w", workdir_root=WORKDIR)
+
+
+def test_labels_are_made_valid():
+    uid = "1.2.826.0.1.3680043.8.498.12345678901234567890123456789012345678"  # 64 characters
+    labels = sanitise_labels({"segmap/series": uid, "segmap/map": "Spleen CT (v2)", "bad key!": "x", "/": "y"})
+    assert labels["segmap/series"] == uid[:63]
+    assert labels["segmap/map"] == "Spleen-CT--v2"
+    assert labels["bad-key"] == "x" and "/" not in labels and "" not in labels
+
+
+# ------------------------------------------------------------------------------------------- against the API stub
+
+
+def test_create_then_conflict_adopts_and_never_creates_a_second_job(stub):
+    spec = make_spec()
+    first = make_runner(stub)
+    assert first.start(spec).state == "pending"
+    assert first.start(spec).state == "pending"  # 409: adopted
+    stub.schedule(spec.name, node="gpu-node-7")
+    stub.run(spec.name)
+    restarted = make_runner(stub)  # segmap serve restarted: a new runner knows nothing but the name
+    status = restarted.start(spec)
+    assert (status.state, status.node) == ("running", "gpu-node-7")
+
+    assert len(stub.jobs) == 1 and len(stub.pods_of(spec.name)) == 1
+    assert len(stub.calls("POST")) == 3  # every start asked, the server refused twice
+    assert restarted.status(spec.name).state == "running"
+
+
+def test_a_job_of_that_name_not_made_by_segmap_is_not_adopted(stub):
+    spec = make_spec()
+    stub.put_job({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": spec.name, "labels": {"team": "x"}},
+                  "spec": {"template": {"metadata": {}, "spec": {"containers": [{"name": "c", "image": "busybox"}],
+                                                                 "restartPolicy": "Never"}}}})
+    with pytest.raises(RunnerError, match=f"{spec.name}.*not created by segmap"):
+        make_runner(stub).start(spec)
+
+
+def test_status_follows_the_job_through_success(stub):
+    runner, spec = make_runner(stub), make_spec()
+    assert runner.status(spec.name).state == "missing"
+    runner.start(spec)
+    assert runner.status(spec.name).state == "pending"
+    stub.schedule(spec.name, node="gpu-node-2")
+    pending = runner.status(spec.name)  # scheduled, image being pulled: not running yet
+    assert (pending.state, pending.node) == ("pending", "gpu-node-2") and pending.started_at
+    assert runner.logs(spec.name) == ""  # the API answers 400 while the container waits
+    stub.run(spec.name)
+    running = runner.status(spec.name)
+    assert (running.state, running.node, running.finished) == ("running", "gpu-node-2", False)
+    stub.succeed(spec.name, log="".join(f"line {i}\n" for i in range(500)))
+    done = runner.status(spec.name)
+    assert (done.state, done.exit_code, done.error, done.node) == ("succeeded", 0, None, "gpu-node-2")
+    assert done.finished and done.finished_at >= done.started_at
+    assert runner.logs(spec.name, tail=2) == "line 498\nline 499\n"
+
+
+def test_status_of_a_failed_job_has_its_reason_and_exit_code(stub):
+    runner, spec = make_runner(stub), make_spec()
+    runner.start(spec)
+    stub.schedule(spec.name)
+    stub.run(spec.name)
+    stub.fail(spec.name, exit_code=137, container_reason="OOMKilled")
+    st = runner.status(spec.name)
+    assert (st.state, st.exit_code) == ("failed", 137)
+    assert st.error == "BackoffLimitExceeded: Job has reached the specified backoff limit (exit code 137, OOMKilled)"
+    assert "\n" not in st.error and st.node == "gpu-node-1"
+
+
+def test_a_job_past_its_deadline_is_reported_timed_out(stub):
+    runner, spec = make_runner(stub), make_spec(timeout_s=60)
+    runner.start(spec)
+    assert stub.job(spec.name)["spec"]["activeDeadlineSeconds"] == 60
+    stub.schedule(spec.name)
+    stub.run(spec.name)
+    stub.deadline(spec.name)  # the controller deletes the pod: no exit code, no node any more
+    st = runner.status(spec.name)
+    assert (st.state, st.error, st.exit_code) == ("failed", "timed out after 60 s", None)
+
+
+def test_cancel_deletes_the_job_in_the_background_and_a_missing_job_is_fine(stub):
+    runner, spec = make_runner(stub), make_spec()
+    runner.start(spec)
+    stub.schedule(spec.name)
+    stub.run(spec.name)
+    runner.cancel(spec.name)
+    [delete] = stub.calls("DELETE")
+    assert delete["path"].endswith(f"/namespaces/{NS}/jobs/{spec.name}")
+    assert (delete["query"].get("propagationPolicy") or delete["body"]["propagationPolicy"]) == "Background"
+    assert stub.job(spec.name) is None and stub.pods_of(spec.name) == []
+    assert runner.status(spec.name).state == "missing" and runner.logs(spec.name) == ""
+    runner.cancel(spec.name)  # 404
+    runner.remove(spec.name)
+    assert len(stub.calls("DELETE")) == 3
+
+
+def test_retry_after_remove_creates_a_fresh_job(stub):
+    """The store's retry: remove the failed Job, start again: a new Job whose status is not the old pod's."""
+    runner, spec = make_runner(stub), make_spec()
+    runner.start(spec)
+    stub.schedule(spec.name)
+    stub.fail(spec.name, exit_code=1)
+    assert runner.status(spec.name).state == "failed"
+    runner.remove(spec.name)
+    assert runner.start(spec).state == "pending"
+    assert len(stub.jobs) == 1 and stub.job(spec.name)["status"] == {}
+
+
+def test_api_errors_become_one_line_runner_errors(stub):
+    runner, spec = make_runner(stub), make_spec()
+    stub.fail_next(403, "Forbidden", 'jobs.batch is forbidden: User "system:serviceaccount:segmap:segmap" cannot '
+                   'create resource "jobs" in API group "batch" in the namespace "segmap"')
+    with pytest.raises(RunnerError) as err:
+        runner.start(spec)
+    assert isinstance(err.value, SegmapError) and "\n" not in str(err.value)
+    assert "HTTP 403" in str(err.value) and "cannot create resource" in str(err.value) and spec.name in str(err.value)
+    stub.fail_next(500, "InternalError", "etcdserver: request timed out")
+    with pytest.raises(RunnerError, match="HTTP 500.*etcdserver"):
+        runner.status(spec.name)
+    with pytest.raises(RunnerError, match="DNS-1123"):
+        runner.start(make_spec(name="x" * 64))
+    assert stub.jobs == {}
+
+
+def test_an_unreachable_api_server_is_a_runner_error():
+    with K8sStub() as gone:
+        url = gone.url
+    cfg = k8s.Configuration(host=url)
+    cfg.retries = 0
+    runner = KubernetesRunner(NS, api_client=k8s.ApiClient(cfg), pvc_name="w", workdir_root=WORKDIR)
+    t0 = time.monotonic()
+    with pytest.raises(RunnerError, match="not reachable"):
+        runner.status("segmap-00000000000000000000")
+    assert time.monotonic() - t0 < 10
+
+
+def test_image_digest_comes_from_a_pinned_reference(stub, caplog):
+    runner = make_runner(stub)
+    assert runner.image_digest(f"registry.example/segmap/spleen@{DIGEST}") == DIGEST
+    with caplog.at_level(logging.WARNING, logger="segmap.service.runners.kubernetes"):
+        assert runner.image_digest("segmap/spleen:latest") == "tag:segmap/spleen:latest"
+        assert runner.image_digest("segmap/spleen:latest") == "tag:segmap/spleen:latest"
+    assert sum("not pinned by digest" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(RunnerError, match="sha256: and 64 hex"):
+        runner.image_digest("segmap/spleen@sha256:abc")
+    assert stub.requests == []  # no registry, no API call
