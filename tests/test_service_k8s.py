@@ -303,3 +303,162 @@ def test_image_digest_comes_from_a_pinned_reference(stub, caplog):
     with pytest.raises(RunnerError, match="sha256: and 64 hex"):
         runner.image_digest("segmap/spleen@sha256:abc")
     assert stub.requests == []  # no registry, no API call
+
+
+def test_namespace_defaults_to_the_pods_own(monkeypatch):
+    monkeypatch.setenv("POD_NAMESPACE", "radiology")
+    runner = KubernetesRunner(None, api_client=k8s.ApiClient(), pvc_name="w", workdir_root=WORKDIR)
+    assert runner.namespace == "radiology"
+    monkeypatch.setenv("POD_NAMESPACE", "Not_A_Namespace")
+    with pytest.raises(RunnerError, match="Not_A_Namespace"):
+        KubernetesRunner(None, api_client=k8s.ApiClient(), pvc_name="w", workdir_root=WORKDIR)
+
+
+# ------------------------------------------------------------------------------------------------------- deploy/
+
+#: (apiVersion, kind) of every object deploy/ may hold -> the client's model.
+MODELS = {
+    ("v1", "ServiceAccount"): "V1ServiceAccount",
+    ("v1", "ConfigMap"): "V1ConfigMap",
+    ("v1", "PersistentVolumeClaim"): "V1PersistentVolumeClaim",
+    ("v1", "Service"): "V1Service",
+    ("apps/v1", "Deployment"): "V1Deployment",
+    ("rbac.authorization.k8s.io/v1", "Role"): "V1Role",
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): "V1RoleBinding",
+    ("networking.k8s.io/v1", "NetworkPolicy"): "V1NetworkPolicy",
+}
+
+
+def _validate_documents(docs: list[dict]) -> dict[tuple[str, str], object]:
+    objects = {}
+    for doc in docs:
+        key = (doc.get("apiVersion"), doc.get("kind"))
+        assert key in MODELS, f"{key} is not a kind deploy/ is expected to hold"
+        obj = validated(doc, MODELS[key])
+        assert obj.metadata.name and not obj.metadata.namespace  # the namespace is chosen at apply time
+        assert (key[1], obj.metadata.name) not in objects, f"{key[1]} {obj.metadata.name} twice"
+        objects[(key[1], obj.metadata.name)] = obj
+    return objects
+
+
+def _base_documents() -> list[dict]:
+    kustomization = yaml.safe_load((DEPLOY / "base" / "kustomization.yaml").read_text())
+    listed = kustomization["resources"]
+    on_disk = sorted(p.name for p in (DEPLOY / "base").glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(listed) == on_disk, "every manifest in deploy/base is listed in kustomization.yaml, and only those"
+    return [d for name in listed for d in yaml.safe_load_all((DEPLOY / "base" / name).read_text()) if d]
+
+
+@pytest.fixture(scope="module")
+def deployed():
+    return _validate_documents(_base_documents())
+
+
+def test_every_manifest_validates_against_the_clients_models(deployed):
+    kinds = sorted({kind for kind, _ in deployed})
+    assert kinds == ["ConfigMap", "Deployment", "NetworkPolicy", "PersistentVolumeClaim", "Role", "RoleBinding",
+                     "Service", "ServiceAccount"]
+
+
+def test_kustomize_build_validates_too():
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed (neither it nor helm installs from the registries here)")
+    proc = subprocess.run([kubectl, "kustomize", str(DEPLOY / "base")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    built = _validate_documents([d for d in yaml.safe_load_all(proc.stdout) if d])
+    assert built.keys() == _validate_documents(_base_documents()).keys()
+    deployment = built[("Deployment", "segmap")]
+    assert deployment.metadata.labels["app.kubernetes.io/part-of"] == "segmap"
+    assert "app.kubernetes.io/part-of" not in deployment.spec.selector.match_labels  # selectors stay as written
+    [container] = deployment.spec.template.spec.containers
+    assert container.image == "segmap/segmap-service:latest"
+
+
+def test_rbac_allows_what_the_runner_calls_and_nothing_more(deployed, stub):
+    role = deployed[("Role", "segmap-runner")]
+    allowed = {(group, resource, verb) for rule in role.rules for group in rule.api_groups
+               for resource in rule.resources for verb in rule.verbs}
+    assert not any("*" in x for x in allowed)
+    assert {r for _, r, _ in allowed} == {"jobs", "pods", "pods/log"}
+    assert not [k for k in deployed if k[0].startswith("Cluster")]
+    binding = deployed[("RoleBinding", "segmap-runner")]
+    deployment = deployed[("Deployment", "segmap")]
+    assert binding.role_ref.name == role.metadata.name and binding.role_ref.kind == "Role"
+    assert [(s.kind, s.name) for s in binding.subjects] == \
+        [("ServiceAccount", deployment.spec.template.spec.service_account_name)]
+
+    # Every request the runner makes in a full life cycle maps onto a rule of the Role.
+    runner, spec = make_runner(stub), make_spec()
+    runner.start(spec)
+    runner.start(spec)
+    stub.schedule(spec.name)
+    stub.run(spec.name)
+    stub.succeed(spec.name, log="done\n")
+    runner.status(spec.name)
+    runner.logs(spec.name)
+    runner.cancel(spec.name)
+    verbs = {"POST": "create", "DELETE": "delete"}
+    needed = set()
+    for req in stub.requests:
+        parts = req["path"].strip("/").split("/")
+        group = "batch" if parts[0] == "apis" else ""
+        rest = parts[parts.index("namespaces") + 2:]
+        resource = "/".join([rest[0], *rest[2:]])
+        verb = verbs.get(req["method"]) or ("get" if len(rest) > 1 else "list")
+        needed.add((group, resource, verb))
+    assert needed <= allowed, needed - allowed
+    assert {r for _, r, _ in needed} == {"jobs", "pods", "pods/log"}
+
+
+def test_deployment_wiring(deployed):
+    deployment = deployed[("Deployment", "segmap")]
+    pod = deployment.spec.template.spec
+    [c] = pod.containers
+    ports = {p.name: p.container_port for p in c.ports}
+    assert ports == {"dicom": 11112, "http": 8642}
+    for probe in (c.liveness_probe, c.readiness_probe, c.startup_probe):
+        assert probe.http_get.path == "/healthz" and ports[probe.http_get.port] == 8642
+    env = {e.name: e for e in c.env}
+    ref = env["SEGMAP_DATABASE_URL"].value_from.secret_key_ref
+    assert (ref.name, ref.key) == ("segmap-database", "url") and env["SEGMAP_DATABASE_URL"].value is None
+    assert env["POD_NAMESPACE"].value_from.field_ref.field_path == "metadata.namespace"
+    assert env["SEGMAP_NODE_NAME"].value_from.field_ref.field_path == "spec.nodeName"
+    assert c.security_context.read_only_root_filesystem and pod.security_context.run_as_non_root
+    assert c.security_context.capabilities.drop == ["ALL"] and c.security_context.allow_privilege_escalation is False
+    assert deployment.spec.selector.match_labels.items() <= deployment.spec.template.metadata.labels.items()
+
+    service = deployed[("Service", "segmap")]
+    assert service.spec.selector.items() <= deployment.spec.template.metadata.labels.items()
+    assert {(p.port, p.target_port) for p in service.spec.ports} == {(11112, "dicom"), (8642, "http")}
+
+    mounts = {m.name: m.mount_path for m in c.volume_mounts}
+    volumes = {v.name: v for v in pod.volumes}
+    claim = volumes["work"].persistent_volume_claim.claim_name
+    assert ("PersistentVolumeClaim", claim) in deployed
+    config_map = deployed[("ConfigMap", volumes["config"].config_map.name)]
+    config_path = Path(c.args[c.args.index("--config") + 1])
+    assert config_path.parent == Path(mounts["config"]) and config_path.name in config_map.data
+
+    # The service configuration agrees with the manifests around it.
+    config = yaml.safe_load(config_map.data[config_path.name])
+    assert config["service"]["workdir"] == mounts["work"]
+    assert config["service"]["http"]["port"] == ports["http"] and config["listener"]["port"] == ports["dicom"]
+    assert config["runner"]["kind"] == "kubernetes"
+    assert config["runner"]["kubernetes"]["pvc_name"] == claim
+    assert ("ServiceAccount", config["runner"]["kubernetes"]["service_account"]) in deployed
+    for m in config["maps"]:
+        assert Path(m["task"]).parent == Path(mounts["tasks"])
+        KubernetesRunner(NS, api_client=k8s.ApiClient(), pvc_name=claim,
+                         workdir_root=config["service"]["workdir"]).image_digest(m["image"])  # pinned: no error
+
+
+def test_network_policy_isolates_exactly_the_map_pods(deployed):
+    policy = deployed[("NetworkPolicy", "segmap-map-runs-isolated")]
+    assert sorted(policy.spec.policy_types) == ["Egress", "Ingress"]
+    assert not policy.spec.ingress and not policy.spec.egress  # no rule: nothing in, nothing out
+    job = job_manifest(make_spec(), pvc_name="segmap-work", workdir_root=WORKDIR)
+    map_pod_labels = job.spec.template.metadata.labels
+    assert policy.spec.pod_selector.match_labels.items() <= map_pod_labels.items()
+    serve_labels = deployed[("Deployment", "segmap")].spec.template.metadata.labels
+    assert not policy.spec.pod_selector.match_labels.items() <= serve_labels.items()
