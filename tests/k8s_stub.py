@@ -148,6 +148,12 @@ class K8sStub:
                                  uncountedTerminatedPods={})
             return pod_name
 
+    def wait(self, name: str, reason: str, message: str = "", namespace: str = "segmap") -> None:
+        """The kubelet cannot start the container (``ImagePullBackOff``, ``CreateContainerConfigError``...)."""
+        with self.lock:
+            cs = self._pod(name, namespace)["status"]["containerStatuses"][0]
+            cs["state"] = {"waiting": {"reason": reason, "message": message}}
+
     def run(self, name: str, namespace: str = "segmap") -> None:
         with self.lock:
             pod = self._pod(name, namespace)

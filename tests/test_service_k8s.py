@@ -22,7 +22,7 @@ k8s = pytest.importorskip("kubernetes.client")
 
 from k8s_stub import K8sStub  # noqa: E402
 
-from segmap.errors import RunnerError, SegmapError  # noqa: E402
+from segmap.errors import RunnerError, SegmapError, ServiceConfigError  # noqa: E402
 from segmap.service.keys import job_key, run_name  # noqa: E402
 from segmap.service.runners.base import CONTAINER_INPUT, CONTAINER_OUTPUT, RunSpec  # noqa: E402
 from segmap.service.runners.kubernetes import (  # noqa: E402
@@ -237,6 +237,18 @@ def test_a_job_past_its_deadline_is_reported_timed_out(stub):
     assert (st.state, st.error, st.exit_code) == ("failed", "timed out after 60 s", None)
 
 
+def test_an_image_that_cannot_be_pulled_fails_the_run_instead_of_waiting_for_the_deadline(stub):
+    runner, spec = make_runner(stub), make_spec()
+    runner.start(spec)
+    stub.schedule(spec.name, node="gpu-node-3")
+    stub.wait(spec.name, "ErrImagePull", "rpc error: code = Unknown desc = failed to pull")
+    assert runner.status(spec.name).state == "pending"  # one failed pull may be a hiccup: the kubelet retries
+    stub.wait(spec.name, "ImagePullBackOff", f'Back-off pulling image "{spec.image}"')
+    st = runner.status(spec.name)
+    assert (st.state, st.node, st.exit_code) == ("failed", "gpu-node-3", None)
+    assert st.error == f'ImagePullBackOff: Back-off pulling image "{spec.image}"'
+
+
 def test_cancel_deletes_the_job_in_the_background_and_a_missing_job_is_fine(stub):
     runner, spec = make_runner(stub), make_spec()
     runner.start(spec)
@@ -423,7 +435,6 @@ def test_deployment_wiring(deployed):
     ref = env["SEGMAP_DATABASE_URL"].value_from.secret_key_ref
     assert (ref.name, ref.key) == ("segmap-database", "url") and env["SEGMAP_DATABASE_URL"].value is None
     assert env["POD_NAMESPACE"].value_from.field_ref.field_path == "metadata.namespace"
-    assert env["SEGMAP_NODE_NAME"].value_from.field_ref.field_path == "spec.nodeName"
     assert c.security_context.read_only_root_filesystem and pod.security_context.run_as_non_root
     assert c.security_context.capabilities.drop == ["ALL"] and c.security_context.allow_privilege_escalation is False
     assert deployment.spec.selector.match_labels.items() <= deployment.spec.template.metadata.labels.items()
@@ -449,8 +460,40 @@ def test_deployment_wiring(deployed):
     assert ("ServiceAccount", config["runner"]["kubernetes"]["service_account"]) in deployed
     for m in config["maps"]:
         assert Path(m["task"]).parent == Path(mounts["tasks"])
-        KubernetesRunner(NS, api_client=k8s.ApiClient(), pvc_name=claim,
-                         workdir_root=config["service"]["workdir"]).image_digest(m["image"])  # pinned: no error
+
+
+def test_the_config_map_is_a_valid_service_configuration(deployed, tmp_path, monkeypatch):
+    """The lead's config parser takes it, and the runner the service would make from it is a Kubernetes runner
+    in the pod's namespace on the deployed claim, with pinned images."""
+    from segmap.service.config import parse_config
+
+    doc = yaml.safe_load(deployed[("ConfigMap", "segmap-config")].data["segmap.yaml"])
+    for m in doc["maps"]:  # the tasks ConfigMap is the operator's; use the repository's task of that name
+        m["task"] = str(ROOT / "tasks" / Path(m["task"]).name)
+    cfg = parse_config(doc, tmp_path / "segmap.yaml")
+    assert cfg.runner.kind == "kubernetes"
+    monkeypatch.setenv("POD_NAMESPACE", "radiology")
+    runner = KubernetesRunner.from_options(cfg.runner.options, workdir_root=cfg.workdir, api_client=k8s.ApiClient())
+    assert (runner.namespace, runner.pvc_name, runner.service_account) == ("radiology", "segmap-work", "segmap-map")
+    assert runner.workdir_root == Path("/var/lib/segmap")
+    for m in cfg.maps:
+        assert runner.image_digest(m.image).startswith("sha256:")
+
+
+def test_bad_runner_options_name_the_key():
+    def make(**opts):
+        return KubernetesRunner.from_options(opts, workdir_root=WORKDIR, api_client=k8s.ApiClient(),
+                                             where="segmap.yaml: runner.kubernetes")
+    with pytest.raises(ServiceConfigError, match=r"^segmap.yaml: runner.kubernetes.pvc: unknown key"):
+        make(pvc="x")
+    with pytest.raises(ServiceConfigError, match=r"runner.kubernetes.pvc_name: is required"):
+        make(namespace="ns")
+    with pytest.raises(ServiceConfigError, match=r"runner.kubernetes.node_selector: must be a mapping"):
+        make(pvc_name="w", node_selector="gpu=true")
+    with pytest.raises(ServiceConfigError, match=r"runner.kubernetes.run_as_user: must be a whole number"):
+        make(pvc_name="w", run_as_user=True)
+    with pytest.raises(ServiceConfigError, match=r"runner.kubernetes: .*'GPU_Nodes' is not a DNS-1123"):
+        make(pvc_name="w", namespace="GPU_Nodes")
 
 
 def test_network_policy_isolates_exactly_the_map_pods(deployed):

@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from segmap.errors import RunnerError
+from segmap.errors import RunnerError, ServiceConfigError
 from segmap.service.runners.base import CONTAINER_INPUT, CONTAINER_OUTPUT, RunSpec, RunStatus
 
 log = logging.getLogger(__name__)
@@ -50,11 +50,18 @@ DEFAULT_TTL_S = 86400
 #: (connect, read) seconds for each API call: the service loop must not hang on an unreachable API server.
 REQUEST_TIMEOUT = (5, 30)
 
+#: Reasons a container waits that the kubelet will not resolve by itself within the run's deadline: the run is
+#: reported failed at once (the store retries later with back-off) instead of hanging until activeDeadlineSeconds.
+STUCK_REASONS = frozenset({"ErrImageNeverPull", "InvalidImageName", "ImagePullBackOff", "CreateContainerConfigError",
+                           "CreateContainerError"})
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DOCKER_MEMORY = re.compile(r"^(\d+(?:\.\d+)?)\s*([bkmgt]?)b?$", re.IGNORECASE)
+
+
+_KIND_WORDS = {str: "text", dict: "a mapping", list: "a list", int: "a whole number"}
 
 
 # ---------------------------------------------------------------------------------------------------- the manifest
@@ -246,6 +253,36 @@ class KubernetesRunner:
         self.delete_wait_s = delete_wait_s
         self._warned_tags: set[str] = set()
 
+    #: The keys of the service configuration's ``runner.kubernetes`` section, and the type each must have.
+    OPTIONS = {"namespace": str, "pvc_name": str, "service_account": str, "node_selector": dict,
+               "image_pull_secrets": list, "run_as_user": int, "ttl_seconds_after_finished": int,
+               "delete_wait_s": (int, float)}
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], *, workdir_root: str | Path,
+                     api_client: k8s.ApiClient | None = None, where: str = "runner.kubernetes") -> "KubernetesRunner":
+        """The runner the service configuration's ``runner.kubernetes`` mapping describes; ``where`` prefixes every
+        error (pass ``f"{config_path}: runner.kubernetes"``). ``pvc_name`` is required; ``namespace`` defaults to
+        the pod's own."""
+        opts = dict(options or {})
+        for key, value in opts.items():
+            if key not in cls.OPTIONS:
+                raise ServiceConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(cls.OPTIONS))})")
+            kind = cls.OPTIONS[key]
+            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+                raise ServiceConfigError(f"{where}.{key}: must be {_KIND_WORDS.get(kind, 'a number')}, got {value!r}")
+        if not opts.get("pvc_name"):
+            raise ServiceConfigError(f"{where}.pvc_name: is required (the PersistentVolumeClaim that holds the "
+                                     "service's workdir and is mounted into every MAP pod)")
+        for key in ("node_selector", "image_pull_secrets"):
+            if opts.get(key) is None:
+                opts.pop(key, None)
+        opts = {k: v for k, v in opts.items() if v is not None or k == "namespace"}
+        try:
+            return cls(opts.pop("namespace", None), api_client=api_client, workdir_root=workdir_root, **opts)
+        except RunnerError as exc:
+            raise ServiceConfigError(f"{where}: {exc}") from None
+
     # -- Runner protocol ----------------------------------------------------------------------------------------
 
     def image_digest(self, image: str) -> str:
@@ -395,7 +432,11 @@ class KubernetesRunner:
             return RunStatus(state="succeeded", exit_code=0 if exit_code is None else exit_code,
                              started_at=started, finished_at=_ts(st.completion_time), node=node)
         # Active, or not yet seen by the Job controller. A pod that is scheduled and started is running; one that
-        # waits for a node, an image pull or a GPU is pending.
+        # waits for a node, an image pull or a GPU is pending -- unless what it waits for will not come by itself.
+        waiting = _waiting(pod)
+        if waiting is not None and waiting.reason in STUCK_REASONS:
+            error = _one_line(f"{waiting.reason}: {waiting.message or spec_image(job)}")
+            return RunStatus(state="failed", error=error, started_at=started, finished_at=time.time(), node=node)
         phase = pod.status.phase if pod is not None and pod.status is not None else None
         if phase == "Running" or (phase is None and (st.ready or 0) > 0):
             running = _running_since(pod)
@@ -454,6 +495,22 @@ def _terminated(pod: k8s.V1Pod | None) -> Any:
         if cs.name == CONTAINER_NAME and cs.state is not None and cs.state.terminated is not None:
             return cs.state.terminated
     return None
+
+
+def _waiting(pod: k8s.V1Pod | None) -> Any:
+    if pod is None or pod.status is None:
+        return None
+    for cs in pod.status.container_statuses or []:
+        if cs.name == CONTAINER_NAME and cs.state is not None and cs.state.waiting is not None:
+            return cs.state.waiting
+    return None
+
+
+def spec_image(job: k8s.V1Job) -> str:
+    try:
+        return job.spec.template.spec.containers[0].image
+    except (AttributeError, IndexError, TypeError):
+        return ""
 
 
 def _running_since(pod: k8s.V1Pod | None) -> float | None:
