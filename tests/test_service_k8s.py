@@ -505,3 +505,106 @@ def test_network_policy_isolates_exactly_the_map_pods(deployed):
     assert policy.spec.pod_selector.match_labels.items() <= map_pod_labels.items()
     serve_labels = deployed[("Deployment", "segmap")].spec.template.metadata.labels
     assert not policy.spec.pod_selector.match_labels.items() <= serve_labels.items()
+
+
+# ------------------------------------------------------------------------------ the service loop with this runner
+
+
+def _write_seg(folder: Path, sop_uid: str) -> None:
+    """What the MAP would leave in its output: a DICOM file whose Modality is SEG (the service only looks at that)."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, sop_uid, "SEG"
+    folder.mkdir(parents=True, exist_ok=True)
+    ds.save_as(folder / "seg.dcm", enforce_file_format=True)
+
+
+@pytest.fixture
+def service_on_stub(stub, tmp_path):
+    """A Service configured for the Kubernetes runner, the runner talking to the stub, one job queued."""
+    pytest.importorskip("segmap.service.spool", reason="the service needs the intake's spool module")
+    from segmap.service.config import parse_config
+    from segmap.service.keys import seg_uids
+    from segmap.service.service import Service
+    from segmap.service.store import Arrival, NewJob
+
+    doc = {"service": {"workdir": str(tmp_path / "work"), "retry_backoff_s": 0, "worker": "serve-0"},
+           "listener": {"port": 11112},
+           "runner": {"kind": "kubernetes", "timeout_s": 600, "gpus": ["0"],
+                      "kubernetes": {"namespace": NS, "pvc_name": "segmap-work", "service_account": "segmap-map"}},
+           "maps": [{"name": "spleen", "image": f"registry.example/segmap/spleen@{DIGEST}",
+                     "task": str(ROOT / "tasks" / "spleen.yaml"), "destinations": ["orthanc"]}],
+           "destinations": {"orthanc": {"kind": "orthanc", "url": "http://127.0.0.1:9"}}}
+    cfg = parse_config(doc, tmp_path / "segmap.yaml")
+
+    def start_service():  # a fresh process: a new runner and service that know nothing but the store
+        api = k8s.ApiClient(k8s.Configuration(host=stub.url))
+        runner = KubernetesRunner.from_options(cfg.runner.options, workdir_root=cfg.workdir, api_client=api)
+        return Service(cfg, runner=runner, destinations={})
+
+    svc = start_service()
+    svc.store.record_instance(Arrival("listener", "1.2", "1.2.3", "1.2.3.1", "CT", path="/spool/1.dcm"), now=100)
+    (version,) = svc.store.due_series(cfg.quiet_period_s, now=200)
+    digest = svc.runner.image_digest(cfg.maps[0].image)
+    key = job_key(version.series_uid, ["1.2.3.1"], digest)
+    name = run_name(key)
+    svc.store.close_series(version.id, [NewJob(key, "spleen", cfg.maps[0].image, digest, name, seg_uids(key)[0],
+                                               ("orthanc",), 3, str(cfg.jobs_dir / name / "output"),
+                                               str(cfg.jobs_dir / name / "run.log"))],
+                           "spleen: job", instance_count=1, now=200)
+    return svc, start_service, key, name
+
+
+def test_the_jobs_status_drives_the_service_and_survives_its_restart(stub, service_on_stub):
+    svc, start_service, key, name = service_on_stub
+    svc.claim()
+    assert svc.store.get_job(key).state == "running" and list(stub.jobs) == [(NS, name)]
+    body = stub.job(name)
+    [container] = body["spec"]["template"]["spec"]["containers"]
+    mounts = {m["mountPath"]: m.get("subPath") for m in container["volumeMounts"]}
+    assert container["env"] == [{"name": "SEGMAP_UID_SEED", "value": key}]
+    assert mounts[CONTAINER_OUTPUT] == f"jobs/{name}/output"
+
+    restarted = start_service()  # segmap serve restarted while the Job waits for a node
+    restarted.advance_held()
+    stub.schedule(name, node="gpu-node-5")
+    stub.run(name)
+    restarted.advance_held()
+    assert restarted.store.get_job(key).state == "running"
+    _write_seg(Path(restarted.store.get_job(key).output_dir), "1.2.3.999")
+    stub.succeed(name, log="segmap: wrote 1 SEG\n")
+    restarted.advance_held()
+
+    job = restarted.store.get_job(key)
+    assert (job.state, job.node, job.exit_code) == ("exporting", "gpu-node-5", 0)
+    assert len(stub.calls("POST")) == 1, "the restarted service adopted the Job, it did not create another"
+    assert stub.job(name) is None, "the finished Job was removed once its result was collected"
+    assert "segmap: wrote 1 SEG" in Path(job.log_path).read_text()
+
+
+def test_a_failed_job_is_retried_as_a_fresh_job_and_a_timeout_is_reported(stub, service_on_stub):
+    svc, _, key, name = service_on_stub
+    svc.claim()
+    stub.schedule(name)
+    stub.run(name)
+    stub.fail(name, exit_code=137, container_reason="OOMKilled", log="Killed\n")
+    svc.advance_held()
+    job = svc.store.get_job(key)
+    assert (job.state, job.exit_code, job.attempts) == ("queued", 137, 1)
+    assert "OOMKilled" in job.error and stub.job(name) is None
+
+    svc.claim()  # back-off 0: the second attempt is a new Job of the same name
+    assert len(stub.calls("POST")) == 2 and stub.job(name)["status"] == {}
+    stub.schedule(name)
+    stub.deadline(name)
+    svc.advance_held()
+    job = svc.store.get_job(key)
+    assert (job.state, job.attempts, job.error) == ("queued", 2, "timed out after 600 s")
