@@ -492,8 +492,13 @@ def test_bad_runner_options_name_the_key():
         make(pvc_name="w", node_selector="gpu=true")
     with pytest.raises(ServiceConfigError, match=r"runner.kubernetes.run_as_user: must be a whole number"):
         make(pvc_name="w", run_as_user=True)
-    with pytest.raises(ServiceConfigError, match=r"runner.kubernetes: .*'GPU_Nodes' is not a DNS-1123"):
+    with pytest.raises(ServiceConfigError, match=r"runner.kubernetes.namespace: must be a DNS-1123 .*'GPU_Nodes'"):
         make(pvc_name="w", namespace="GPU_Nodes")
+    with pytest.raises(ServiceConfigError, match=r"runner.kubernetes.ttl_seconds_after_finished: must be 0 or more"):
+        make(pvc_name="w", ttl_seconds_after_finished=-1)
+    # The check alone contacts nothing and gives the constructor's arguments (namespace None: the pod's own).
+    assert KubernetesRunner.check_options({"pvc_name": "w", "node_selector": None}) == \
+        {"pvc_name": "w", "namespace": None}
 
 
 def test_network_policy_isolates_exactly_the_map_pods(deployed):

@@ -259,11 +259,10 @@ class KubernetesRunner:
                "delete_wait_s": (int, float)}
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any], *, workdir_root: str | Path,
-                     api_client: k8s.ApiClient | None = None, where: str = "runner.kubernetes") -> "KubernetesRunner":
-        """The runner the service configuration's ``runner.kubernetes`` mapping describes; ``where`` prefixes every
-        error (pass ``f"{config_path}: runner.kubernetes"``). ``pvc_name`` is required; ``namespace`` defaults to
-        the pod's own."""
+    def check_options(cls, options: Mapping[str, Any] | None, where: str = "runner.kubernetes") -> dict[str, Any]:
+        """The ``runner.kubernetes`` mapping checked without contacting anything (for ``serve --check``): keys,
+        types, ``pvc_name`` present, namespace and ttl valid. Returns the keyword arguments for the constructor,
+        ``namespace`` included (None: the pod's own). Errors are :class:`ServiceConfigError` naming ``where.key``."""
         opts = dict(options or {})
         for key, value in opts.items():
             if key not in cls.OPTIONS:
@@ -274,12 +273,25 @@ class KubernetesRunner:
         if not opts.get("pvc_name"):
             raise ServiceConfigError(f"{where}.pvc_name: is required (the PersistentVolumeClaim that holds the "
                                      "service's workdir and is mounted into every MAP pod)")
-        for key in ("node_selector", "image_pull_secrets"):
-            if opts.get(key) is None:
-                opts.pop(key, None)
-        opts = {k: v for k, v in opts.items() if v is not None or k == "namespace"}
+        namespace = opts.get("namespace")
+        if namespace is not None and not _DNS_LABEL.match(namespace):
+            raise ServiceConfigError(f"{where}.namespace: must be a DNS-1123 label (lower-case letters, digits, "
+                                     f"'-'), got {namespace!r}")
+        for key in ("run_as_user", "ttl_seconds_after_finished"):
+            if opts.get(key) is not None and opts[key] < 0:
+                raise ServiceConfigError(f"{where}.{key}: must be 0 or more, got {opts[key]}")
+        opts = {k: v for k, v in opts.items() if v is not None}
+        opts.setdefault("namespace", None)
+        return opts
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None, *, workdir_root: str | Path,
+                     api_client: k8s.ApiClient | None = None, where: str = "runner.kubernetes") -> "KubernetesRunner":
+        """The runner the service configuration's ``runner.kubernetes`` mapping describes (see
+        :meth:`check_options`); ``where`` prefixes every error (pass ``f"{config.path}: runner.kubernetes"``)."""
+        opts = cls.check_options(options, where)
         try:
-            return cls(opts.pop("namespace", None), api_client=api_client, workdir_root=workdir_root, **opts)
+            return cls(opts.pop("namespace"), api_client=api_client, workdir_root=workdir_root, **opts)
         except RunnerError as exc:
             raise ServiceConfigError(f"{where}: {exc}") from None
 
