@@ -64,6 +64,9 @@ class K8sStub:
         self.logs: dict[tuple[str, str], str] = {}
         self.requests: list[dict] = []
         self._fail_next: list[tuple[int, str, str]] = []
+        #: > 0: a deleted Job stays this long with metadata.deletionTimestamp set (pods being stopped), as on a
+        #: real cluster, before its name is free again.
+        self.deletion_delay_s = 0.0
         self._rv = 1000
         stub = self
 
@@ -224,6 +227,16 @@ class K8sStub:
             if log:
                 self.logs[(namespace, pod["metadata"]["name"])] = log
 
+    def _finish_delete(self, ns: str, name: str, job: dict, policy: str | None) -> None:
+        with self.lock:
+            if self.jobs.get((ns, name)) is job:
+                del self.jobs[(ns, name)]
+            if policy in ("Background", "Foreground"):  # Orphan would leave the pods running
+                for key in [k for k, p in self.pods.items()
+                            if k[0] == ns and any(o["uid"] == job["metadata"]["uid"]
+                                                  for o in p["metadata"].get("ownerReferences", []))]:
+                    del self.pods[key]
+
     def _next_rv(self) -> str:
         self._rv += 1
         return str(self._rv)
@@ -284,12 +297,13 @@ class K8sStub:
                 return 200, copy.deepcopy(job)
             if method == "DELETE":
                 policy = query.get("propagationPolicy") or (body or {}).get("propagationPolicy")
-                del self.jobs[(ns, name)]
-                if policy in ("Background", "Foreground"):  # Orphan would leave the pods running
-                    for key in [k for k, p in self.pods.items()
-                                if k[0] == ns and any(o["uid"] == job["metadata"]["uid"]
-                                                      for o in p["metadata"].get("ownerReferences", []))]:
-                        del self.pods[key]
+                if self.deletion_delay_s > 0:
+                    job["metadata"]["deletionTimestamp"] = now()
+                    timer = threading.Timer(self.deletion_delay_s, self._finish_delete, (ns, name, job, policy))
+                    timer.daemon = True
+                    timer.start()
+                else:
+                    self._finish_delete(ns, name, job, policy)
                 return 200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
                              "details": {"name": name, "group": "batch", "kind": "jobs",
                                          "uid": job["metadata"]["uid"]}}

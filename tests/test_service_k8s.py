@@ -157,6 +157,8 @@ def test_folders_outside_the_shared_volume_are_refused():
         job_manifest(make_spec(output_dir=WORKDIR), pvc_name="w", workdir_root=WORKDIR)
     with pytest.raises(RunnerError, match="DNS-1123"):
         job_manifest(make_spec(name="Segmap_Job"), pvc_name="w", workdir_root=WORKDIR)
+    with pytest.raises(RunnerError, match="non-root user id"):
+        job_manifest(make_spec(), pvc_name="w", workdir_root=WORKDIR, run_as_user=0)
 
 
 def test_labels_are_made_valid():
@@ -275,6 +277,24 @@ def test_retry_after_remove_creates_a_fresh_job(stub):
     runner.remove(spec.name)
     assert runner.start(spec).state == "pending"
     assert len(stub.jobs) == 1 and stub.job(spec.name)["status"] == {}
+
+
+def test_start_waits_for_a_job_of_that_name_that_is_still_being_deleted(stub):
+    runner, spec = make_runner(stub, delete_wait_s=5), make_spec()
+    runner.start(spec)
+    old_uid = stub.job(spec.name)["metadata"]["uid"]
+    stub.deletion_delay_s = 0.5
+    runner.remove(spec.name)
+    assert stub.job(spec.name)["metadata"]["deletionTimestamp"]  # the name is not free yet
+    assert runner.start(spec).state == "pending"  # not adopted: it waited and created a new Job
+    fresh = stub.job(spec.name)["metadata"]
+    assert fresh["uid"] != old_uid and "deletionTimestamp" not in fresh
+
+    stub.deletion_delay_s = 30
+    runner.remove(spec.name)
+    impatient = make_runner(stub, delete_wait_s=0.3)
+    with pytest.raises(RunnerError, match=f"{spec.name} .* still being deleted after 0.3 s"):
+        impatient.start(spec)
 
 
 def test_api_errors_become_one_line_runner_errors(stub):
@@ -492,6 +512,8 @@ def test_bad_runner_options_name_the_key():
         make(pvc_name="w", node_selector="gpu=true")
     with pytest.raises(ServiceConfigError, match=r"runner.kubernetes.run_as_user: must be a whole number"):
         make(pvc_name="w", run_as_user=True)
+    with pytest.raises(ServiceConfigError, match=r"runner.kubernetes.run_as_user: must be a non-root user id"):
+        make(pvc_name="w", run_as_user=0)
     with pytest.raises(ServiceConfigError, match=r"runner.kubernetes.namespace: must be a DNS-1123 .*'GPU_Nodes'"):
         make(pvc_name="w", namespace="GPU_Nodes")
     with pytest.raises(ServiceConfigError, match=r"runner.kubernetes.ttl_seconds_after_finished: must be 0 or more"):

@@ -59,8 +59,6 @@ _LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DOCKER_MEMORY = re.compile(r"^(\d+(?:\.\d+)?)\s*([bkmgt]?)b?$", re.IGNORECASE)
-
-
 _KIND_WORDS = {str: "text", dict: "a mapping", list: "a list", int: "a whole number"}
 
 
@@ -77,13 +75,15 @@ def job_manifest(spec: RunSpec, *, pvc_name: str, workdir_root: str | Path, serv
     """
     if not _DNS_LABEL.match(spec.name) or len(spec.name) > 63:
         raise RunnerError(f"run name {spec.name!r} is not a DNS-1123 label of at most 63 characters")
+    if run_as_user <= 0:
+        raise RunnerError(f"run_as_user must be a non-root user id (1 or more), got {run_as_user}")
     labels = {**sanitise_labels(spec.labels), MANAGED_BY: "segmap", COMPONENT: MAP_COMPONENT, RUN_LABEL: spec.name}
     resources = _resources(spec)
     gid = run_as_user
     container = k8s.V1Container(
         name=CONTAINER_NAME,
         image=spec.image,
-        # A tag may move between pulls; a digest cannot, so a pinned image is never re-pulled.
+        # A pinned digest never needs a second pull; a tag keeps what the node has, as the job key keeps the tag.
         image_pull_policy="IfNotPresent",
         env=[k8s.V1EnvVar(name=k, value=str(v)) for k, v in sorted(spec.env.items())],
         resources=resources,
@@ -231,6 +231,11 @@ class KubernetesRunner:
 
     kind = "kubernetes"
 
+    #: The keys of the service configuration's ``runner.kubernetes`` section, and the type each must have.
+    OPTIONS = {"namespace": str, "pvc_name": str, "service_account": str, "node_selector": dict,
+               "image_pull_secrets": list, "run_as_user": int, "ttl_seconds_after_finished": int,
+               "delete_wait_s": (int, float)}
+
     def __init__(self, namespace: str | None, *, api_client: k8s.ApiClient | None = None, pvc_name: str,
                  workdir_root: str | Path, service_account: str | None = None,
                  node_selector: Mapping[str, str] | None = None, image_pull_secrets: Sequence[str] = (),
@@ -253,11 +258,6 @@ class KubernetesRunner:
         self.delete_wait_s = delete_wait_s
         self._warned_tags: set[str] = set()
 
-    #: The keys of the service configuration's ``runner.kubernetes`` section, and the type each must have.
-    OPTIONS = {"namespace": str, "pvc_name": str, "service_account": str, "node_selector": dict,
-               "image_pull_secrets": list, "run_as_user": int, "ttl_seconds_after_finished": int,
-               "delete_wait_s": (int, float)}
-
     @classmethod
     def check_options(cls, options: Mapping[str, Any] | None, where: str = "runner.kubernetes") -> dict[str, Any]:
         """The ``runner.kubernetes`` mapping checked without contacting anything (for ``serve --check``): keys,
@@ -277,9 +277,12 @@ class KubernetesRunner:
         if namespace is not None and not _DNS_LABEL.match(namespace):
             raise ServiceConfigError(f"{where}.namespace: must be a DNS-1123 label (lower-case letters, digits, "
                                      f"'-'), got {namespace!r}")
-        for key in ("run_as_user", "ttl_seconds_after_finished"):
-            if opts.get(key) is not None and opts[key] < 0:
-                raise ServiceConfigError(f"{where}.{key}: must be 0 or more, got {opts[key]}")
+        if opts.get("run_as_user") is not None and opts["run_as_user"] <= 0:
+            raise ServiceConfigError(f"{where}.run_as_user: must be a non-root user id (1 or more), "
+                                     f"got {opts['run_as_user']}")
+        if opts.get("ttl_seconds_after_finished") is not None and opts["ttl_seconds_after_finished"] < 0:
+            raise ServiceConfigError(f"{where}.ttl_seconds_after_finished: must be 0 or more, "
+                                     f"got {opts['ttl_seconds_after_finished']}")
         opts = {k: v for k, v in opts.items() if v is not None}
         opts.setdefault("namespace", None)
         return opts
