@@ -44,6 +44,31 @@ def status_body(code: int, reason: str, message: str, details: dict | None = Non
     return body
 
 
+def unknown_fields(body, model: str) -> list[str]:
+    """Fields of ``body`` that the official client's model ``model`` does not define (dotted paths), as the API
+    server's strict field validation reports them."""
+    from kubernetes import client
+
+    api = client.ApiClient()
+    known = api.sanitize_for_serialization(api.deserialize(json.dumps(body), model, "application/json"))
+    found: list[str] = []
+
+    def walk(sent, kept, path):
+        if isinstance(sent, dict) and isinstance(kept, dict):
+            for k, v in sent.items():
+                where = f"{path}.{k}" if path else k
+                if k not in kept:
+                    found.append(where)
+                else:
+                    walk(v, kept[k], where)
+        elif isinstance(sent, list) and isinstance(kept, list):
+            for i, (a, b) in enumerate(zip(sent, kept)):
+                walk(a, b, f"{path}[{i}]")
+
+    walk(body, known, "")
+    return found
+
+
 def _matches(labels: dict, selector: str | None) -> bool:
     if not selector:
         return True
@@ -283,6 +308,11 @@ class K8sStub:
         if m:
             ns, name = m.group(1), m.group(2)
             if method == "POST" and name is None:
+                if query.get("fieldValidation") == "Strict":
+                    unknown = unknown_fields(body, "V1Job")
+                    if unknown:
+                        return 400, status_body(400, "BadRequest", "strict decoding error: " + ", ".join(
+                            f'unknown field "{u}"' for u in unknown))
                 return self._create_job(ns, body)
             if method == "GET" and name is None:
                 items = [copy.deepcopy(j) for (n, _), j in self.jobs.items()

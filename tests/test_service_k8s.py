@@ -86,6 +86,7 @@ def test_submitted_job_validates_against_the_clients_models(stub):
     make_runner(stub, node_selector={"nvidia.com/gpu.present": "true"}, image_pull_secrets=["regcred"]).start(spec)
     [body] = stub.created_bodies
     job = validated(body, "V1Job")
+    assert stub.calls("POST")[0]["query"]["fieldValidation"] == "Strict"  # the server refuses unknown fields
 
     assert (job.api_version, job.kind, job.metadata.name) == ("batch/v1", "Job", spec.name)
     labels = job.metadata.labels
@@ -131,6 +132,18 @@ def test_model_check_catches_unknown_keys_and_wrong_types():
     del nameless["spec"]["template"]["spec"]["containers"][0]["name"]
     with pytest.raises(ValueError, match="name"):
         validated(nameless, "V1Job")
+
+
+def test_the_stub_refuses_unknown_fields_like_a_strict_api_server(stub):
+    import requests
+
+    body = k8s.ApiClient().sanitize_for_serialization(job_manifest(make_spec(), pvc_name="w", workdir_root=WORKDIR))
+    body["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFs"] = True
+    answer = requests.post(f"{stub.url}/apis/batch/v1/namespaces/{NS}/jobs?fieldValidation=Strict", json=body,
+                           timeout=10)
+    assert answer.status_code == 400 and answer.json()["reason"] == "BadRequest"
+    assert 'unknown field "spec.template.spec.containers[0].securityContext.readOnlyRootFs"' in answer.json()["message"]
+    assert stub.jobs == {}
 
 
 def test_resources_follow_the_run_spec():

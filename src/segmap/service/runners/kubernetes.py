@@ -329,7 +329,10 @@ class KubernetesRunner:
         deadline = time.monotonic() + self.delete_wait_s
         while True:
             try:
-                job = self.batch.create_namespaced_job(self.namespace, body, _request_timeout=REQUEST_TIMEOUT)
+                # Strict: a field this client knows but the cluster's API version does not (an older cluster) is
+                # refused instead of silently dropped -- a dropped securityContext field would weaken the pod.
+                job = self.batch.create_namespaced_job(self.namespace, body, field_validation="Strict",
+                                                       _request_timeout=REQUEST_TIMEOUT)
                 log.info("created Kubernetes Job %s in namespace %s", spec.name, self.namespace)
                 return self._status_of(job)
             except ApiException as exc:
