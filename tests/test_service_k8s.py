@@ -199,6 +199,10 @@ def test_create_then_conflict_adopts_and_never_creates_a_second_job(stub):
     assert len(stub.jobs) == 1 and len(stub.pods_of(spec.name)) == 1
     assert len(stub.calls("POST")) == 3  # every start asked, the server refused twice
     assert restarted.status(spec.name).state == "running"
+    # What an operator's `kubectl get jobs -l app.kubernetes.io/managed-by=segmap` shows: one Job.
+    listed = k8s.BatchV1Api(restarted.api_client).list_namespaced_job(
+        NS, label_selector="app.kubernetes.io/managed-by=segmap").items
+    assert [j.metadata.name for j in listed] == [spec.name]
 
 
 def test_a_job_of_that_name_not_made_by_segmap_is_not_adopted(stub):
