@@ -15,12 +15,13 @@ import pydicom
 import pytest
 
 from conftest import record_figure
-from pacs import Orthanc, StoreSCP, free_port, need, storescu, wait_for
+from pacs import Orthanc, StoreSCP, chromium, free_port, need, storescu, wait_for
 from service_harness import ServiceProcess, elapsed
 from segmap.demo.phantom import write_phantom_study
 from segmap.service.keys import seg_uids
 
 SECRETS = ("SECRET^PATIENT", "SECRET-ID-4711", "19010203")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "out" / "test-artifacts"
 
 
 def phantom(folder: Path, seed: int = 0, slices: int = 16, **kw) -> dict:
@@ -121,7 +122,19 @@ def test_orthanc_series_gives_exactly_one_seg_in_orthanc(orthanc_server, service
     jobs = svc.wait_jobs("done", 2)
     assert len(svc.jobs()) == 2 and jobs[0].instance_count == 16 and jobs[1].instance_count == 15
     assert len(orthanc_segs(orthanc_server)) == 2
-    no_secrets(svc.log(), store_dump(svc.store_path))
+
+    # The operator's job page, in a real browser: both jobs of this run, done; a screenshot for the artifacts.
+    page = f"http://127.0.0.1:{svc.http_port}/"
+    dom = chromium("--dump-dom", page, profile=tmp_path / "chromium").stdout
+    assert all(f'data-key="{j.key}"' in dom for j in jobs) and dom.count(">done<") >= 2, dom[-2000:]
+    shot = ARTIFACTS / "service-jobs-page.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    chromium(f"--screenshot={shot}", "--window-size=1280,800", page, profile=tmp_path / "chromium2")
+    assert shot.stat().st_size > 10_000
+    import requests
+    metrics = requests.get(page + "metrics", timeout=10).text
+    assert 'segmap_jobs{state="done"} 2.0' in metrics
+    no_secrets(svc.log(), store_dump(svc.store_path), dom, metrics)
 
 
 def test_listener_to_storescp_with_refusals_and_a_destination_down(service_factory, tmp_path):
