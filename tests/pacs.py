@@ -22,6 +22,7 @@ ORTHANC = "Orthanc"
 #: DCMTK's tools by full path: pynetdicom installs console scripts of the same names that would shadow them.
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
+ECHOSCU = "/usr/bin/echoscu"
 
 
 def need(program: str, package: str) -> str:
@@ -165,11 +166,20 @@ def storescp(tmp_path):
 
 
 def storescu(files, port: int, called_aet: str, calling_aet: str = "STORESCU", check: bool = True,
-             timeout: float = 120) -> subprocess.CompletedProcess:
-    """Send ``files`` with DCMTK's storescu (one association), as a modality or a PACS would."""
-    cmd = [need(STORESCU, "dcmtk"), "-aet", calling_aet, "-aec", called_aet, "127.0.0.1", str(port),
+             timeout: float = 120, options=()) -> subprocess.CompletedProcess:
+    """Send ``files`` with DCMTK's storescu (one association), as a modality or a PACS would.
+
+    ``options`` go before the address (e.g. ``("-xv",)`` to propose JPEG 2000 lossless for compressed files).
+    """
+    cmd = [need(STORESCU, "dcmtk"), *options, "-aet", calling_aet, "-aec", called_aet, "127.0.0.1", str(port),
            *[str(f) for f in files]]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if check and done.returncode != 0:
         pytest.fail(f"storescu failed ({done.returncode}): {done.stderr.strip()[-500:]}")
     return done
+
+
+def echoscu(port: int, called_aet: str, calling_aet: str = "ECHOSCU", timeout: float = 30) -> int:
+    """DCMTK's echoscu (C-ECHO) against ``127.0.0.1:port``; returns its exit code (0: the peer answered)."""
+    cmd = [need(ECHOSCU, "dcmtk"), "-aet", calling_aet, "-aec", called_aet, "127.0.0.1", str(port)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout).returncode
