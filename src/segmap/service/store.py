@@ -1,0 +1,574 @@
+"""The durable job store (SQLite in WAL mode): series versions, their instances, jobs and the intake cursors.
+
+Every state change is one transaction (``BEGIN IMMEDIATE``), so a ``kill -9`` at any point leaves either the state
+before or the state after, never half of it. The job state machine::
+
+    queued --claim--> running --run succeeded--> exporting --every destination confirmed--> done
+      ^                  |                           |
+      +--run failed, ----+                           +--destination refused for good / gave up--> failed
+         attempts left   +--run failed, no attempts left--> failed
+    any unfinished state --cancel--> cancelled;  failed / cancelled --retry--> queued
+
+A job's ``key`` (:func:`segmap.service.keys.job_key`) is UNIQUE: the same input for the same MAP image is never queued
+twice. A series arrives as instances; instances of a series whose last version is closed open a new version, which
+starts from the closed version's instances (the whole series as now known) -- an unchanged re-send therefore gives
+the same key and no new job, one more instance a new key and a new job.
+
+Leases: the worker that claims a job holds it until ``lease_expires``; it renews the lease while it works
+(:meth:`JobStore.heartbeat`). A job whose lease ran out may be taken over by any worker (:meth:`JobStore.held_jobs`).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+SCHEMA_VERSION = 1
+STATES = ("queued", "running", "exporting", "done", "failed", "cancelled")
+UNFINISHED = ("queued", "running", "exporting")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cursors (
+    source TEXT PRIMARY KEY, last_seq INTEGER NOT NULL, updated_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS series (
+    id INTEGER PRIMARY KEY,
+    source TEXT NOT NULL, study_uid TEXT NOT NULL, series_uid TEXT NOT NULL, version INTEGER NOT NULL,
+    modality TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL CHECK (state IN ('collecting', 'closed')),
+    first_seen REAL NOT NULL, last_seen REAL NOT NULL, stable_at REAL, closed_at REAL, decision TEXT,
+    UNIQUE (source, series_uid, version));
+CREATE INDEX IF NOT EXISTS series_collecting ON series (state, last_seen);
+CREATE TABLE IF NOT EXISTS instances (
+    series_id INTEGER NOT NULL REFERENCES series (id), sop_uid TEXT NOT NULL,
+    path TEXT, remote_id TEXT, calling_ae TEXT, received_at REAL NOT NULL,
+    PRIMARY KEY (series_id, sop_uid));
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    map_name TEXT NOT NULL, image TEXT NOT NULL, image_digest TEXT NOT NULL,
+    series_id INTEGER NOT NULL REFERENCES series (id),
+    study_uid TEXT NOT NULL, series_uid TEXT NOT NULL, version INTEGER NOT NULL, instance_count INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'exporting', 'done', 'failed', 'cancelled')),
+    attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL,
+    next_attempt_at REAL, lease_owner TEXT, lease_expires REAL, worker TEXT, node TEXT,
+    received_at REAL NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL,
+    started_at REAL, run_finished_at REAL, finished_at REAL, export_started_at REAL,
+    exit_code INTEGER, error TEXT,
+    run_name TEXT NOT NULL, log_path TEXT, output_dir TEXT,
+    seg_series_uid TEXT NOT NULL, destinations TEXT NOT NULL, delivered TEXT NOT NULL DEFAULT '[]');
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS jobs_seg_series ON jobs (seg_series_uid);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY, job_id INTEGER NOT NULL REFERENCES jobs (id), at REAL NOT NULL,
+    state TEXT NOT NULL, message TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One instance that reached the service (no patient data: UIDs, modality and where the file is)."""
+
+    source: str
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    modality: str = ""
+    path: str | None = None
+    remote_id: str | None = None
+    calling_ae: str | None = None
+
+
+@dataclass(frozen=True)
+class SeriesVersion:
+    """One version of a series: the instances known when it was closed (or so far, while ``collecting``)."""
+
+    id: int
+    source: str
+    study_uid: str
+    series_uid: str
+    version: int
+    modality: str
+    state: str
+    first_seen: float
+    last_seen: float
+    stable_at: float | None
+    instance_count: int
+
+
+@dataclass(frozen=True)
+class Instance:
+    sop_uid: str
+    path: str | None
+    remote_id: str | None
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What :meth:`JobStore.close_series` needs to queue a job (the key is computed by the caller)."""
+
+    key: str
+    map_name: str
+    image: str
+    image_digest: str
+    run_name: str
+    seg_series_uid: str
+    destinations: tuple[str, ...]
+    max_attempts: int
+    output_dir: str
+    log_path: str
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    key: str
+    map_name: str
+    image: str
+    image_digest: str
+    series_id: int
+    study_uid: str
+    series_uid: str
+    version: int
+    instance_count: int
+    state: str
+    attempts: int
+    max_attempts: int
+    next_attempt_at: float | None
+    lease_owner: str | None
+    lease_expires: float | None
+    worker: str | None
+    node: str | None
+    received_at: float
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    run_finished_at: float | None
+    finished_at: float | None
+    export_started_at: float | None
+    exit_code: int | None
+    error: str | None
+    run_name: str
+    log_path: str | None
+    output_dir: str | None
+    seg_series_uid: str
+    destinations: tuple[str, ...]
+    delivered: tuple[str, ...]
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.state not in UNFINISHED
+
+    @property
+    def age_s(self) -> float:
+        return time.time() - self.created_at
+
+    @property
+    def duration_s(self) -> float | None:
+        """From queued to finished (or to now while unfinished)."""
+        return (self.finished_at or time.time()) - self.created_at
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["destinations"], d["delivered"] = list(self.destinations), list(self.delivered)
+        return d
+
+
+def _timings(row: sqlite3.Row) -> dict:
+    def span(a, b):
+        return round(row[b] - row[a], 3) if row[a] is not None and row[b] is not None else None
+
+    t = {"received_to_queued": span("received_at", "created_at"), "queued_to_started": span("created_at", "started_at"),
+         "run": span("started_at", "run_finished_at"), "export": span("run_finished_at", "finished_at"),
+         "total": span("received_at", "finished_at")}
+    return {k: v for k, v in t.items() if v is not None}
+
+
+def _job(row: sqlite3.Row) -> Job:
+    d = dict(row)
+    d["destinations"] = tuple(json.loads(d["destinations"]))
+    d["delivered"] = tuple(json.loads(d["delivered"]))
+    return Job(**d, timings=_timings(row))
+
+
+class JobStore:
+    """The SQLite job store at ``path`` (created with its schema when missing). Safe to share between threads."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        db = self._db()
+        db.executescript(_SCHEMA)
+        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) > SCHEMA_VERSION:
+            from segmap.errors import ServiceConfigError
+            raise ServiceConfigError(f"{self.path}: job store schema {row[0]} is newer than this segmap "
+                                     f"({SCHEMA_VERSION}); upgrade segmap")
+
+    # ------------------------------------------------------------------------------------------- plumbing
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA busy_timeout=30000")
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    @staticmethod
+    def _event(db: sqlite3.Connection, job_id: int, state: str, message: str, now: float) -> None:
+        db.execute("INSERT INTO events (job_id, at, state, message) VALUES (?, ?, ?, ?)", (job_id, now, state, message))
+
+    # ------------------------------------------------------------------------------------------- intake
+    def record_instance(self, arrival: Arrival, now: float | None = None) -> bool:
+        """Record one arrived instance; True when it is new (False: already part of the series' latest version)."""
+        with self._tx() as db:
+            return self._record(db, arrival, time.time() if now is None else now)
+
+    def _record(self, db: sqlite3.Connection, a: Arrival, now: float) -> bool:
+        row = db.execute("SELECT id, state, version FROM series WHERE source = ? AND series_uid = ? ORDER BY version DESC "
+                         "LIMIT 1", (a.source, a.series_uid)).fetchone()
+        if row is not None and row["state"] == "collecting":
+            series_id = row["id"]
+        else:
+            if row is not None:
+                known = db.execute("SELECT path FROM instances WHERE series_id = ? AND sop_uid = ?",
+                                   (row["id"], a.sop_uid)).fetchone()
+                if known is not None:
+                    if a.path and not known["path"]:
+                        db.execute("UPDATE instances SET path = ? WHERE series_id = ? AND sop_uid = ?",
+                                   (a.path, row["id"], a.sop_uid))
+                    return False  # a repeat of an instance the latest version already holds
+            version = row["version"] + 1 if row is not None else 1
+            cur = db.execute("INSERT INTO series (source, study_uid, series_uid, version, modality, state, first_seen, "
+                             "last_seen) VALUES (?, ?, ?, ?, ?, 'collecting', ?, ?)",
+                             (a.source, a.study_uid, a.series_uid, version, a.modality, now, now))
+            series_id = cur.lastrowid
+            if row is not None:  # the new version starts as the whole series known so far
+                db.execute("INSERT INTO instances (series_id, sop_uid, path, remote_id, calling_ae, received_at) "
+                           "SELECT ?, sop_uid, path, remote_id, calling_ae, received_at FROM instances "
+                           "WHERE series_id = ?", (series_id, row["id"]))
+        cur = db.execute("INSERT OR IGNORE INTO instances (series_id, sop_uid, path, remote_id, calling_ae, "
+                         "received_at) VALUES (?, ?, ?, ?, ?, ?)",
+                         (series_id, a.sop_uid, a.path, a.remote_id, a.calling_ae, now))
+        if cur.rowcount:
+            db.execute("UPDATE series SET last_seen = ?, modality = CASE WHEN modality = '' THEN ? ELSE modality END "
+                       "WHERE id = ?", (now, a.modality, series_id))
+            return True
+        if a.path:
+            db.execute("UPDATE instances SET path = COALESCE(path, ?) WHERE series_id = ? AND sop_uid = ?",
+                       (a.path, series_id, a.sop_uid))
+        return False
+
+    def cursor(self, source: str) -> int:
+        row = self._db().execute("SELECT last_seq FROM cursors WHERE source = ?", (source,)).fetchone()
+        return int(row[0]) if row else 0
+
+    def record_changes(self, source: str, last_seq: int, arrivals: Sequence[Arrival],
+                       stable_series_uids: Iterable[str] = (), now: float | None = None) -> int:
+        """Record a page of a change feed and move its cursor, in one transaction. Returns the new instances."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            new = sum(self._record(db, a, now) for a in arrivals)
+            for uid in stable_series_uids:
+                db.execute("UPDATE series SET stable_at = ? WHERE source = ? AND series_uid = ? AND state = "
+                           "'collecting'", (now, source, uid))
+            db.execute("INSERT INTO cursors (source, last_seq, updated_at) VALUES (?, ?, ?) ON CONFLICT (source) "
+                       "DO UPDATE SET last_seq = excluded.last_seq, updated_at = excluded.updated_at",
+                       (source, int(last_seq), now))
+        return new
+
+    def mark_stable(self, series_id: int, now: float | None = None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE series SET stable_at = ? WHERE id = ?", (time.time() if now is None else now, series_id))
+
+    def set_instance_paths(self, series_id: int, paths: dict[str, str]) -> None:
+        """Record where fetched instances of a version (by SOP Instance UID) now lie in the spool."""
+        with self._tx() as db:
+            for sop, path in paths.items():
+                db.execute("UPDATE instances SET path = ? WHERE sop_uid = ? AND series_id IN (SELECT id FROM series "
+                           "WHERE series_uid = (SELECT series_uid FROM series WHERE id = ?))", (path, sop, series_id))
+
+    def due_series(self, quiet_s: float, now: float | None = None) -> list[SeriesVersion]:
+        """Collecting versions with no new instance for ``quiet_s`` seconds, oldest first."""
+        now = time.time() if now is None else now
+        rows = self._db().execute(
+            "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.series_id = s.id) AS instance_count FROM series s "
+            "WHERE state = 'collecting' AND last_seen <= ? ORDER BY last_seen", (now - quiet_s,)).fetchall()
+        return [_series(r) for r in rows]
+
+    def series_version(self, series_id: int) -> SeriesVersion:
+        row = self._db().execute(
+            "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.series_id = s.id) AS instance_count FROM series s "
+            "WHERE id = ?", (series_id,)).fetchone()
+        return _series(row)
+
+    def instances(self, series_id: int) -> list[Instance]:
+        rows = self._db().execute("SELECT sop_uid, path, remote_id FROM instances WHERE series_id = ? ORDER BY sop_uid",
+                                  (series_id,)).fetchall()
+        return [Instance(r["sop_uid"], r["path"], r["remote_id"]) for r in rows]
+
+    def newer_version(self, series_id: int) -> SeriesVersion | None:
+        """A later version of the same series (more instances arrived), if any."""
+        row = self._db().execute(
+            "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.series_id = s.id) AS instance_count FROM series s "
+            "JOIN series o ON o.id = ? WHERE s.source = o.source AND s.series_uid = o.series_uid "
+            "AND s.version > o.version ORDER BY s.version DESC LIMIT 1", (series_id,)).fetchone()
+        return _series(row) if row else None
+
+    def close_series(self, series_id: int, jobs: Sequence[NewJob], decision: str,
+                     now: float | None = None) -> tuple[list[str], list[str]]:
+        """Close a version and queue its jobs in one transaction: (keys queued now, keys that already existed)."""
+        now = time.time() if now is None else now
+        created, existing = [], []
+        with self._tx() as db:
+            s = db.execute("SELECT * FROM series WHERE id = ?", (series_id,)).fetchone()
+            if s["state"] != "collecting":
+                return [], []
+            count = db.execute("SELECT COUNT(*) FROM instances WHERE series_id = ?", (series_id,)).fetchone()[0]
+            db.execute("UPDATE series SET state = 'closed', closed_at = ?, decision = ? WHERE id = ?",
+                       (now, decision, series_id))
+            for j in jobs:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO jobs (key, map_name, image, image_digest, series_id, study_uid, series_uid, "
+                    "version, instance_count, state, max_attempts, received_at, created_at, updated_at, run_name, "
+                    "log_path, output_dir, seg_series_uid, destinations) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', "
+                    "?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (j.key, j.map_name, j.image, j.image_digest, series_id, s["study_uid"], s["series_uid"],
+                     s["version"], count, j.max_attempts, s["last_seen"], now, now, j.run_name, j.log_path,
+                     j.output_dir, j.seg_series_uid, json.dumps(list(j.destinations))))
+                if cur.rowcount:
+                    created.append(j.key)
+                    self._event(db, cur.lastrowid, "queued", f"series version {s['version']} complete "
+                                                             f"({count} instances)", now)
+                else:
+                    existing.append(j.key)
+        return created, existing
+
+    def is_our_output(self, series_uid: str) -> bool:
+        """True when ``series_uid`` is the SEG series of one of our jobs."""
+        return self._db().execute("SELECT 1 FROM jobs WHERE seg_series_uid = ? LIMIT 1",
+                                  (series_uid,)).fetchone() is not None
+
+    # ------------------------------------------------------------------------------------------- jobs
+    def claim(self, worker: str, lease_s: float, max_running: int, now: float | None = None,
+              node: str | None = None) -> Job | None:
+        """Take the oldest due queued job for ``worker`` when fewer than ``max_running`` of its jobs run."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            running = db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'running' AND lease_owner = ?",
+                                 (worker,)).fetchone()[0]
+            if running >= max_running:
+                return None
+            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' AND (next_attempt_at IS NULL OR "
+                             "next_attempt_at <= ?) ORDER BY created_at, id LIMIT 1", (now,)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = ?, lease_expires = ?, "
+                       "worker = ?, node = COALESCE(?, node), started_at = ?, run_finished_at = NULL, exit_code = NULL, "
+                       "error = NULL, next_attempt_at = NULL, updated_at = ? WHERE id = ?",
+                       (worker, now + lease_s, worker, node, now, now, row["id"]))
+            self._event(db, row["id"], "running", f"claimed by {worker}", now)
+            return _job(db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
+
+    def held_jobs(self, worker: str, lease_s: float, now: float | None = None) -> list[Job]:
+        """Running/exporting jobs this worker holds, after taking over those whose holder's lease ran out."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            stale = db.execute("SELECT id, lease_owner FROM jobs WHERE state IN ('running', 'exporting') AND "
+                               "lease_owner != ? AND lease_expires < ?", (worker, now)).fetchall()
+            for r in stale:
+                db.execute("UPDATE jobs SET lease_owner = ?, lease_expires = ?, worker = ?, updated_at = ? "
+                           "WHERE id = ?", (worker, now + lease_s, worker, now, r["id"]))
+                self._event(db, r["id"], "takeover", f"{worker} took over from {r['lease_owner']} (lease expired)", now)
+            db.execute("UPDATE jobs SET lease_expires = ? WHERE lease_owner = ? AND state IN ('running', 'exporting')",
+                       (now + lease_s, worker))
+            rows = db.execute("SELECT * FROM jobs WHERE lease_owner = ? AND state IN ('running', 'exporting') "
+                              "ORDER BY id", (worker,)).fetchall()
+        return [_job(r) for r in rows]
+
+    def heartbeat(self, worker: str, lease_s: float, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET lease_expires = ? WHERE lease_owner = ? AND state IN ('running', 'exporting')",
+                       (now + lease_s, worker))
+
+    def _transition(self, job: Job, worker: str | None, new_state: str, message: str, now: float | None,
+                    **columns) -> Job | None:
+        """Move ``job`` to ``new_state`` if it is still where the caller saw it (and held by ``worker``)."""
+        now = time.time() if now is None else now
+        sets = ", ".join(f"{k} = ?" for k in columns)
+        with self._tx() as db:
+            where = "id = ? AND state = ?" + (" AND lease_owner = ?" if worker else "")
+            args = [job.id, job.state] + ([worker] if worker else [])
+            cur = db.execute(f"UPDATE jobs SET state = ?, updated_at = ?{', ' + sets if sets else ''} WHERE {where}",
+                             [new_state, now, *columns.values(), *args])
+            if not cur.rowcount:
+                return None
+            self._event(db, job.id, new_state, message, now)
+            return _job(db.execute("SELECT * FROM jobs WHERE id = ?", (job.id,)).fetchone())
+
+    def run_succeeded(self, job: Job, worker: str, exit_code: int = 0, node: str | None = None,
+                      now: float | None = None) -> Job | None:
+        now = time.time() if now is None else now
+        return self._transition(job, worker, "exporting", f"run finished (exit {exit_code})", now,
+                                exit_code=exit_code, run_finished_at=now, export_started_at=now, next_attempt_at=None,
+                                node=node or job.node)
+
+    def run_failed(self, job: Job, worker: str, error: str, exit_code: int | None, retry_after_s: float,
+                   node: str | None = None, now: float | None = None) -> Job | None:
+        """Back to queued (after ``retry_after_s``) while attempts are left, else failed."""
+        now = time.time() if now is None else now
+        error = _one_line(error)
+        if job.attempts < job.max_attempts:
+            return self._transition(job, worker, "queued", f"attempt {job.attempts} failed: {error}; retry in "
+                                                          f"{retry_after_s:.0f} s", now,
+                                    exit_code=exit_code, error=error, run_finished_at=now, lease_owner=None,
+                                    lease_expires=None, next_attempt_at=now + retry_after_s, node=node or job.node)
+        return self._transition(job, worker, "failed", f"attempt {job.attempts} failed, no attempts left: {error}", now,
+                                exit_code=exit_code, error=error, run_finished_at=now, finished_at=now,
+                                lease_owner=None, lease_expires=None, node=node or job.node)
+
+    def delivered_to(self, job: Job, worker: str, destination: str, now: float | None = None) -> Job | None:
+        now = time.time() if now is None else now
+        delivered = sorted(set(job.delivered) | {destination})
+        return self._transition(job, worker, "exporting", f"confirmed at {destination}", now,
+                                delivered=json.dumps(delivered), error=None)
+
+    def export_done(self, job: Job, worker: str, now: float | None = None) -> Job | None:
+        now = time.time() if now is None else now
+        return self._transition(job, worker, "done", "every destination confirmed the result", now,
+                                finished_at=now, lease_owner=None, lease_expires=None, error=None)
+
+    def export_retry(self, job: Job, worker: str, error: str, retry_after_s: float,
+                     now: float | None = None) -> Job | None:
+        now = time.time() if now is None else now
+        return self._transition(job, worker, "exporting", f"export will be retried in {retry_after_s:.0f} s: "
+                                                          f"{_one_line(error)}", now,
+                                error=_one_line(error), next_attempt_at=now + retry_after_s)
+
+    def export_failed(self, job: Job, worker: str, error: str, now: float | None = None) -> Job | None:
+        now = time.time() if now is None else now
+        return self._transition(job, worker, "failed", f"export failed: {_one_line(error)}", now,
+                                error=_one_line(error), finished_at=now, lease_owner=None, lease_expires=None)
+
+    def cancel(self, key: str, now: float | None = None) -> Job | None:
+        """Cancel an unfinished job (any holder); returns the job as it is now, or None when not found."""
+        job = self.get_job(key)
+        if job is None or job.finished:
+            return job
+        return self._transition(job, None, "cancelled", "cancelled by an operator", now,
+                                finished_at=time.time() if now is None else now, lease_owner=None,
+                                lease_expires=None) or self.get_job(key)
+
+    def supersede(self, job: Job, worker: str, newer_version: int, now: float | None = None) -> Job | None:
+        return self._transition(job, worker, "cancelled", f"superseded: version {newer_version} of the series has more "
+                                                          f"instances", now,
+                                error=f"superseded by series version {newer_version}",
+                                finished_at=time.time() if now is None else now, lease_owner=None, lease_expires=None)
+
+    def retry(self, key: str, now: float | None = None) -> Job | None:
+        """Queue a failed or cancelled job again with fresh attempts."""
+        job = self.get_job(key)
+        if job is None or job.state not in ("failed", "cancelled"):
+            return job
+        return self._transition(job, None, "queued", "retry requested by an operator", now, attempts=0,
+                                next_attempt_at=None, finished_at=None, error=None, exit_code=None,
+                                delivered="[]") or self.get_job(key)
+
+    # ------------------------------------------------------------------------------------------- reading
+    def get_job(self, ref: str | int) -> Job | None:
+        """A job by id, full key, or a unique key prefix (at least 6 characters)."""
+        db = self._db()
+        if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit() and len(ref) < 6):
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (int(ref),)).fetchone()
+            return _job(row) if row else None
+        ref = str(ref).removeprefix("segmap-")
+        if len(ref) < 6:
+            return None
+        rows = db.execute("SELECT * FROM jobs WHERE key LIKE ? LIMIT 2", (ref + "%",)).fetchall()
+        return _job(rows[0]) if len(rows) == 1 else None
+
+    def list_jobs(self, states: Sequence[str] | None = None, limit: int = 200) -> list[Job]:
+        db = self._db()
+        if states:
+            q = ",".join("?" * len(states))
+            rows = db.execute(f"SELECT * FROM jobs WHERE state IN ({q}) ORDER BY id DESC LIMIT ?",
+                              (*states, limit)).fetchall()
+        else:
+            rows = db.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [_job(r) for r in rows]
+
+    def jobs_due_for_export(self, worker: str, now: float | None = None) -> list[Job]:
+        now = time.time() if now is None else now
+        rows = self._db().execute("SELECT * FROM jobs WHERE state = 'exporting' AND lease_owner = ? AND "
+                                  "(next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY id",
+                                  (worker, now)).fetchall()
+        return [_job(r) for r in rows]
+
+    def count_by_state(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        for row in self._db().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+            counts[row[0]] = row[1]
+        return counts
+
+    def events(self, job: Job) -> list[dict]:
+        rows = self._db().execute("SELECT at, state, message FROM events WHERE job_id = ? ORDER BY id", (job.id,))
+        return [dict(r) for r in rows]
+
+    def job_log(self, job: Job, tail: int = 200) -> str:
+        """The job's event history and the last ``tail`` lines of its container log (when written)."""
+        lines = [f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(e['at']))}Z {e['state']}: {e['message']}"
+                 for e in self.events(job)]
+        if job.log_path and Path(job.log_path).is_file():
+            text = Path(job.log_path).read_text(errors="replace").splitlines()
+            lines += ["", f"--- container log ({job.log_path}) ---", *text[-tail:]]
+        return "\n".join(lines)
+
+    def series_versions(self, limit: int = 200) -> list[SeriesVersion]:
+        rows = self._db().execute(
+            "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.series_id = s.id) AS instance_count FROM series s "
+            "ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [_series(r) for r in rows]
+
+
+def _series(row: sqlite3.Row) -> SeriesVersion:
+    return SeriesVersion(id=row["id"], source=row["source"], study_uid=row["study_uid"], series_uid=row["series_uid"],
+                         version=row["version"], modality=row["modality"], state=row["state"],
+                         first_seen=row["first_seen"], last_seen=row["last_seen"], stable_at=row["stable_at"],
+                         instance_count=row["instance_count"])
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= 500 else line[:497] + "..."
