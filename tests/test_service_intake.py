@@ -14,11 +14,13 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
-from pacs import echoscu, free_port, storescu, wait_for
+from pacs import echoscu, free_port, orthanc, storescu, wait_for  # noqa: F401 (orthanc: a fixture)
 from segmap.demo.phantom import write_phantom_study
-from segmap.errors import InputError, ServiceConfigError
+from segmap.errors import InputError, OrthancError, ServiceConfigError
 from segmap.service.intake.listener import DicomListener
+from segmap.service.intake.orthanc import OrthancClient, OrthancFollower
 from segmap.service.spool import Spool
+from segmap.service.store import JobStore
 
 SMALL = {"shape_zyx": (6, 32, 32)}
 
@@ -279,3 +281,120 @@ def test_listener_settings_are_checked_naming_the_key(tmp_path):
         DicomListener("A" * 17, "127.0.0.1", 0, spool=spool, on_arrival=print)
     with pytest.raises(ServiceConfigError, match="listener.allowed_calling_ae_titles"):
         DicomListener("SEGMAP", "127.0.0.1", 0, spool=spool, on_arrival=print, allowed_calling_ae_titles=[""])
+
+
+# -- Orthanc follower ---------------------------------------------------------------------------------------------
+
+def _last_change(server) -> int:
+    return server.get("/changes?last")["Last"]
+
+
+def _follower(server, tmp_path, client=None, **kwargs) -> OrthancFollower:
+    store = JobStore(tmp_path / "work" / "store.sqlite")
+    return OrthancFollower(client or OrthancClient(server.url), store, Spool(tmp_path / "work" / "spool"), **kwargs)
+
+
+def _versions(store, series_uid):
+    return [v for v in store.series_versions() if v.series_uid == series_uid]
+
+
+def test_follower_records_each_instance_once_with_the_cursor_sees_stable_series_and_fetches(tmp_path, orthanc):
+    study = write_phantom_study(tmp_path / "ct", shape_zyx=(48, 64, 64))
+    storescu(study["dicom_files"], orthanc.dicom_port, orthanc.aet)
+    follower = _follower(orthanc, tmp_path, name="pacs")
+    store = follower.store
+
+    assert follower.poll_once() == 48
+    assert store.cursor("orthanc:pacs") == _last_change(orthanc)
+    [version] = _versions(store, study["series_uid"])
+    assert (version.source, version.study_uid, version.modality, version.instance_count) == (
+        "orthanc:pacs", study["study_uid"], "CT", 48)
+    instances = store.instances(version.id)
+    sent = {pydicom.dcmread(f).SOPInstanceUID for f in study["dicom_files"]}
+    assert {i.sop_uid for i in instances} == sent
+    assert all(i.remote_id and i.path is None for i in instances)  # fetched only when the job runs
+
+    assert follower.poll_once() == 0  # a second poll records nothing new
+    assert _versions(store, study["series_uid"])[0].instance_count == 48
+
+    # Orthanc's StableSeries (StableAge 2 s) reaches the store as the series' stable mark.
+    wait_for(lambda: follower.poll_once() == 0 and _versions(store, study["series_uid"])[0].stable_at, 30,
+             "StableSeries in the store")
+    assert store.cursor("orthanc:pacs") == _last_change(orthanc)
+    assert follower.is_stable(study["series_uid"]) is True
+    assert follower.is_stable("1.2.3.4.5") is False
+
+    pairs = [(i.sop_uid, i.remote_id) for i in instances]
+    paths = follower.fetch(study["study_uid"], study["series_uid"], pairs)
+    assert len(paths) == 48
+    for (sop, _), path in zip(pairs, paths):
+        assert pydicom.dcmread(path).SOPInstanceUID == sop
+    stamps = [p.stat().st_mtime_ns for p in paths]
+    assert follower.fetch(study["study_uid"], study["series_uid"], pairs) == paths  # nothing downloaded twice
+    assert [p.stat().st_mtime_ns for p in paths] == stamps
+
+    # A remote id that holds another instance than the one listed is refused, naming both.
+    swapped = [(pairs[0][0], pairs[1][1])]
+    follower.spool.path(study["study_uid"], study["series_uid"], pairs[0][0]).unlink()
+    with pytest.raises(OrthancError, match=f"expected SOP {pairs[0][0]}"):
+        follower.fetch(study["study_uid"], study["series_uid"], swapped)
+
+
+def test_follower_resumes_from_its_cursor_after_orthanc_and_the_service_restart(tmp_path, orthanc):
+    study = write_phantom_study(tmp_path / "ct", shape_zyx=(30, 32, 32))
+    files = study["dicom_files"]
+    storescu(files[:12], orthanc.dicom_port, orthanc.aet)
+    first = _follower(orthanc, tmp_path, page_size=5)
+    assert first.poll_once() == 12
+
+    orthanc.restart()  # Orthanc's change log is on disk: its sequence numbers go on
+    storescu(files[12:], orthanc.dicom_port, orthanc.aet)
+    first.store.close()
+    second = _follower(orthanc, tmp_path, page_size=5)  # a restarted service: new store handle, new follower
+    assert second.poll_once() == 18
+
+    [version] = _versions(second.store, study["series_uid"])
+    assert version.instance_count == 30
+    assert {i.sop_uid for i in second.store.instances(version.id)} == {pydicom.dcmread(f).SOPInstanceUID
+                                                                         for f in files}
+    assert second.store.cursor("orthanc:main") == _last_change(orthanc)
+
+
+def test_orthanc_going_down_mid_poll_is_one_line_and_the_next_poll_catches_up(tmp_path, orthanc):
+    study = write_phantom_study(tmp_path / "ct", shape_zyx=(20, 32, 32))
+    storescu(study["dicom_files"], orthanc.dicom_port, orthanc.aet)
+
+    class StopsAfterFirstPage(OrthancClient):
+        """Orthanc dies right after answering the first page of the change log."""
+
+        pages = 0
+
+        def changes(self, since, limit=100):
+            answer = super().changes(since, limit)
+            self.pages += 1
+            if self.pages == 1:
+                orthanc.stop(kill=True)
+            return answer
+
+    follower = _follower(orthanc, tmp_path, client=StopsAfterFirstPage(orthanc.url), page_size=8)
+    with pytest.raises(OrthancError) as failure:
+        follower.poll_once()
+    message = str(failure.value)
+    assert "\n" not in message and orthanc.url in message and "cannot be reached" in message
+    assert follower.store.cursor("orthanc:main") == 0  # the page that failed half-way committed nothing
+
+    orthanc.start()
+    assert follower.poll_once() == 20
+    [version] = _versions(follower.store, study["series_uid"])
+    assert version.instance_count == 20
+    assert follower.store.cursor("orthanc:main") == _last_change(orthanc)
+
+
+def test_orthanc_errors_never_show_the_credentials(tmp_path):
+    closed = f"127.0.0.1:{free_port()}"
+    for client in (OrthancClient(f"http://admin:hunter2@{closed}"),
+                   OrthancClient(f"http://{closed}/", username="admin", password="hunter2")):
+        with pytest.raises(OrthancError) as failure:
+            client.system()
+        assert str(failure.value) == f"Orthanc at http://{closed} cannot be reached (GET /system: connection refused)"
+        assert "hunter2" not in repr(client)
