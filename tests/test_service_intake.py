@@ -123,8 +123,10 @@ def listener_factory(tmp_path):
         listener.stop()
 
 
-def test_listener_stores_every_instance_durably_and_records_it_before_answering(tmp_path, listener_factory):
+def test_listener_stores_every_instance_durably_and_records_it_before_answering(tmp_path, listener_factory,
+                                                                               caplog):
     study = write_phantom_study(tmp_path / "ct", **SMALL)
+    caplog.set_level(logging.INFO, logger="segmap")
     listener = listener_factory()
     recorder = listener.on_arrival
 
@@ -144,6 +146,37 @@ def test_listener_stores_every_instance_durably_and_records_it_before_answering(
     files = listener.spool.series_files(study["study_uid"], study["series_uid"])
     assert [Path(p) for p in sorted(a.path for a in recorder.arrivals)] == files
     assert echoscu(listener.port, "SEGMAP") == 0
+    # One summary line per association, for the operator.
+    assert (f"(calling AE CT01) released: {len(files)} instance(s) stored, 0 refused; series {study['series_uid']}"
+            in caplog.text)
+
+
+def test_listener_with_the_job_store_loses_nothing_from_five_concurrent_senders(tmp_path, listener_factory):
+    store = JobStore(tmp_path / "work" / "store.sqlite")
+    studies = [write_phantom_study(tmp_path / f"ct{k}", seed=k, **SMALL) for k in range(5)]
+    listener = listener_factory(on_arrival=store.record_instance)
+    codes = {}
+
+    def send(k, files):
+        codes[k] = storescu(files, listener.port, "SEGMAP", calling_aet=f"CT{k}", check=False).returncode
+
+    senders = [threading.Thread(target=send, args=(k, s["dicom_files"])) for k, s in enumerate(studies)]
+    for t in senders:
+        t.start()
+    for t in senders:
+        t.join(timeout=120)
+    assert codes == {k: 0 for k in range(5)}
+
+    versions = {v.series_uid: v for v in store.series_versions()}
+    for study in studies:
+        version = versions[study["series_uid"]]
+        assert (version.source, version.version, version.instance_count) == ("listener", 1, len(study["dicom_files"]))
+        assert all(Path(i.path).is_file() for i in store.instances(version.id))
+    # The same series again, unchanged: the store records nothing new.
+    storescu(studies[0]["dicom_files"], listener.port, "SEGMAP")
+    again = [v for v in store.series_versions() if v.series_uid == studies[0]["series_uid"]]
+    assert [(v.version, v.instance_count) for v in again] == [(1, len(studies[0]["dicom_files"]))]
+    assert len(store.series_versions()) == 5
 
 
 def test_listener_stores_a_jpeg2000_series_as_received(tmp_path, listener_factory):

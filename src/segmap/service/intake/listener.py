@@ -81,6 +81,8 @@ class DicomListener:
         self._ae.add_supported_context(Verification, _TRANSFER_SYNTAXES)
         self._server = None
         self._lock = threading.Lock()
+        # Per open association: (stored, refused, series UIDs) for its one summary line when it ends.
+        self._tally: dict[int, tuple[int, int, set[str]]] = {}
 
     @property
     def address(self) -> tuple[str, int]:
@@ -95,10 +97,11 @@ class DicomListener:
             if self._server is not None:
                 return
             handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_STORE, self._on_store),
-                        (evt.EVT_C_ECHO, self._on_echo)]
+                        (evt.EVT_C_ECHO, self._on_echo), (evt.EVT_RELEASED, self._on_ended),
+                        (evt.EVT_ABORTED, self._on_ended), (evt.EVT_CONN_CLOSE, self._on_ended)]
             self._server = self._ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         host, port = self.address
-        self.log.info("DICOM listener %s on %s:%d", self.ae_title, host, port)
+        self.log.debug("DICOM listener %s bound to %s:%d", self.ae_title, host, port)
 
     def stop(self) -> None:
         """Stop listening and end the open associations."""
@@ -133,6 +136,25 @@ class DicomListener:
         assoc.acse.send_reject(_REJECTED_PERMANENT, _SERVICE_USER, diagnostic)
         assoc.kill()
 
+    def _count(self, assoc, stored: int, refused: int, series_uid: str | None = None) -> None:
+        with self._lock:
+            done, failed, series = self._tally.get(id(assoc), (0, 0, set()))
+            if series_uid:
+                series.add(series_uid)
+            self._tally[id(assoc)] = (done + stored, failed + refused, series)
+
+    def _on_ended(self, event) -> None:
+        """One line per association that stored something: what an operator looks for first."""
+        with self._lock:
+            tally = self._tally.pop(id(event.assoc), None)
+        if tally is None:
+            return
+        stored, refused, series = tally
+        how = {evt.EVT_RELEASED.name: "released", evt.EVT_ABORTED.name: "aborted"}.get(event.event.name, "closed")
+        self.log.info("association from %s (calling AE %s) %s: %d instance(s) stored, %d refused; series %s",
+                      event.assoc.requestor.address, _ae_text(event.assoc.requestor.ae_title), how, stored, refused,
+                      ", ".join(sorted(series)) or "-")
+
     def _on_echo(self, event) -> int:
         self.log.debug("C-ECHO from %s (calling AE %s)", event.assoc.requestor.address,
                        _ae_text(event.assoc.requestor.ae_title))
@@ -148,6 +170,7 @@ class DicomListener:
         except Exception as exc:  # anything pydicom cannot parse is "cannot understand", never a crash
             self.log.warning("C-STORE from %s (calling AE %s): the dataset cannot be decoded (%s): refused",
                              peer, calling, type(exc).__name__)
+            self._count(event.assoc, 0, 1)
             return CANNOT_UNDERSTAND
         affected = str(event.request.AffectedSOPInstanceUID or "")
         try:
@@ -158,6 +181,7 @@ class DicomListener:
         except InputError as exc:
             self.log.warning("C-STORE from %s (calling AE %s), SOP %s: %s: refused", peer, calling, affected or "?",
                              exc)
+            self._count(event.assoc, 0, 1)
             return CANNOT_UNDERSTAND
         study, series, sop = target.parent.parent.name, target.parent.name, target.stem
         try:
@@ -165,6 +189,7 @@ class DicomListener:
         except OSError as exc:
             self.log.error("C-STORE from %s (calling AE %s), study %s series %s SOP %s: cannot be written (%s): "
                            "answered out of resources", peer, calling, study, series, sop, exc.strerror or exc)
+            self._count(event.assoc, 0, 1, series)
             return OUT_OF_RESOURCES
         arrival = Arrival(source="listener", study_uid=study, series_uid=series, sop_uid=sop, modality=modality,
                           path=str(path), calling_ae=calling)
@@ -174,9 +199,11 @@ class DicomListener:
             self.log.error("C-STORE from %s (calling AE %s), study %s series %s SOP %s: not recorded (%s: %s): "
                            "answered out of resources", peer, calling, study, series, sop, type(exc).__name__,
                            _one_line(exc))
+            self._count(event.assoc, 0, 1, series)
             return OUT_OF_RESOURCES
         self.log.debug("C-STORE from %s (calling AE %s): study %s series %s SOP %s stored", peer, calling, study,
                        series, sop)
+        self._count(event.assoc, 1, 0, series)
         return SUCCESS
 
 
