@@ -227,8 +227,34 @@ def test_listener_rejects_a_peer_address_that_is_not_allowed(tmp_path, listener_
     assert len(allowed.on_arrival.arrivals) == 1
 
 
+def test_listener_stop_aborts_a_long_transfer_after_the_grace_period_and_keeps_what_it_answered(tmp_path,
+                                                                                                 listener_factory):
+    study = write_phantom_study(tmp_path / "ct", shape_zyx=(40, 16, 16))
+    recorder = Recorder()
+
+    def slow(arrival):  # a slow disk or store: the transfer is still going when the service stops
+        recorder(arrival)
+        time.sleep(0.1)
+
+    listener = listener_factory(on_arrival=slow)
+    done = {}
+    sender = threading.Thread(target=lambda: done.update(
+        run=storescu(study["dicom_files"], listener.port, "SEGMAP", check=False)))
+    sender.start()
+    wait_for(lambda: len(recorder.arrivals) >= 3, 30, "the first instances")
+    started = time.monotonic()
+    listener.stop(grace_s=0.5)
+    took = time.monotonic() - started
+    sender.join(timeout=60)
+
+    assert took < 5, f"stop took {took:.1f} s"
+    assert done["run"].returncode != 0  # the sender knows it must send again
+    assert 3 <= len(recorder.arrivals) < 40
+    assert all(pydicom.dcmread(a.path).SOPInstanceUID == a.sop_uid for a in recorder.arrivals)
+
+
 def test_listener_survives_garbage_and_early_closes(listener_factory):
-    listener = listener_factory()
+    listener = listener_factory(acse_timeout=2)
     rng = __import__("random").Random(7)
     payloads = [bytes(rng.randrange(256) for _ in range(4096)),  # random bytes
                 b"\x01\x00\x00\x00\xff\xff\xff\xff" + b"\x00" * 64,  # an A-ASSOCIATE-RQ header claiming 4 GiB
@@ -243,6 +269,9 @@ def test_listener_survives_garbage_and_early_closes(listener_factory):
                     pass  # the listener may already have dropped us: that is the point
     assert echoscu(listener.port, "SEGMAP") == 0
     assert listener.on_arrival.arrivals == []
+    # The connections that never associated are dropped after the ACSE timeout: they hold no thread for long.
+    wait_for(lambda: listener.open_associations == 0, 10, "the garbage connections to be dropped")
+    assert echoscu(listener.port, "SEGMAP") == 0
 
 
 def _send_with_pynetdicom(port: int, dataset) -> int:

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socketserver
 import threading
+import time
 from typing import Callable, Iterable
 
 from pydicom.uid import AllTransferSyntaxes
@@ -57,7 +59,7 @@ class DicomListener:
     def __init__(self, ae_title: str, host: str, port: int, *, spool: Spool, on_arrival: OnArrival,
                  allowed_calling_ae_titles: Iterable[str] = (), allowed_peers: Iterable[str] = (),
                  max_pdu: int = DEFAULT_MAX_PDU, log: logging.Logger | None = None, network_timeout: float = 60.0,
-                 max_associations: int = 16):
+                 acse_timeout: float = 30.0, max_associations: int = 16):
         self.ae_title = _check_ae_title(ae_title, "listener.ae_title")
         self.host = host
         self.port = int(port)
@@ -70,7 +72,7 @@ class DicomListener:
         self._ae = AE(ae_title=self.ae_title)
         self._ae.maximum_pdu_size = int(max_pdu)
         self._ae.network_timeout = network_timeout
-        self._ae.acse_timeout = 30
+        self._ae.acse_timeout = acse_timeout  # also how long a connection that never associates holds a thread
         self._ae.dimse_timeout = network_timeout
         self._ae.maximum_associations = max_associations
         # Any called AE title is fine (like Orthanc's DicomCheckCalledAet false): sites mistype it more often than
@@ -91,6 +93,12 @@ class DicomListener:
             return self.host, self.port
         return self._server.server_address[:2]
 
+    @property
+    def open_associations(self) -> int:
+        """How many connections the listener is serving now (associated or still negotiating)."""
+        server = self._server
+        return len(server.active_associations) if server is not None else 0
+
     def start(self) -> None:
         """Listen in background threads; returns once the port is bound (OSError when it cannot be)."""
         with self._lock:
@@ -103,13 +111,26 @@ class DicomListener:
         host, port = self.address
         self.log.debug("DICOM listener %s bound to %s:%d", self.ae_title, host, port)
 
-    def stop(self) -> None:
-        """Stop listening and end the open associations."""
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop listening; associations still open after ``grace_s`` seconds are aborted.
+
+        An aborted sender retries later; every instance it was already answered success for is on disk and recorded.
+        Without the abort, closing the server would wait for a long transfer to end on its own.
+        """
         with self._lock:
             server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            self.log.info("DICOM listener %s stopped", self.ae_title)
+        if server is None:
+            return
+        socketserver.BaseServer.shutdown(server)  # no new associations; the open ones go on for now
+        deadline = time.monotonic() + grace_s
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        aborted = list(server.active_associations)
+        for assoc in aborted:
+            assoc.abort()
+        server.shutdown()  # pynetdicom's: closes the socket and joins the association threads
+        self.log.info("DICOM listener %s stopped%s", self.ae_title,
+                      f" ({len(aborted)} open association(s) aborted)" if aborted else "")
 
     def __enter__(self) -> "DicomListener":
         self.start()
