@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
-from pacs import echoscu, free_port, orthanc, storescu, wait_for  # noqa: F401 (orthanc: a fixture)
+from pacs import Orthanc, echoscu, free_port, storescu, wait_for
 from segmap.demo.phantom import write_phantom_study
 from segmap.errors import InputError, OrthancError, ServiceConfigError
 from segmap.service.intake.listener import DicomListener
@@ -347,6 +347,14 @@ def test_listener_settings_are_checked_naming_the_key(tmp_path):
 
 # -- Orthanc follower ---------------------------------------------------------------------------------------------
 
+@pytest.fixture
+def orthanc(tmp_path):
+    """A real Orthanc (StableAge 2 s) with its own storage, stopped after the test."""
+    server = Orthanc(tmp_path / "orthanc", free_port(), free_port()).start()
+    yield server
+    server.stop()
+
+
 def _last_change(server) -> int:
     return server.get("/changes?last")["Last"]
 
@@ -449,6 +457,18 @@ def test_orthanc_going_down_mid_poll_is_one_line_and_the_next_poll_catches_up(tm
     assert follower.poll_once() == 20
     [version] = _versions(follower.store, study["series_uid"])
     assert version.instance_count == 20
+    assert follower.store.cursor("orthanc:main") == _last_change(orthanc)
+
+
+def test_follower_reads_a_replaced_orthanc_database_from_the_start(tmp_path, orthanc, caplog):
+    study = write_phantom_study(tmp_path / "ct", **SMALL)
+    storescu(study["dicom_files"], orthanc.dicom_port, orthanc.aet)
+    follower = _follower(orthanc, tmp_path)
+    follower.store.record_changes("orthanc:main", 5000, [])  # the cursor of an earlier Orthanc database
+    caplog.set_level(logging.WARNING, logger="segmap")
+
+    assert follower.poll_once() == len(study["dicom_files"])
+    assert "before our cursor 5000 (database replaced?)" in caplog.text
     assert follower.store.cursor("orthanc:main") == _last_change(orthanc)
 
 
