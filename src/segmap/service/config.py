@@ -22,6 +22,7 @@ from segmap.errors import ServiceConfigError, SegmapError
 _AE = re.compile(r"^[\x21-\x5b\x5d-\x7e ]{1,16}$")  # DICOM AE: up to 16 printable ASCII characters, no backslash
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 RUNNER_KINDS = ("docker", "kubernetes")
+ROLES = ("all", "intake", "worker")
 DESTINATION_KINDS = ("dicom", "orthanc", "stow")
 
 
@@ -102,10 +103,27 @@ class ServiceConfig:
     poll_s: float = 0.5
     worker: str = field(default_factory=socket.gethostname)
     database: str | None = None
+    #: What this process does: ``all`` (one machine), ``intake`` (listener/follower and closing series) or
+    #: ``worker`` (claim, run, export) -- several workers share one PostgreSQL store and one shared workdir.
+    role: str = "all"
+
+    @property
+    def does_intake(self) -> bool:
+        return self.role in ("all", "intake")
+
+    @property
+    def does_work(self) -> bool:
+        return self.role in ("all", "worker")
 
     @property
     def store_path(self) -> Path:
         return self.workdir / "store.sqlite"
+
+    @property
+    def store_location(self) -> str | Path:
+        """The job store: ``SEGMAP_DATABASE_URL``, else ``service.database``, else a SQLite file in the workdir."""
+        import os
+        return os.environ.get("SEGMAP_DATABASE_URL") or self.database or self.store_path
 
     @property
     def spool_dir(self) -> Path:
@@ -243,8 +261,11 @@ def parse_config(doc: Any, path: Path) -> ServiceConfig:
         export_give_up_s=svc.get("export_give_up_s", float, 86400.0, check=_positive),
         lease_s=svc.get("lease_s", float, 60.0, check=_positive),
         poll_s=svc.get("poll_s", float, 0.5, check=_positive),
-        database=svc.get("database", str, None),
+        database=svc.get("database", str, None, check=lambda v: None if v.startswith(("postgresql://", "postgres://"))
+                         else f"must be a postgresql:// URL (leave it out for SQLite in the workdir), got {v!r}"),
     )
+    values["role"] = svc.get("role", str, "all", check=lambda v: None if v in ROLES else
+                             f"must be one of {', '.join(ROLES)}, got {v!r}")
     worker = svc.get("worker", str, None, check=_name)
     if worker:
         values["worker"] = worker
@@ -274,7 +295,7 @@ def parse_config(doc: Any, path: Path) -> ServiceConfig:
             username=orthanc.get("username", str, None), password=orthanc.get("password", str, None),
             poll_interval_s=orthanc.get("poll_interval_s", float, 1.0, check=_positive))
         orthanc.done()
-    if listener is None and orthanc is None:
+    if listener is None and orthanc is None and values["role"] != "worker":
         top.fail("listener", "no intake configured: give a 'listener' section, an 'orthanc' section, or both")
 
     runner = top.section("runner") or _Reader(path, {}, "runner")

@@ -1,7 +1,10 @@
 """The durable job store (SQLite in WAL mode): series versions, their instances, jobs and the intake cursors.
 
-Every state change is one transaction (``BEGIN IMMEDIATE``), so a ``kill -9`` at any point leaves either the state
-before or the state after, never half of it. The job state machine::
+Two engines behind one class: SQLite (WAL) for one machine, PostgreSQL (``postgresql://...``) for several workers on
+several hosts. Every state change is one transaction (SQLite ``BEGIN IMMEDIATE``; PostgreSQL row locks, ``FOR UPDATE
+SKIP LOCKED`` to claim, an advisory lock per series to record instances), so a ``kill -9`` at any point leaves either
+the state before or the state after, never half of it. The schema is versioned (:data:`MIGRATIONS`) and brought up
+to date when a store is opened. The job state machine::
 
     queued --claim--> running --run succeeded--> exporting --every destination confirmed--> done
       ^                  |                           |
@@ -29,46 +32,46 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-SCHEMA_VERSION = 1
 STATES = ("queued", "running", "exporting", "done", "failed", "cancelled")
 UNFINISHED = ("queued", "running", "exporting")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS cursors (
-    source TEXT PRIMARY KEY, last_seq INTEGER NOT NULL, updated_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS series (
-    id INTEGER PRIMARY KEY,
-    source TEXT NOT NULL, study_uid TEXT NOT NULL, series_uid TEXT NOT NULL, version INTEGER NOT NULL,
-    modality TEXT NOT NULL DEFAULT '',
-    state TEXT NOT NULL CHECK (state IN ('collecting', 'closed')),
-    first_seen REAL NOT NULL, last_seen REAL NOT NULL, stable_at REAL, closed_at REAL, decision TEXT,
-    UNIQUE (source, series_uid, version));
-CREATE INDEX IF NOT EXISTS series_collecting ON series (state, last_seen);
-CREATE TABLE IF NOT EXISTS instances (
-    series_id INTEGER NOT NULL REFERENCES series (id), sop_uid TEXT NOT NULL,
-    path TEXT, remote_id TEXT, calling_ae TEXT, received_at REAL NOT NULL,
-    PRIMARY KEY (series_id, sop_uid));
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY,
-    key TEXT NOT NULL UNIQUE,
-    map_name TEXT NOT NULL, image TEXT NOT NULL, image_digest TEXT NOT NULL,
-    series_id INTEGER NOT NULL REFERENCES series (id),
-    study_uid TEXT NOT NULL, series_uid TEXT NOT NULL, version INTEGER NOT NULL, instance_count INTEGER NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'exporting', 'done', 'failed', 'cancelled')),
-    attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL,
-    next_attempt_at REAL, lease_owner TEXT, lease_expires REAL, worker TEXT, node TEXT,
-    received_at REAL NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL,
-    started_at REAL, run_finished_at REAL, finished_at REAL, export_started_at REAL,
-    exit_code INTEGER, error TEXT,
-    run_name TEXT NOT NULL, log_path TEXT, output_dir TEXT,
-    seg_series_uid TEXT NOT NULL, destinations TEXT NOT NULL, delivered TEXT NOT NULL DEFAULT '[]');
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, next_attempt_at);
-CREATE INDEX IF NOT EXISTS jobs_seg_series ON jobs (seg_series_uid);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY, job_id INTEGER NOT NULL REFERENCES jobs (id), at REAL NOT NULL,
-    state TEXT NOT NULL, message TEXT NOT NULL);
-"""
+#: Schema migrations, applied in order when a store is opened: (version, statements). ``{id}`` and ``{real}`` are the
+#: engine's auto-increment key and floating-point types. Never edit a released step; append a new one.
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (1, [
+        """CREATE TABLE cursors (source TEXT PRIMARY KEY, last_seq BIGINT NOT NULL, updated_at {real} NOT NULL)""",
+        """CREATE TABLE series (
+            id {id}, source TEXT NOT NULL, study_uid TEXT NOT NULL, series_uid TEXT NOT NULL,
+            version INTEGER NOT NULL, modality TEXT NOT NULL DEFAULT '',
+            state TEXT NOT NULL CHECK (state IN ('collecting', 'closed')),
+            first_seen {real} NOT NULL, last_seen {real} NOT NULL, stable_at {real}, closed_at {real}, decision TEXT,
+            UNIQUE (source, series_uid, version))""",
+        """CREATE INDEX series_collecting ON series (state, last_seen)""",
+        """CREATE TABLE instances (
+            series_id BIGINT NOT NULL REFERENCES series (id), sop_uid TEXT NOT NULL,
+            path TEXT, remote_id TEXT, calling_ae TEXT, received_at {real} NOT NULL,
+            PRIMARY KEY (series_id, sop_uid))""",
+        """CREATE TABLE jobs (
+            id {id}, key TEXT NOT NULL UNIQUE,
+            map_name TEXT NOT NULL, image TEXT NOT NULL, image_digest TEXT NOT NULL,
+            series_id BIGINT NOT NULL REFERENCES series (id),
+            study_uid TEXT NOT NULL, series_uid TEXT NOT NULL, version INTEGER NOT NULL,
+            instance_count INTEGER NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'exporting', 'done', 'failed', 'cancelled')),
+            attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL,
+            next_attempt_at {real}, lease_owner TEXT, lease_expires {real}, worker TEXT, node TEXT,
+            received_at {real} NOT NULL, created_at {real} NOT NULL, updated_at {real} NOT NULL,
+            started_at {real}, run_finished_at {real}, finished_at {real}, export_started_at {real},
+            exit_code INTEGER, error TEXT, run_name TEXT NOT NULL, log_path TEXT, output_dir TEXT,
+            seg_series_uid TEXT NOT NULL, destinations TEXT NOT NULL, delivered TEXT NOT NULL DEFAULT '[]')""",
+        """CREATE INDEX jobs_state ON jobs (state, next_attempt_at)""",
+        """CREATE INDEX jobs_seg_series ON jobs (seg_series_uid)""",
+        """CREATE TABLE events (
+            id {id}, job_id BIGINT NOT NULL REFERENCES jobs (id), at {real} NOT NULL,
+            state TEXT NOT NULL, message TEXT NOT NULL)""",
+    ]),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,8 @@ class SeriesVersion:
     last_seen: float
     stable_at: float | None
     instance_count: int
+    #: What routing decided when the version was closed ("spleen: job; liver: no job, ...").
+    decision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -198,40 +203,136 @@ def _job(row: sqlite3.Row) -> Job:
     return Job(**d, timings=_timings(row))
 
 
-class JobStore:
-    """The SQLite job store at ``path`` (created with its schema when missing). Safe to share between threads."""
+class _SQLite:
+    """One file, WAL; ``BEGIN IMMEDIATE`` serialises writers (processes and threads alike)."""
 
-    def __init__(self, path: str | Path):
+    name, id_type, real_type, skip_locked = "sqlite", "INTEGER PRIMARY KEY", "REAL", ""
+
+    def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        db = self._db()
-        db.executescript(_SCHEMA)
-        row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if row is None:
-            db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        elif int(row[0]) > SCHEMA_VERSION:
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def connect(self):
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=30000")
+        return db
+
+    def begin(self, db) -> None:
+        db.execute("BEGIN IMMEDIATE")
+
+    def lock_series(self, db, source: str, series_uid: str) -> None:
+        """Nothing to do: the write transaction already excludes every other writer."""
+
+
+class _PgConnection:
+    """A psycopg connection that takes the store's ``?`` placeholders and answers rows as dicts."""
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def execute(self, sql: str, params: Sequence = ()):
+        return self.raw.execute(sql.replace("?", "%s"), tuple(params))
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+class _Postgres:
+    """Several workers on several hosts: row locks decide who claims what (``FOR UPDATE SKIP LOCKED``)."""
+
+    name, id_type, real_type, skip_locked = "postgresql", "BIGSERIAL PRIMARY KEY", "DOUBLE PRECISION", \
+        " FOR UPDATE SKIP LOCKED"
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def __str__(self) -> str:
+        import re
+        return re.sub(r"//[^@/]*@", "//***@", self.url)  # never print a password
+
+    def connect(self):
+        try:
+            import psycopg
+            from psycopg.rows import dict_row
+        except ImportError:
             from segmap.errors import ServiceConfigError
-            raise ServiceConfigError(f"{self.path}: job store schema {row[0]} is newer than this segmap "
-                                     f"({SCHEMA_VERSION}); upgrade segmap")
+            raise ServiceConfigError("a postgresql:// job store needs psycopg: pip install 'segmap[service]'") from None
+        try:
+            raw = psycopg.connect(self.url, autocommit=True, row_factory=dict_row, connect_timeout=10)
+        except psycopg.OperationalError as e:
+            from segmap.errors import ServiceConfigError
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ServiceConfigError(f"cannot connect to the job store {self}: {first}") from None
+        return _PgConnection(raw)
+
+    def begin(self, db) -> None:
+        db.execute("BEGIN")
+
+    def lock_series(self, db, source: str, series_uid: str) -> None:
+        # Two intake threads or hosts recording instances of one series must not both open a new version.
+        db.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (f"{source}\n{series_uid}",))
+
+
+def is_database_url(text: str) -> bool:
+    return str(text).startswith(("postgresql://", "postgres://"))
+
+
+class JobStore:
+    """The job store: a SQLite file (``path``) or a PostgreSQL database (``postgresql://...``), with its schema
+    brought up to date when opened. Safe to share between threads (one connection per thread)."""
+
+    def __init__(self, location: str | Path):
+        self.engine = _Postgres(str(location)) if is_database_url(str(location)) else _SQLite(Path(location))
+        self.path = location
+        self._local = threading.local()
+        self._migrate()
+
+    def __str__(self) -> str:
+        return f"{self.engine.name} job store {self.engine}"
+
+    def _migrate(self) -> None:
+        db = self._db()
+        db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        with self._tx() as db:
+            if self.engine.name == "postgresql":  # several workers may start at once
+                db.execute("LOCK TABLE meta IN EXCLUSIVE MODE")
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            current = int(row["value"]) if row else 0
+            if current > SCHEMA_VERSION:
+                from segmap.errors import ServiceConfigError
+                raise ServiceConfigError(f"{self}: schema version {current} is newer than this segmap's "
+                                         f"({SCHEMA_VERSION}); upgrade segmap")
+            for version, statements in MIGRATIONS:
+                if version <= current:
+                    continue
+                for sql in statements:
+                    db.execute(sql.format(id=self.engine.id_type, real=self.engine.real_type))
+                db.execute("DELETE FROM meta WHERE key = 'schema_version'")
+                db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(version),))
+
+    def schema_version(self) -> int:
+        row = self._db().execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return int(row["value"])
 
     # ------------------------------------------------------------------------------------------- plumbing
-    def _db(self) -> sqlite3.Connection:
+    def _db(self):
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA foreign_keys=ON")
-            db.execute("PRAGMA busy_timeout=30000")
+            db = self.engine.connect()
             self._local.db = db
         return db
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self) -> Iterator:
         db = self._db()
-        db.execute("BEGIN IMMEDIATE")
+        self.engine.begin(db)
         try:
             yield db
         except BaseException:
@@ -246,7 +347,7 @@ class JobStore:
             self._local.db = None
 
     @staticmethod
-    def _event(db: sqlite3.Connection, job_id: int, state: str, message: str, now: float) -> None:
+    def _event(db, job_id: int, state: str, message: str, now: float) -> None:
         db.execute("INSERT INTO events (job_id, at, state, message) VALUES (?, ?, ?, ?)", (job_id, now, state, message))
 
     # ------------------------------------------------------------------------------------------- intake
@@ -255,7 +356,10 @@ class JobStore:
         with self._tx() as db:
             return self._record(db, arrival, time.time() if now is None else now)
 
-    def _record(self, db: sqlite3.Connection, a: Arrival, now: float) -> bool:
+    def _record(self, db, a: Arrival, now: float) -> bool:
+        if not (a.source and a.study_uid and a.series_uid and a.sop_uid):
+            raise ValueError(f"an arrival needs its source and study, series and SOP Instance UIDs, got {a}")
+        self.engine.lock_series(db, a.source, a.series_uid)
         row = db.execute("SELECT id, state, version FROM series WHERE source = ? AND series_uid = ? ORDER BY version DESC "
                          "LIMIT 1", (a.source, a.series_uid)).fetchone()
         if row is not None and row["state"] == "collecting":
@@ -271,15 +375,15 @@ class JobStore:
                     return False  # a repeat of an instance the latest version already holds
             version = row["version"] + 1 if row is not None else 1
             cur = db.execute("INSERT INTO series (source, study_uid, series_uid, version, modality, state, first_seen, "
-                             "last_seen) VALUES (?, ?, ?, ?, ?, 'collecting', ?, ?)",
+                             "last_seen) VALUES (?, ?, ?, ?, ?, 'collecting', ?, ?) RETURNING id",
                              (a.source, a.study_uid, a.series_uid, version, a.modality, now, now))
-            series_id = cur.lastrowid
+            series_id = cur.fetchone()["id"]
             if row is not None:  # the new version starts as the whole series known so far
                 db.execute("INSERT INTO instances (series_id, sop_uid, path, remote_id, calling_ae, received_at) "
                            "SELECT ?, sop_uid, path, remote_id, calling_ae, received_at FROM instances "
                            "WHERE series_id = ?", (series_id, row["id"]))
-        cur = db.execute("INSERT OR IGNORE INTO instances (series_id, sop_uid, path, remote_id, calling_ae, "
-                         "received_at) VALUES (?, ?, ?, ?, ?, ?)",
+        cur = db.execute("INSERT INTO instances (series_id, sop_uid, path, remote_id, calling_ae, "
+                         "received_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                          (series_id, a.sop_uid, a.path, a.remote_id, a.calling_ae, now))
         if cur.rowcount:
             db.execute("UPDATE series SET last_seen = ?, modality = CASE WHEN modality = '' THEN ? ELSE modality END "
@@ -292,7 +396,7 @@ class JobStore:
 
     def cursor(self, source: str) -> int:
         row = self._db().execute("SELECT last_seq FROM cursors WHERE source = ?", (source,)).fetchone()
-        return int(row[0]) if row else 0
+        return int(row["last_seq"]) if row else 0
 
     def record_changes(self, source: str, last_seq: int, arrivals: Sequence[Arrival],
                        stable_series_uids: Iterable[str] = (), now: float | None = None) -> int:
@@ -346,30 +450,38 @@ class JobStore:
             "AND s.version > o.version ORDER BY s.version DESC LIMIT 1", (series_id,)).fetchone()
         return _series(row) if row else None
 
-    def close_series(self, series_id: int, jobs: Sequence[NewJob], decision: str,
-                     now: float | None = None) -> tuple[list[str], list[str]]:
-        """Close a version and queue its jobs in one transaction: (keys queued now, keys that already existed)."""
+    def close_series(self, series_id: int, jobs: Sequence[NewJob], decision: str, *, instance_count: int,
+                     now: float | None = None) -> tuple[list[str], list[str]] | None:
+        """Close a version and queue its jobs in one transaction: (keys queued now, keys that already existed).
+
+        ``instance_count`` is how many instances the caller saw (and computed the keys from); when more arrived
+        meanwhile nothing happens and None is returned (the caller looks again after the quiet period).
+        """
         now = time.time() if now is None else now
         created, existing = [], []
         with self._tx() as db:
             s = db.execute("SELECT * FROM series WHERE id = ?", (series_id,)).fetchone()
             if s["state"] != "collecting":
                 return [], []
-            count = db.execute("SELECT COUNT(*) FROM instances WHERE series_id = ?", (series_id,)).fetchone()[0]
+            count = db.execute("SELECT COUNT(*) AS n FROM instances WHERE series_id = ?",
+                               (series_id,)).fetchone()["n"]
+            if count != instance_count:
+                return None
             db.execute("UPDATE series SET state = 'closed', closed_at = ?, decision = ? WHERE id = ?",
                        (now, decision, series_id))
             for j in jobs:
                 cur = db.execute(
-                    "INSERT OR IGNORE INTO jobs (key, map_name, image, image_digest, series_id, study_uid, series_uid, "
+                    "INSERT INTO jobs (key, map_name, image, image_digest, series_id, study_uid, series_uid, "
                     "version, instance_count, state, max_attempts, received_at, created_at, updated_at, run_name, "
                     "log_path, output_dir, seg_series_uid, destinations) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', "
-                    "?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
                     (j.key, j.map_name, j.image, j.image_digest, series_id, s["study_uid"], s["series_uid"],
                      s["version"], count, j.max_attempts, s["last_seen"], now, now, j.run_name, j.log_path,
                      j.output_dir, j.seg_series_uid, json.dumps(list(j.destinations))))
-                if cur.rowcount:
+                inserted = cur.fetchone()
+                if inserted:
                     created.append(j.key)
-                    self._event(db, cur.lastrowid, "queued", f"series version {s['version']} complete "
+                    self._event(db, inserted["id"], "queued", f"series version {s['version']} complete "
                                                              f"({count} instances)", now)
                 else:
                     existing.append(j.key)
@@ -386,12 +498,13 @@ class JobStore:
         """Take the oldest due queued job for ``worker`` when fewer than ``max_running`` of its jobs run."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            running = db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'running' AND lease_owner = ?",
-                                 (worker,)).fetchone()[0]
+            running = db.execute("SELECT COUNT(*) AS n FROM jobs WHERE state = 'running' AND lease_owner = ?",
+                                 (worker,)).fetchone()["n"]
             if running >= max_running:
                 return None
             row = db.execute("SELECT id FROM jobs WHERE state = 'queued' AND (next_attempt_at IS NULL OR "
-                             "next_attempt_at <= ?) ORDER BY created_at, id LIMIT 1", (now,)).fetchone()
+                             "next_attempt_at <= ?) ORDER BY created_at, id LIMIT 1" + self.engine.skip_locked,
+                             (now,)).fetchone()
             if row is None:
                 return None
             db.execute("UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = ?, lease_expires = ?, "
@@ -439,11 +552,12 @@ class JobStore:
             return _job(db.execute("SELECT * FROM jobs WHERE id = ?", (job.id,)).fetchone())
 
     def run_succeeded(self, job: Job, worker: str, exit_code: int = 0, node: str | None = None,
-                      now: float | None = None) -> Job | None:
+                      run_finished_at: float | None = None, now: float | None = None) -> Job | None:
+        """``run_finished_at``: when the container exited, if the runner knows (else now)."""
         now = time.time() if now is None else now
         return self._transition(job, worker, "exporting", f"run finished (exit {exit_code})", now,
-                                exit_code=exit_code, run_finished_at=now, export_started_at=now, next_attempt_at=None,
-                                node=node or job.node)
+                                exit_code=exit_code, run_finished_at=run_finished_at or now, export_started_at=now,
+                                next_attempt_at=None, node=node or job.node)
 
     def run_failed(self, job: Job, worker: str, error: str, exit_code: int | None, retry_after_s: float,
                    node: str | None = None, now: float | None = None) -> Job | None:
@@ -538,8 +652,8 @@ class JobStore:
 
     def count_by_state(self) -> dict[str, int]:
         counts = dict.fromkeys(STATES, 0)
-        for row in self._db().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
-            counts[row[0]] = row[1]
+        for row in self._db().execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+            counts[row["state"]] = row["n"]
         return counts
 
     def events(self, job: Job) -> list[dict]:
@@ -566,7 +680,7 @@ def _series(row: sqlite3.Row) -> SeriesVersion:
     return SeriesVersion(id=row["id"], source=row["source"], study_uid=row["study_uid"], series_uid=row["series_uid"],
                          version=row["version"], modality=row["modality"], state=row["state"],
                          first_seen=row["first_seen"], last_seen=row["last_seen"], stable_at=row["stable_at"],
-                         instance_count=row["instance_count"])
+                         instance_count=row["instance_count"], decision=row["decision"])
 
 
 def _one_line(text: str) -> str:
