@@ -96,8 +96,8 @@ class Postgres:
         self.proc = None
 
 
-@pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory):
+def postgres_server_fixture(tmp_path_factory):
+    """The body of conftest's session fixture ``postgres_server``."""
     import tempfile
     # pytest's folders are private to root; the postgres user needs a folder of its own.
     folder = Path(tempfile.mkdtemp(prefix="segmap-pg-")) if os.geteuid() == 0 else tmp_path_factory.mktemp("pg")

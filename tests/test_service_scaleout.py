@@ -6,14 +6,11 @@ killed with SIGKILL mid-job; its job is taken over after its lease and completes
 from __future__ import annotations
 
 import time
-from pathlib import Path
-
 import pydicom
 import pytest
 
 from conftest import record_figure
 from pacs import Orthanc, free_port, storescu, wait_for
-from postgres import postgres_server  # noqa: F401 -- a fixture
 from service_harness import ServiceProcess
 from segmap.demo.phantom import write_phantom_study
 from segmap.service.keys import seg_uids

@@ -9,7 +9,6 @@ import pytest
 
 from segmap.service.keys import job_key, run_name, seg_uids
 from segmap.service.store import Arrival, JobStore, NewJob
-from postgres import postgres_server  # noqa: F401 -- a fixture
 
 _databases = itertools.count()
 

@@ -310,6 +310,9 @@ def parse_config(doc: Any, path: Path) -> ServiceConfig:
         gpus=runner.get("gpus", tuple, ()),
         options=runner.get("kubernetes", dict, {}))
     runner.done()
+    if kind == "kubernetes":
+        from .runners.kubernetes import KubernetesRunner
+        KubernetesRunner.check_options(values["runner"].options, f"{path}: runner.kubernetes")
 
     destinations: dict[str, Mapping[str, Any]] = {}
     dest_doc = top.get("destinations", dict, {})

@@ -43,8 +43,8 @@ def make_runner(config: ServiceConfig):
         from .runners.docker import DockerRunner
         return DockerRunner()
     from .runners.kubernetes import KubernetesRunner
-    opts = dict(config.runner.options)
-    return KubernetesRunner(opts.pop("namespace", "default"), workdir_root=config.workdir, **opts)
+    return KubernetesRunner.from_options(config.runner.options, workdir_root=config.workdir,
+                                         where=f"{config.path}: runner.kubernetes")
 
 
 def seg_files(folder: Path) -> list[Path]:
