@@ -23,6 +23,7 @@ ORTHANC = "Orthanc"
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 CHROMIUM = "/usr/bin/chromium"
+ECHOSCU = "/usr/bin/echoscu"
 
 
 def need(program: str, package: str) -> str:
@@ -182,9 +183,12 @@ def storescp(tmp_path):
 
 
 def storescu(files, port: int, called_aet: str, calling_aet: str = "STORESCU", check: bool = True,
-             timeout: float = 120) -> subprocess.CompletedProcess:
-    """Send ``files`` with DCMTK's storescu (one association), as a modality or a PACS would."""
-    cmd = [need(STORESCU, "dcmtk"), "-aet", calling_aet, "-aec", called_aet, "127.0.0.1", str(port),
+             timeout: float = 120, options=()) -> subprocess.CompletedProcess:
+    """Send ``files`` with DCMTK's storescu (one association), as a modality or a PACS would.
+
+    ``options`` go before the address (e.g. ``("-xv",)`` to propose JPEG 2000 lossless for compressed files).
+    """
+    cmd = [need(STORESCU, "dcmtk"), *options, "-aet", calling_aet, "-aec", called_aet, "127.0.0.1", str(port),
            *[str(f) for f in files]]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if check and done.returncode != 0:
@@ -202,3 +206,9 @@ def chromium(*args: str, profile: Path, timeout: float = 120) -> subprocess.Comp
            "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
            f"--user-data-dir={profile}", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def echoscu(port: int, called_aet: str, calling_aet: str = "ECHOSCU", timeout: float = 30) -> int:
+    """DCMTK's echoscu (C-ECHO) against ``127.0.0.1:port``; returns its exit code (0: the peer answered)."""
+    cmd = [need(ECHOSCU, "dcmtk"), "-aet", calling_aet, "-aec", called_aet, "127.0.0.1", str(port)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout).returncode

@@ -107,13 +107,14 @@ class Service:
             log.info("following %s's changes at %s", cfg.orthanc.source, cfg.orthanc.url)
         if cfg.listener is not None and cfg.does_intake:
             from .intake.listener import DicomListener
+            self.spool.remove_partial()  # temp files of writes a crash interrupted
             lc = cfg.listener
             self.listener = DicomListener(lc.ae_title, lc.host, lc.port, spool=self.spool,
                                           on_arrival=self.store.record_instance,
                                           allowed_calling_ae_titles=lc.allowed_calling_ae_titles,
                                           allowed_peers=lc.allowed_peers)
             self.listener.start()
-            log.info("DICOM listener %s on %s:%d", lc.ae_title, lc.host, lc.port)
+            log.info("DICOM listener %s on %s:%d", lc.ae_title, *self.listener.address[:2])
 
     def _spawn(self, target, name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
