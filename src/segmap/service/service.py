@@ -36,6 +36,10 @@ from .store import Job, JobStore, NewJob, SeriesVersion
 
 log = logging.getLogger("segmap.service")
 
+#: How long a complete-looking series may fail to close (Orthanc unreachable, the series deleted there) before it is
+#: closed without jobs, with the reason in its decision and the log.
+ABANDON_AFTER_S = 3600.0
+
 
 def make_runner(config: ServiceConfig):
     """The runner the configuration names."""
@@ -173,17 +177,30 @@ class Service:
 
     # ------------------------------------------------------------------------------------------- 1. close
     def close_due_series(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
         for version in self.store.due_series(self.cfg.quiet_period_s, now):
             try:
-                self._close(version)
+                self._close(version, now)
             except (OrthancError, OSError) as e:
-                log.warning("series %s v%d: cannot close yet: %s", version.series_uid, version.version, e)
+                self._abandon_if_stale(version, now, str(e)) or log.warning(
+                    "series %s v%d: cannot close yet: %s", version.series_uid, version.version, e)
 
-    def _close(self, v: SeriesVersion) -> None:
+    def _abandon_if_stale(self, v: SeriesVersion, now: float, why: str) -> bool:
+        """A version that could not be closed for :data:`ABANDON_AFTER_S` (e.g. deleted from Orthanc meanwhile) is
+        closed without jobs, with the reason, instead of being retried for ever."""
+        if now - v.last_seen < ABANDON_AFTER_S:
+            return False
+        self.store.close_series(v.id, [], f"abandoned: {why}", instance_count=v.instance_count)
+        log.warning("series %s v%d: no job, abandoned after %.0f s: %s", v.series_uid, v.version, now - v.last_seen,
+                    why)
+        return True
+
+    def _close(self, v: SeriesVersion, now: float) -> None:
         from segmap.dicom.loading import scan_dicom_folder
 
         if v.source.startswith("orthanc:") and v.stable_at is None:
             if self.follower is None or not self.follower.is_stable(v.series_uid):
+                self._abandon_if_stale(v, now, "Orthanc never called it stable (deleted there?)")
                 return
             self.store.mark_stable(v.id)
         instances = self.store.instances(v.id)
