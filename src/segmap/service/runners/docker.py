@@ -91,7 +91,7 @@ class DockerRunner:
             raise RunnerError(f"run {spec.name}: image {spec.image} is not in the Docker engine") from None
         except docker.errors.APIError as e:
             if e.status_code == 409:  # another starter created it between our look-up and our create: adopt
-                existing = self._get(spec.name)
+                existing = self._wait_for(spec.name)
                 if existing is not None:
                     log.info("run %s: created concurrently elsewhere; adopting it", spec.name)
                     return self._adopt(existing)
@@ -224,6 +224,16 @@ class DockerRunner:
             return None
         except Exception as e:
             raise RunnerError(f"run {name}: cannot ask the Docker engine about it: {_reason(e)}") from e
+
+    def _wait_for(self, name: str, timeout: float = 10.0):
+        """The container another starter is creating: the engine reserves the name (409 to us) a moment before the
+        container can be inspected."""
+        deadline = time.monotonic() + timeout
+        while True:
+            container = self._get(name)
+            if container is not None or time.monotonic() > deadline:
+                return container
+            time.sleep(0.05)
 
     def _adopt(self, container) -> RunStatus:
         if container.status == "created":  # the earlier starter died between create and start: finish its work
