@@ -138,6 +138,35 @@ def test_cstore_to_orthanc_confirms_what_orthanc_stored(seg, orthanc):  # noqa: 
     assert len(orthanc_instances(orthanc)) == 1
 
 
+def test_cfind_confirmation_asks_the_archive_also_after_a_restart(seg, tmp_path):
+    server = Orthanc(tmp_path / "pacs", free_port(), free_port(),
+                     modalities={"segmap": ["SEGMAP", "127.0.0.1", free_port()]}).start()
+    try:
+        cfg = dicom_cfg(server.dicom_port, ae_title="ORTHANC", confirm="c-find")
+        dest = make_destination("pacs", cfg)
+        assert not dest.confirm([seg])
+        dest.send([seg])
+        assert make_destination("pacs", cfg).confirm([seg])  # as a restarted service would ask
+        [instance] = server.get("/instances")
+        requests.delete(f"{server.url}/instances/{instance}", timeout=10).raise_for_status()
+        assert not make_destination("pacs", cfg).confirm([seg])  # the archive is asked, not our memory
+    finally:
+        server.stop()
+
+
+def test_cfind_confirmation_at_a_peer_without_queries_is_permanent(seg, storescp):  # noqa: F811
+    dest = make_destination("pacs", dicom_cfg(storescp.port, confirm="c-find"))
+    dest.send([seg])
+    with pytest.raises(ExportError, match=r"does not accept SOP Class 1.2.840.10008.5.1.4.1.2.2.1"):
+        dest.confirm([seg])
+
+
+def test_store_status_confirmation_survives_a_new_destination_object(seg, storescp):  # noqa: F811
+    """The service may make its destinations again from the configuration: what the peer answered still counts."""
+    make_destination("pacs", dicom_cfg(storescp.port)).send([seg])
+    assert make_destination("pacs", dicom_cfg(storescp.port)).confirm([seg])
+
+
 def test_cstore_of_a_file_that_is_not_dicom_names_it(tmp_path, storescp):  # noqa: F811
     junk = tmp_path / "notes.txt"
     junk.write_text("not DICOM")
@@ -257,6 +286,8 @@ def test_stow_rs_to_a_wrong_path_is_permanent(seg, dicomweb_orthanc):
     ({"kind": "orthanc", "url": "http://o", "timeout_s": 0}, r"destinations\.d\.timeout_s: must be a positive"),
     ({"kind": "stow"}, r"destinations\.d\.url: required"),
     ("http://o", r"destinations\.d: expected a mapping"),
+    ({"kind": "dicom", "host": "pacs", "port": 104, "ae_title": "PACS", "confirm": "echo"},
+     r"destinations\.d\.confirm: must be one of store-status, c-find, got 'echo'"),
 ])
 def test_configuration_errors_name_the_key(cfg, message):
     with pytest.raises(ServiceConfigError, match=message) as info:

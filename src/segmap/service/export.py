@@ -11,9 +11,12 @@ so a receiver that already holds it keeps one copy (Orthanc answers ``AlreadySto
 
 How each kind confirms:
 
-- ``dicom``: by the C-STORE responses of the last ``send`` of these files in this process (success or warning
-  status for every instance). A generic storage SCP (DCMTK's storescp, many routers) offers no query service, so
-  there is nothing else to ask; after a service restart ``confirm`` is False until the files were sent again.
+- ``dicom``, ``confirm: store-status`` (the default): by the C-STORE responses this process received for these
+  files (success or warning status for every instance). A generic storage SCP (DCMTK's storescp, many routers)
+  offers no query service, so there is nothing else to ask; after a service restart ``confirm`` is False until the
+  files were sent again (harmless: same UIDs).
+- ``dicom``, ``confirm: c-find``: a Study Root C-FIND at IMAGE level for each SOP Instance UID, for a PACS that
+  answers queries (Orthanc does): what the archive holds, also after a restart.
 - ``orthanc``: ``POST /tools/lookup`` of each SOP Instance UID finds an instance.
 - ``stow``: a QIDO-RS ``search_for_instances`` by SOP Instance UID finds each one.
 """
@@ -21,7 +24,7 @@ How each kind confirms:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
@@ -91,6 +94,9 @@ def read_instances(files: Sequence[Path]) -> list[Instance]:
 
 # ------------------------------------------------------------------------------------------------ DICOM C-STORE
 
+#: (host, port, called AE title) -> SOP Instance UIDs that peer confirmed by a C-STORE status in this process.
+_CSTORE_ANSWERS: dict[tuple[str, int, str], set[str]] = {}
+
 #: DICOM Part 7 C-STORE statuses: 0x0000 success; 0xB000/0xB006/0xB007 warnings (stored, with coercion or
 #: elements discarded). 0xA7xx means "out of resources": the peer may have room later, so it is retried.
 _WARNINGS = (0xB000, 0xB006, 0xB007)
@@ -106,21 +112,27 @@ class DicomDestination:
     ae_title: str
     calling_ae_title: str = "SEGMAP"
     timeout_s: float = 30.0
+    confirm_by: str = "store-status"
     kind: str = "dicom"
-    #: SOP Instance UIDs the peer answered success/warning for, in this process (see the module's confirm notes).
-    _stored: set[str] = field(default_factory=set, repr=False)
 
-    KEYS = {"kind", "host", "port", "ae_title", "calling_ae_title", "timeout_s"}
+    KEYS = {"kind", "host", "port", "ae_title", "calling_ae_title", "timeout_s", "confirm"}
+    CONFIRMS = ("store-status", "c-find")
 
     @classmethod
     def from_config(cls, name: str, cfg: Mapping[str, Any]) -> "DicomDestination":
         c = _Checker(name, cfg, cls.KEYS)
         return cls(name=name, host=c.text("host"), port=c.port("port"), ae_title=c.ae_title("ae_title"),
                    calling_ae_title=c.ae_title("calling_ae_title", "SEGMAP"),
-                   timeout_s=c.positive("timeout_s", 30.0))
+                   timeout_s=c.positive("timeout_s", 30.0), confirm_by=c.choice("confirm", cls.CONFIRMS))
+
+    @property
+    def _stored(self) -> set[str]:
+        """SOP Instance UIDs this peer answered success/warning for in this process; kept per peer, not per object,
+        so a destination made again from the configuration still knows what was sent."""
+        return _CSTORE_ANSWERS.setdefault((self.host, self.port, self.ae_title), set())
 
     def send(self, files: Sequence[Path]) -> None:
-        from pynetdicom import AE, evt
+        from pynetdicom import AE
         from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
         instances = read_instances(files)
@@ -133,17 +145,8 @@ class DicomDestination:
             syntaxes = sorted({i.transfer_syntax for i in instances if i.sop_class_uid == sop_class})
             ae.add_requested_context(sop_class, list(dict.fromkeys(
                 [*syntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian])))
-        peer = f"{self.ae_title}@{self.host}:{self.port}"
-        connected: list[bool] = []  # pynetdicom reports a refused connection as an abort; the open event tells
-        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(True))])
-        if not assoc.is_established:
-            refused = sorted(str(cx.abstract_syntax) for cx in assoc.rejected_contexts)
-            if connected and refused and not assoc.accepted_contexts:
-                # pynetdicom aborts when the peer accepted none of our contexts: it will never store this kind
-                raise ExportError(f"destination {self.name}: {peer} does not accept SOP Class "
-                                  f"{', '.join(dict.fromkeys(refused))} (no presentation context accepted)")
-            raise DestinationUnavailable(f"destination {self.name}: {peer} {_association_failure(assoc, connected)}")
+        peer = self._peer
+        assoc = self._associate(ae)
         try:
             accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
             refused = sorted({i.sop_class_uid for i in instances} - accepted)
@@ -174,8 +177,65 @@ class DicomDestination:
                 assoc.release()
         log.info("destination %s: %d instance(s) stored at %s", self.name, len(instances), peer)
 
+    @property
+    def _peer(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+    def _associate(self, ae):
+        """An established association with the peer, or DestinationUnavailable / ExportError saying why not."""
+        from pynetdicom import evt
+
+        connected: list[bool] = []  # pynetdicom reports a refused connection as an abort; the open event tells
+        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(True))])
+        if assoc.is_established:
+            return assoc
+        refused = sorted(str(cx.abstract_syntax) for cx in assoc.rejected_contexts)
+        if connected and refused and not assoc.accepted_contexts:
+            # pynetdicom aborts when the peer accepted none of our contexts: it will never take this kind of object
+            raise ExportError(f"destination {self.name}: {self._peer} does not accept SOP Class "
+                              f"{', '.join(dict.fromkeys(refused))} (no presentation context accepted)")
+        raise DestinationUnavailable(f"destination {self.name}: {self._peer} {_association_failure(assoc, connected)}")
+
     def confirm(self, files: Sequence[Path]) -> bool:
-        return all(i.sop_instance_uid in self._stored for i in read_instances(files))
+        instances = read_instances(files)
+        if self.confirm_by == "store-status":
+            return all(i.sop_instance_uid in self._stored for i in instances)
+        return self._find(instances)
+
+    def _find(self, instances: Sequence[Instance]) -> bool:
+        from pydicom.dataset import Dataset
+        from pynetdicom import AE
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+        ae = AE(ae_title=self.calling_ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = self.timeout_s
+        ae.add_requested_context(FIND)
+        peer = self._peer
+        assoc = self._associate(ae)
+        try:
+            for inst in instances:
+                query = Dataset()
+                query.QueryRetrieveLevel = "IMAGE"
+                query.StudyInstanceUID, query.SeriesInstanceUID = inst.study_uid, inst.series_uid
+                query.SOPInstanceUID = inst.sop_instance_uid
+                found, answered = False, False
+                for status, identifier in assoc.send_c_find(query, FIND):
+                    code = getattr(status, "Status", None)
+                    if code is None:
+                        raise DestinationUnavailable(f"destination {self.name}: C-FIND to {peer} got no answer")
+                    answered = True
+                    if code in (0xFF00, 0xFF01) and identifier is not None:
+                        found = found or str(identifier.get("SOPInstanceUID", "")) == inst.sop_instance_uid
+                    elif code != 0x0000:
+                        raise ExportError(f"destination {self.name}: {peer} answered C-FIND status 0x{code:04X} "
+                                          f"(set confirm: store-status if it does not answer queries)")
+                if not (answered and found):
+                    return False
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return True
 
 
 def _association_failure(assoc, connected: Sequence[bool]) -> str:
@@ -400,6 +460,12 @@ class _Checker:
         value = self.text(key, default)
         if len(value) > 16 or not value.isascii() or "\\" in value or not value.isprintable():
             raise ServiceConfigError(f"{self._key(key)}: must be an AE title of 1-16 ASCII characters, got {value!r}")
+        return value
+
+    def choice(self, key: str, choices: Sequence[str]) -> str:
+        value = self.cfg.get(key, choices[0])
+        if value not in choices:
+            raise ServiceConfigError(f"{self._key(key)}: must be one of {', '.join(choices)}, got {value!r}")
         return value
 
     def positive(self, key: str, default: float) -> float:
