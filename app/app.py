@@ -26,7 +26,7 @@ from operators import (
 from segmap.errors import SegmapError
 from segmap.logs import configure_logging
 from segmap.model import MonetModel
-from segmap.pipeline import ResultWriter, Study, input_kind, prepare, scan_study
+from segmap.pipeline import ResultWriter, Study, input_kind, prepare, scan_study, study_settings
 from segmap.settings import Settings
 from segmap.tasks import SegmentationTask
 
@@ -86,7 +86,7 @@ def _run_studies(settings: Settings, model: MonetModel, task: SegmentationTask, 
 
     def one(scan, folder):
         study_writer = writer if folder == writer.out_dir else \
-            ResultWriter(settings.with_values(output=folder), model, task, "dicom")
+            ResultWriter(study_settings(settings, folder), model, task, "dicom")
         return _run_graph(settings, "dicom", model, task, study_writer, Study(scan, dict(study.timings_s)))
 
     results = process_studies(study.scan, writer.out_dir, one)

@@ -24,6 +24,8 @@ STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 CHROMIUM = "/usr/bin/chromium"
 ECHOSCU = "/usr/bin/echoscu"
+#: Debian's orthanc-dicomweb plugin (DICOMweb: STOW-RS, QIDO-RS, WADO-RS under /dicom-web/).
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
 def need(program: str, package: str) -> str:
@@ -34,6 +36,15 @@ def need(program: str, package: str) -> str:
             pytest.fail(reason)
         pytest.skip(reason)
     return found
+
+
+def _need_file(path: str, package: str) -> str:
+    if not os.path.isfile(path):
+        reason = f"{path} is not installed (Debian package {package}; .ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
 
 
 def free_port() -> int:
@@ -64,20 +75,30 @@ class Orthanc:
     aet: str = "ORTHANC"
     stable_age: int = 2
     modalities: dict | None = None
+    #: Load the DICOMweb plugin (``dicomweb_url``); a missing plugin skips (fails in CI) like a missing program.
+    dicomweb: bool = False
     proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    @property
+    def dicomweb_url(self) -> str:
+        return self.url + "/dicom-web"
+
     def config(self) -> dict:
-        return {"Name": "segmap-test", "StorageDirectory": str(self.folder / "storage"),
-                "IndexDirectory": str(self.folder / "storage"), "HttpPort": self.http_port,
-                "DicomPort": self.dicom_port, "DicomAet": self.aet, "RemoteAccessAllowed": False,
-                "HttpBindAddress": "127.0.0.1", "AuthenticationEnabled": False, "StableAge": self.stable_age,
-                "DicomModalities": self.modalities or {}, "Plugins": [],
-                # Accept any calling AE title, like a PACS that is open to the department's modalities.
-                "DicomCheckCalledAet": False, "UnknownSopClassAccepted": True}
+        cfg = {"Name": "segmap-test", "StorageDirectory": str(self.folder / "storage"),
+               "IndexDirectory": str(self.folder / "storage"), "HttpPort": self.http_port,
+               "DicomPort": self.dicom_port, "DicomAet": self.aet, "RemoteAccessAllowed": False,
+               "HttpBindAddress": "127.0.0.1", "AuthenticationEnabled": False, "StableAge": self.stable_age,
+               "DicomModalities": self.modalities or {}, "Plugins": [],
+               # Accept any calling AE title, like a PACS that is open to the department's modalities.
+               "DicomCheckCalledAet": False, "UnknownSopClassAccepted": True}
+        if self.dicomweb:
+            cfg["Plugins"] = [_need_file(DICOMWEB_PLUGIN, "orthanc-dicomweb")]
+            cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        return cfg
 
     def start(self) -> "Orthanc":
         self.folder.mkdir(parents=True, exist_ok=True)

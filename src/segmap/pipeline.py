@@ -401,6 +401,13 @@ def run(settings: Settings) -> Path:
     return writer.write(inference.segment(image), image)
 
 
+def study_settings(settings: Settings, folder: Path) -> Settings:
+    """The settings of one study of a multi-study input, written into ``folder`` (``study-<hash>``): a ``uid_seed``
+    is made per study, or every study's SEG would carry the same UIDs and a receiver would keep only one."""
+    seed = f"{settings.uid_seed}/{Path(folder).name}" if settings.uid_seed else None
+    return settings.with_values(output=folder, uid_seed=seed)
+
+
 def run_studies(study: Study, settings: Settings, model: MonetModel, task: SegmentationTask, writer: ResultWriter,
                 inference: Inference) -> Path:
     """A DICOM input study by study (:mod:`segmap.dicom.studies`): one study is written with ``writer`` at the top
@@ -410,7 +417,7 @@ def run_studies(study: Study, settings: Settings, model: MonetModel, task: Segme
 
     def one(scan, folder: Path) -> Path:
         study_writer = writer if folder == writer.out_dir else \
-            ResultWriter(settings.with_values(output=folder), model, task, "dicom")
+            ResultWriter(study_settings(settings, folder), model, task, "dicom")
         image = load_series(choose_series(Study(scan, dict(study.timings_s)), task), task)
         return study_writer.write(inference.segment(image), image)
 

@@ -92,6 +92,9 @@ class Settings:
     log_level: str = _setting("INFO", "log detail", short="-l", choices=LOG_LEVELS)
     threads: str = _setting("auto", "CPU threads for torch and OpenMP: auto (0) follows the container's CPU quota "
                             "(docker run --cpus) and CPU affinity; a number sets it", metavar="N")
+    uid_seed: str | None = _setting(None, "DICOM SEG: derive its Series and SOP Instance UIDs from this text, so "
+                                    "a repeated run gives the same UIDs (the job service sets it to the job key); "
+                                    "none: fresh UIDs each run", yaml_key=False, packaged=False, metavar="TEXT")
     umask: str = _setting("027", "file-mode mask of the outputs (octal): 027 writes them 0640, readable by the "
                           "group, not by others", metavar="MASK")
 

@@ -302,10 +302,18 @@ class DicomSegWriter:
         self.segments = task.segments
         self.omit_empty_frames = settings.omit_empty_frames
         self.segmentation_type = settings.segmentation_type
+        #: The job service's seed: the same job writes the same UIDs, so a re-sent SEG replaces rather than adds.
+        self.uid_seed = settings.uid_seed
         #: Software Versions (0018,1020): segmap's version; the run adds the model's short sha256 as a second value.
         self.software_versions: list[str] = [__version__]
 
     def write(self, labels, image, folder: Path) -> Path:
+        uids = {}
+        if self.uid_seed:
+            from ..uids import seeded_uid
+
+            uids = {"series_instance_uid": seeded_uid(self.uid_seed, "series"),
+                    "sop_instance_uid": seeded_uid(self.uid_seed, "sop")}
         return write_seg(labels.array[0], image.reference_datasets, self.segments, Path(folder) / self.filename,
                          omit_empty_frames=self.omit_empty_frames, software_version=list(self.software_versions),
-                         segmentation_type=self.segmentation_type)
+                         segmentation_type=self.segmentation_type, **uids)

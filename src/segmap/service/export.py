@@ -1,0 +1,486 @@
+"""Where a job's result goes: a DICOM node (C-STORE), an Orthanc (REST) or a DICOMweb server (STOW-RS).
+
+A job is done only when its destination *confirmed* every instance, so each destination has two steps: ``send``
+delivers the files and ``confirm`` checks that every SOP Instance UID among them is there. Failures come in two
+kinds the service treats differently: :class:`~segmap.errors.DestinationUnavailable` (connection refused, timeout,
+association rejected, 5xx, out of resources) is retried later with back-off; :class:`~segmap.errors.ExportError` (a
+DICOM failure status, a 4xx) fails the job, because sending the same file again gives the same answer.
+
+Re-sending is harmless: a job's SEG carries UIDs derived from the job key (:func:`segmap.service.keys.seg_uids`),
+so a receiver that already holds it keeps one copy (Orthanc answers ``AlreadyStored``).
+
+How each kind confirms:
+
+- ``dicom``, ``confirm: store-status`` (the default): by the C-STORE responses this process received for these
+  files (success or warning status for every instance). A generic storage SCP (DCMTK's storescp, many routers)
+  offers no query service, so there is nothing else to ask; after a service restart ``confirm`` is False until the
+  files were sent again (harmless: same UIDs).
+- ``dicom``, ``confirm: c-find``: a Study Root C-FIND at IMAGE level for each SOP Instance UID, for a PACS that
+  answers queries (Orthanc does): what the archive holds, also after a restart.
+- ``orthanc``: ``POST /tools/lookup`` of each SOP Instance UID finds an instance.
+- ``stow``: a QIDO-RS ``search_for_instances`` by SOP Instance UID finds each one.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Protocol, Sequence
+
+from ..errors import DestinationUnavailable, ExportError, ServiceConfigError
+
+log = logging.getLogger(__name__)
+
+KINDS = ("dicom", "orthanc", "stow")
+
+
+class Destination(Protocol):
+    """One configured destination (``destinations.<name>`` of the service configuration)."""
+
+    name: str
+    kind: str
+
+    def send(self, files: Sequence[Path]) -> None:
+        """Deliver every file; raises DestinationUnavailable (retry later) or ExportError (permanent)."""
+
+    def confirm(self, files: Sequence[Path]) -> bool:
+        """Whether every SOP Instance UID of ``files`` is present at the destination."""
+
+
+def make_destination(name: str, cfg: Mapping[str, Any]) -> Destination:
+    """The destination ``destinations.<name>`` describes; its keys are checked (:class:`ServiceConfigError`)."""
+    where = f"destinations.{name}"
+    if not isinstance(cfg, Mapping):
+        raise ServiceConfigError(f"{where}: expected a mapping with a 'kind' key ({', '.join(KINDS)})")
+    kind = cfg.get("kind")
+    if kind not in KINDS:
+        raise ServiceConfigError(f"{where}.kind: must be one of {', '.join(KINDS)}, got {kind!r}")
+    cls = {"dicom": DicomDestination, "orthanc": OrthancDestination, "stow": StowDestination}[kind]
+    return cls.from_config(name, cfg)
+
+
+# ------------------------------------------------------------------------------------------------ instances
+
+
+@dataclass(frozen=True)
+class Instance:
+    """What a destination needs to know about one file to send and find it."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+
+
+def read_instances(files: Sequence[Path]) -> list[Instance]:
+    """The identifying UIDs of each file (headers only); a file that is not DICOM is an :class:`ExportError`."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    out = []
+    for f in files:
+        path = Path(f)
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            out.append(Instance(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.StudyInstanceUID),
+                                str(ds.SeriesInstanceUID), str(ds.file_meta.TransferSyntaxUID)))
+        except (OSError, InvalidDicomError, AttributeError) as e:
+            raise ExportError(f"{path}: not a DICOM instance that can be sent ({_one_line(e)})") from e
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ DICOM C-STORE
+
+#: (host, port, called AE title) -> SOP Instance UIDs that peer confirmed by a C-STORE status in this process.
+_CSTORE_ANSWERS: dict[tuple[str, int, str], set[str]] = {}
+
+#: DICOM Part 7 C-STORE statuses: 0x0000 success; 0xB000/0xB006/0xB007 warnings (stored, with coercion or
+#: elements discarded). 0xA7xx means "out of resources": the peer may have room later, so it is retried.
+_WARNINGS = (0xB000, 0xB006, 0xB007)
+
+
+@dataclass
+class DicomDestination:
+    """A DICOM storage SCP reached by C-STORE (pynetdicom), one association per ``send``."""
+
+    name: str
+    host: str
+    port: int
+    ae_title: str
+    calling_ae_title: str = "SEGMAP"
+    timeout_s: float = 30.0
+    confirm_by: str = "store-status"
+    kind: str = "dicom"
+
+    KEYS = {"kind", "host", "port", "ae_title", "calling_ae_title", "timeout_s", "confirm"}
+    CONFIRMS = ("store-status", "c-find")
+
+    @classmethod
+    def from_config(cls, name: str, cfg: Mapping[str, Any]) -> "DicomDestination":
+        c = _Checker(name, cfg, cls.KEYS)
+        return cls(name=name, host=c.text("host"), port=c.port("port"), ae_title=c.ae_title("ae_title"),
+                   calling_ae_title=c.ae_title("calling_ae_title", "SEGMAP"),
+                   timeout_s=c.positive("timeout_s", 30.0), confirm_by=c.choice("confirm", cls.CONFIRMS))
+
+    @property
+    def _stored(self) -> set[str]:
+        """SOP Instance UIDs this peer answered success/warning for in this process; kept per peer, not per object,
+        so a destination made again from the configuration still knows what was sent."""
+        return _CSTORE_ANSWERS.setdefault((self.host, self.port, self.ae_title), set())
+
+    def send(self, files: Sequence[Path]) -> None:
+        from pynetdicom import AE
+        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        instances = read_instances(files)
+        if not instances:
+            return
+        ae = AE(ae_title=self.calling_ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
+        ae.connection_timeout = self.timeout_s
+        for sop_class in sorted({i.sop_class_uid for i in instances}):
+            syntaxes = sorted({i.transfer_syntax for i in instances if i.sop_class_uid == sop_class})
+            ae.add_requested_context(sop_class, list(dict.fromkeys(
+                [*syntaxes, ExplicitVRLittleEndian, ImplicitVRLittleEndian])))
+        peer = self._peer
+        assoc = self._associate(ae)
+        try:
+            accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+            refused = sorted({i.sop_class_uid for i in instances} - accepted)
+            if refused:  # the peer will never store this kind of object: retrying does not help
+                raise ExportError(f"destination {self.name}: {peer} does not accept SOP Class "
+                                  f"{', '.join(refused)} (no presentation context accepted)")
+            for inst in instances:
+                status = assoc.send_c_store(inst.path)
+                code = getattr(status, "Status", None)
+                if code is None:  # no answer: connection lost, DIMSE timeout, peer aborted
+                    raise DestinationUnavailable(f"destination {self.name}: {peer} gave no C-STORE response for "
+                                                 f"SOP Instance {inst.sop_instance_uid} (connection lost or timeout)")
+                if code == 0x0000 or code in _WARNINGS:
+                    self._stored.add(inst.sop_instance_uid)
+                    continue
+                self._stored.discard(inst.sop_instance_uid)
+                text = f"destination {self.name}: {peer} answered C-STORE status 0x{code:04X} for SOP Instance " \
+                       f"{inst.sop_instance_uid}"
+                if code & 0xFF00 == 0xA700:
+                    raise DestinationUnavailable(text + " (out of resources; will retry)")
+                raise ExportError(text)
+        except (DestinationUnavailable, ExportError):
+            raise
+        except (OSError, ValueError, RuntimeError) as e:  # no accepted context for a file, socket error
+            raise DestinationUnavailable(f"destination {self.name}: sending to {peer} failed: {_one_line(e)}") from e
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        log.info("destination %s: %d instance(s) stored at %s", self.name, len(instances), peer)
+
+    @property
+    def _peer(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+    def _associate(self, ae):
+        """An established association with the peer, or DestinationUnavailable / ExportError saying why not."""
+        from pynetdicom import evt
+
+        connected: list[bool] = []  # pynetdicom reports a refused connection as an abort; the open event tells
+        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(True))])
+        if assoc.is_established:
+            return assoc
+        refused = sorted(str(cx.abstract_syntax) for cx in assoc.rejected_contexts)
+        if connected and refused and not assoc.accepted_contexts:
+            # pynetdicom aborts when the peer accepted none of our contexts: it will never take this kind of object
+            raise ExportError(f"destination {self.name}: {self._peer} does not accept SOP Class "
+                              f"{', '.join(dict.fromkeys(refused))} (no presentation context accepted)")
+        raise DestinationUnavailable(f"destination {self.name}: {self._peer} {_association_failure(assoc, connected)}")
+
+    def confirm(self, files: Sequence[Path]) -> bool:
+        instances = read_instances(files)
+        if self.confirm_by == "store-status":
+            return all(i.sop_instance_uid in self._stored for i in instances)
+        return self._find(instances)
+
+    def _find(self, instances: Sequence[Instance]) -> bool:
+        from pydicom.dataset import Dataset
+        from pynetdicom import AE
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+        ae = AE(ae_title=self.calling_ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = self.timeout_s
+        ae.add_requested_context(FIND)
+        peer = self._peer
+        assoc = self._associate(ae)
+        try:
+            for inst in instances:
+                query = Dataset()
+                query.QueryRetrieveLevel = "IMAGE"
+                query.StudyInstanceUID, query.SeriesInstanceUID = inst.study_uid, inst.series_uid
+                query.SOPInstanceUID = inst.sop_instance_uid
+                found, answered = False, False
+                for status, identifier in assoc.send_c_find(query, FIND):
+                    code = getattr(status, "Status", None)
+                    if code is None:
+                        raise DestinationUnavailable(f"destination {self.name}: C-FIND to {peer} got no answer")
+                    answered = True
+                    if code in (0xFF00, 0xFF01) and identifier is not None:
+                        found = found or str(identifier.get("SOPInstanceUID", "")) == inst.sop_instance_uid
+                    elif code != 0x0000:
+                        raise ExportError(f"destination {self.name}: {peer} answered C-FIND status 0x{code:04X} "
+                                          f"(set confirm: store-status if it does not answer queries)")
+                if not (answered and found):
+                    return False
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return True
+
+
+def _association_failure(assoc, connected: Sequence[bool]) -> str:
+    """Why an association did not come up, in the peer's terms when it said something."""
+    if not connected:
+        return "cannot be reached (connection refused or timed out)"
+    if assoc.is_rejected:
+        prim = getattr(assoc.acceptor, "primitive", None)
+        result = getattr(prim, "result_str", None) or "rejected"
+        reason = getattr(prim, "reason_str", None) or ""
+        return f"rejected the association ({result}{': ' + reason if reason else ''})"
+    if assoc.is_aborted:
+        return "aborted the association"
+    return "did not answer the association request in time"
+
+
+# ------------------------------------------------------------------------------------------------ HTTP helpers
+
+
+def _http_failure(name: str, what: str, error: Exception) -> Exception:
+    """A requests error as DestinationUnavailable (no answer, 5xx, 429) or ExportError (any other 4xx)."""
+    import requests
+
+    response = getattr(error, "response", None)
+    if response is None or not isinstance(error, requests.HTTPError):
+        return DestinationUnavailable(f"destination {name}: {what} failed: {_one_line(error)}")
+    code = response.status_code
+    detail = _one_line(response.text[:200]) if response.text else response.reason
+    text = f"destination {name}: {what} answered HTTP {code} ({detail})"
+    if code >= 500 or code in (408, 429):
+        return DestinationUnavailable(text)
+    return ExportError(text)
+
+
+# ------------------------------------------------------------------------------------------------ Orthanc REST
+
+
+@dataclass
+class OrthancDestination:
+    """An Orthanc server: ``POST /instances`` per file, confirmed by ``POST /tools/lookup`` of each SOP UID."""
+
+    name: str
+    url: str
+    username: str | None = None
+    password: str | None = None
+    timeout_s: float = 30.0
+    kind: str = "orthanc"
+
+    KEYS = {"kind", "url", "username", "password", "timeout_s"}
+
+    @classmethod
+    def from_config(cls, name: str, cfg: Mapping[str, Any]) -> "OrthancDestination":
+        c = _Checker(name, cfg, cls.KEYS)
+        return cls(name=name, url=c.url("url"), username=c.optional_text("username"),
+                   password=c.optional_text("password"), timeout_s=c.positive("timeout_s", 30.0))
+
+    def _session(self):
+        import requests
+
+        s = requests.Session()
+        if self.username is not None:
+            s.auth = (self.username, self.password or "")
+        return s
+
+    def send(self, files: Sequence[Path]) -> None:
+        import requests
+
+        instances = read_instances(files)
+        with self._session() as s:
+            for inst in instances:
+                what = f"POST {self.url}/instances (SOP Instance {inst.sop_instance_uid})"
+                try:
+                    r = s.post(f"{self.url}/instances", data=inst.path.read_bytes(), timeout=self.timeout_s,
+                               headers={"Content-Type": "application/dicom"})
+                    r.raise_for_status()
+                    status = r.json().get("Status")
+                except requests.RequestException as e:
+                    raise _http_failure(self.name, what, e) from e
+                except ValueError as e:  # not JSON: something else answers on that port
+                    raise ExportError(f"destination {self.name}: {what} did not answer like Orthanc") from e
+                if status not in ("Success", "AlreadyStored"):
+                    raise ExportError(f"destination {self.name}: {what}: Orthanc answered status {status!r}")
+        log.info("destination %s: %d instance(s) stored in Orthanc %s", self.name, len(instances), self.url)
+
+    def confirm(self, files: Sequence[Path]) -> bool:
+        import requests
+
+        with self._session() as s:
+            for inst in read_instances(files):
+                what = f"POST {self.url}/tools/lookup"
+                try:
+                    r = s.post(f"{self.url}/tools/lookup", data=inst.sop_instance_uid, timeout=self.timeout_s)
+                    r.raise_for_status()
+                    found = r.json()
+                except requests.RequestException as e:
+                    raise _http_failure(self.name, what, e) from e
+                except ValueError as e:
+                    raise ExportError(f"destination {self.name}: {what} did not answer like Orthanc") from e
+                if not any(m.get("Type") == "Instance" for m in found if isinstance(m, dict)):
+                    return False
+        return True
+
+
+# ------------------------------------------------------------------------------------------------ DICOMweb
+
+
+@dataclass
+class StowDestination:
+    """A DICOMweb server: STOW-RS of the files (dicomweb-client), confirmed by QIDO-RS per SOP Instance UID."""
+
+    name: str
+    url: str
+    username: str | None = None
+    password: str | None = None
+    timeout_s: float = 60.0
+    kind: str = "stow"
+
+    KEYS = {"kind", "url", "username", "password", "timeout_s"}
+
+    @classmethod
+    def from_config(cls, name: str, cfg: Mapping[str, Any]) -> "StowDestination":
+        c = _Checker(name, cfg, cls.KEYS)
+        return cls(name=name, url=c.url("url"), username=c.optional_text("username"),
+                   password=c.optional_text("password"), timeout_s=c.positive("timeout_s", 60.0))
+
+    def _client(self):
+        import requests
+        from dicomweb_client.api import DICOMwebClient
+        from dicomweb_client.session_utils import create_session
+
+        session: requests.Session = create_session()
+        if self.username is not None:
+            session.auth = (self.username, self.password or "")
+        # dicomweb-client has no timeout of its own; a session-wide default keeps a hung server from hanging us.
+        request = session.request
+        session.request = lambda *a, **kw: request(*a, **{"timeout": self.timeout_s, **kw})  # type: ignore
+        return DICOMwebClient(url=self.url, session=session)
+
+    def send(self, files: Sequence[Path]) -> None:
+        import pydicom
+        import requests
+
+        instances = read_instances(files)
+        client = self._client()
+        for study_uid in sorted({i.study_uid for i in instances}):
+            group = [i for i in instances if i.study_uid == study_uid]
+            what = f"STOW-RS to {self.url} ({len(group)} instance(s) of study {study_uid})"
+            try:
+                response = client.store_instances([pydicom.dcmread(i.path) for i in group],
+                                                  study_instance_uid=study_uid)
+            except requests.RequestException as e:
+                raise _http_failure(self.name, what, e) from e
+            failed = response.get("FailedSOPSequence") if response is not None else None
+            if failed:
+                items = [f"{item.get('ReferencedSOPInstanceUID', '?')} (reason 0x{int(item.get('FailureReason', 0)):04X})"
+                         for item in failed]
+                raise ExportError(f"destination {self.name}: {what}: refused {', '.join(items)}")
+        log.info("destination %s: %d instance(s) stored by STOW-RS at %s", self.name, len(instances), self.url)
+
+    def confirm(self, files: Sequence[Path]) -> bool:
+        import requests
+
+        client = self._client()
+        for inst in read_instances(files):
+            try:
+                found = client.search_for_instances(study_instance_uid=inst.study_uid,
+                                                    search_filters={"SOPInstanceUID": inst.sop_instance_uid})
+            except requests.RequestException as e:
+                raise _http_failure(self.name, f"QIDO-RS at {self.url}", e) from e
+            if not any(_qido_value(m, "00080018") == inst.sop_instance_uid for m in found):
+                return False
+        return True
+
+
+def _qido_value(match: Mapping[str, Any], tag: str) -> str | None:
+    values = (match.get(tag) or {}).get("Value") or []
+    return str(values[0]) if values else None
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+class _Checker:
+    """Reads ``destinations.<name>`` keys, raising ServiceConfigError that names the key at fault."""
+
+    def __init__(self, name: str, cfg: Mapping[str, Any], allowed: set[str]) -> None:
+        self.where = f"destinations.{name}"
+        self.cfg = cfg
+        unknown = sorted(set(map(str, cfg)) - allowed)
+        if unknown:
+            raise ServiceConfigError(f"{self.where}: unknown key(s) {', '.join(unknown)} for kind {cfg.get('kind')} "
+                                     f"(allowed: {', '.join(sorted(allowed))})")
+
+    def _key(self, key: str) -> str:
+        return f"{self.where}.{key}"
+
+    def text(self, key: str, default: str | None = None) -> str:
+        value = self.cfg.get(key, default)
+        if value is None or not str(value).strip():
+            raise ServiceConfigError(f"{self._key(key)}: required")
+        if not isinstance(value, str):
+            raise ServiceConfigError(f"{self._key(key)}: must be text, got {value!r}")
+        return value.strip()
+
+    def optional_text(self, key: str) -> str | None:
+        value = self.cfg.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ServiceConfigError(f"{self._key(key)}: must be text")
+        return value
+
+    def port(self, key: str) -> int:
+        value = self.cfg.get(key)
+        if value is None:
+            raise ServiceConfigError(f"{self._key(key)}: required")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+            raise ServiceConfigError(f"{self._key(key)}: must be a port number 1-65535, got {value!r}")
+        return value
+
+    def ae_title(self, key: str, default: str | None = None) -> str:
+        value = self.text(key, default)
+        if len(value) > 16 or not value.isascii() or "\\" in value or not value.isprintable():
+            raise ServiceConfigError(f"{self._key(key)}: must be an AE title of 1-16 ASCII characters, got {value!r}")
+        return value
+
+    def choice(self, key: str, choices: Sequence[str]) -> str:
+        value = self.cfg.get(key, choices[0])
+        if value not in choices:
+            raise ServiceConfigError(f"{self._key(key)}: must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def positive(self, key: str, default: float) -> float:
+        value = self.cfg.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ServiceConfigError(f"{self._key(key)}: must be a positive number of seconds, got {value!r}")
+        return float(value)
+
+    def url(self, key: str) -> str:
+        value = self.text(key)
+        if not value.startswith(("http://", "https://")):
+            raise ServiceConfigError(f"{self._key(key)}: must be an http:// or https:// URL, got {value!r}")
+        return value.rstrip("/")
+
+
+def _one_line(error: Any, limit: int = 300) -> str:
+    line = " ".join(str(error).split()) or type(error).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
