@@ -211,9 +211,8 @@ def test_kill9_in_every_state_then_restart_gives_exactly_one_seg_per_series(serv
     storescu(studies[0]["dicom_files"], svc.port, "SEGMAP")
     # Queued and running: two series, one slot. Kill while one runs and the other waits.
     storescu(studies[1]["dicom_files"], svc.port, "SEGMAP")
-    _wait_state(svc, "running")
-    wait_for(lambda: svc.containers(), 60, "the first container")
-    assert svc.jobs("queued"), "the second job waits for the slot"
+    wait_for(lambda: svc.jobs("running") and svc.jobs("queued") and svc.containers(), 60,
+             "one job running in its container while the other waits for the slot")
     svc.restart_after_kill9()
     # Exporting: the destination is down, so the finished jobs wait in 'exporting'; kill there too.
     _wait_state(svc, "exporting", 2, timeout=180)

@@ -91,18 +91,13 @@ class Service:
         self.follower = None
         self.web = None
         self._digests: dict[str, str] = {}
+        self._watching: set[str] = set()  # keys of the runs this process started or adopted
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
 
     # ------------------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
         cfg = self.cfg
-        if cfg.http.port:
-            from .web import make_server
-            self.web = make_server(self.store, host=cfg.http.host, port=cfg.http.port)
-            self.web.serve_in_thread()
-            log.info("job page on http://%s:%d/ (metrics /metrics, health /healthz)", cfg.http.host,
-                     self.web.server_address[1])
         if cfg.orthanc is not None and cfg.does_intake:
             from .intake.orthanc import OrthancClient, OrthancFollower
             client = OrthancClient(cfg.orthanc.url, cfg.orthanc.username, cfg.orthanc.password)
@@ -119,6 +114,13 @@ class Service:
                                           allowed_peers=lc.allowed_peers)
             self.listener.start()
             log.info("DICOM listener %s on %s:%d", lc.ae_title, *self.listener.address[:2])
+        # Last: /healthz answering means the intake is listening.
+        if cfg.http.port:
+            from .web import make_server
+            self.web = make_server(self.store, host=cfg.http.host, port=cfg.http.port)
+            self.web.serve_in_thread()
+            log.info("job page on http://%s:%d/ (metrics /metrics, health /healthz)", cfg.http.host,
+                     self.web.server_address[1])
 
     def _spawn(self, target, name: str) -> None:
         t = threading.Thread(target=target, name=name, daemon=True)
@@ -301,14 +303,20 @@ class Service:
                 shutil.rmtree(out)
             out.mkdir(parents=True)
             started = self.runner.start(self._spec(job))
-            log.info("job %s: %s container %s (attempt %d of %d, %s)", short,
-                     "adopted" if started.state not in ("pending", "running") else "started", job.run_name,
-                     job.attempts, job.max_attempts, job.map_name)
+            self._watching.add(job.key)
+            log.info("job %s: started container %s (attempt %d of %d, %s; %s)", short, job.run_name, job.attempts,
+                     job.max_attempts, job.map_name, started.state)
             if self.store.get_job(job.key).state == "cancelled":
                 self.runner.cancel(job.run_name)
             return
+        if job.key not in self._watching:
+            # Found, not started by this process: a restart (or a takeover) adopts it instead of starting another.
+            self._watching.add(job.key)
+            log.info("job %s: adopted container %s (%s) that an earlier service process started", short,
+                     job.run_name, status.state)
         if not status.finished:
             return
+        self._watching.discard(job.key)
         self._save_log(job)
         if status.state == "succeeded":
             segs = seg_files(Path(job.output_dir))
