@@ -363,7 +363,15 @@ def test_uid_seed_gives_each_study_of_a_multi_study_input_its_own_uids(phantom, 
     segs = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted((tmp_path / "out").glob("study-*/*.dcm"))]
     assert len(segs) == 2
     assert len({s.SOPInstanceUID for s in segs}) == 2 and len({s.SeriesInstanceUID for s in segs}) == 2
-    again = tmp_path / "again"
-    segmap_run(inp, again, "--uid-seed", "7f" * 32)
-    assert sorted(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
-                  for p in again.glob("study-*/*.dcm")) == sorted(s.SOPInstanceUID for s in segs)
+    # the MONAI Deploy application (what a MAP runs) gives each study the same UIDs as `segmap run`
+    pytest.importorskip("holoscan")
+    app = tmp_path / "app"
+    proc = subprocess.run([sys.executable, str(ROOT / "app"), "-i", str(inp), "-o", str(app), "-m", str(MODEL)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "SEGMAP_TASK_FILE": str(TASK), "SEGMAP_DEVICE": "cpu",
+                               "SEGMAP_OVERLAY": "false", "SEGMAP_UID_SEED": "7f" * 32})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p.parent.name: pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
+            for p in app.glob("study-*/*.dcm")} == {
+        p.parent.name: pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
+        for p in (tmp_path / "out").glob("study-*/*.dcm")}
