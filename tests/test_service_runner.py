@@ -176,6 +176,30 @@ def test_restarted_service_adopts_the_running_container(runner, probe, tmp_path)
     restarted.cancel(spec.name)  # cancelling what is gone is no error
 
 
+def test_a_finished_run_is_collected_not_run_again(runner, probe, tmp_path):
+    from segmap.service.runners.docker import DockerRunner
+
+    inp, out = job_folder(tmp_path)
+    spec = spec_for(runner, probe, inp, out, env={"EXIT_CODE": "0"})
+    runner.start(spec)
+    first = wait_finished(runner, spec.name)
+    again = DockerRunner().start(spec)  # the service restarted after the container exited, before it collected
+    assert again.state == "succeeded" and again.started_at == first.started_at
+    assert again.finished_at == first.finished_at
+
+
+def test_a_container_created_but_never_started_is_started_on_adoption(runner, probe, tmp_path):
+    """The service died between the engine's create and start: the next start must not leave it pending forever."""
+    import docker
+
+    inp, out = job_folder(tmp_path)
+    spec = spec_for(runner, probe, inp, out, env={"SLEEP_S": "60"})
+    docker.from_env().containers.create(probe, name=spec.name, labels={"segmap.run": spec.name})
+    assert runner.status(spec.name).state == "pending"
+    assert runner.start(spec).state in ("running", "succeeded")
+    assert len(containers_named(spec.name)) == 1
+
+
 def test_two_starters_racing_make_one_container(runner, probe, tmp_path):
     """Two service processes that both believe they hold the job: the engine's 409 makes the loser adopt."""
     from segmap.service.runners.docker import DockerRunner
