@@ -9,7 +9,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[app,package,test]"
+	$(PY) -m pip install -q -e ".[app,package,service,test]"
 	touch $(STAMP)
 
 # Runs both variants on a freshly generated phantom study with the bundled demo model.

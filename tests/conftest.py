@@ -164,6 +164,13 @@ def images(engine):
     return MAP_TAG, MAP_TAG + "-nifti"
 
 
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """A throw-away PostgreSQL server (tests/postgres.py) shared by the job-store and scale-out tests."""
+    from postgres import postgres_server_fixture
+    yield from postgres_server_fixture(tmp_path_factory)
+
+
 # ------------------------------------------------------------------------------------------------ measured figures
 
 #: Figures tests measure (image size, stop latency, timings), printed at the end of the run so CI's log shows them.

@@ -22,6 +22,8 @@ ORTHANC = "Orthanc"
 #: DCMTK's tools by full path: pynetdicom installs console scripts of the same names that would shadow them.
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
+CHROMIUM = "/usr/bin/chromium"
+ECHOSCU = "/usr/bin/echoscu"
 #: Debian's orthanc-dicomweb plugin (DICOMweb: STOW-RS, QIDO-RS, WADO-RS under /dicom-web/).
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
@@ -132,6 +134,22 @@ class Orthanc:
         r.raise_for_status()
         return r.json()
 
+    def upload(self, data: bytes | Path) -> dict:
+        """POST one DICOM file to ``/instances`` (as a service exporting its SEG over REST would)."""
+        import requests
+        body = data.read_bytes() if isinstance(data, Path) else data
+        r = requests.post(self.url + "/instances", data=body, timeout=30)
+        r.raise_for_status()
+        return r.json()
+
+    def series_instance_count(self, series_uid: str) -> int:
+        """How many instances Orthanc holds of the series with this Series Instance UID (0 when none)."""
+        import requests
+        r = requests.post(self.url + "/tools/find", json={"Level": "Instance",
+                                                          "Query": {"SeriesInstanceUID": series_uid}}, timeout=10)
+        r.raise_for_status()
+        return len(r.json())
+
     def series_of_modality(self, modality: str) -> list[dict]:
         """Every series Orthanc holds with that Modality (``/series?expand``)."""
         return [s for s in self.get("/series?expand") if s["MainDicomTags"].get("Modality") == modality]
@@ -186,11 +204,32 @@ def storescp(tmp_path):
 
 
 def storescu(files, port: int, called_aet: str, calling_aet: str = "STORESCU", check: bool = True,
-             timeout: float = 120) -> subprocess.CompletedProcess:
-    """Send ``files`` with DCMTK's storescu (one association), as a modality or a PACS would."""
-    cmd = [need(STORESCU, "dcmtk"), "-aet", calling_aet, "-aec", called_aet, "127.0.0.1", str(port),
+             timeout: float = 120, options=()) -> subprocess.CompletedProcess:
+    """Send ``files`` with DCMTK's storescu (one association), as a modality or a PACS would.
+
+    ``options`` go before the address (e.g. ``("-xv",)`` to propose JPEG 2000 lossless for compressed files).
+    """
+    cmd = [need(STORESCU, "dcmtk"), *options, "-aet", calling_aet, "-aec", called_aet, "127.0.0.1", str(port),
            *[str(f) for f in files]]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if check and done.returncode != 0:
         pytest.fail(f"storescu failed ({done.returncode}): {done.stderr.strip()[-500:]}")
     return done
+
+
+def chromium(*args: str, profile: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Debian's Chromium, headless, with no network of its own (no updates, sync or QUIC), in a throw-away profile.
+
+    ``chromium("--dump-dom", url, profile=tmp_path / "p")`` gives the page's DOM after it loaded on stdout;
+    ``chromium("--screenshot=X.png", "--window-size=1280,800", url, profile=...)`` writes a PNG.
+    """
+    cmd = [need(CHROMIUM, "chromium"), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+           "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={profile}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def echoscu(port: int, called_aet: str, calling_aet: str = "ECHOSCU", timeout: float = 30) -> int:
+    """DCMTK's echoscu (C-ECHO) against ``127.0.0.1:port``; returns its exit code (0: the peer answered)."""
+    cmd = [need(ECHOSCU, "dcmtk"), "-aet", calling_aet, "-aec", called_aet, "127.0.0.1", str(port)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout).returncode

@@ -22,6 +22,7 @@ examples:
   segmap run --model models/demo-spleen/model.ts --task tasks/spleen.yaml -i ct.nii.gz -o out/
   segmap demo
   segmap package --model models/demo-spleen/model.ts --task tasks/spleen.yaml --tag segmap/spleen:0.1 --cpu
+  segmap serve -c service.yaml     (the PACS job service; `segmap serve --example` prints a configuration)
 
 A model is a MONet model.ts (TorchScript with nnU-Net plans embedded), a folder of fold_K/model.ts files (an
 ensemble), or an nnU-Net results folder (plans.json, dataset.json, fold_K/checkpoint_final.pth). A task file is a MAIA Segmentation Task YAML; one that holds a single task needs no
@@ -143,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_not_installed("segmap package", "the packager"))
     else:
         add_package_parser(sub)
+
+    try:
+        from .service.cli import add_service_parsers
+    except ImportError:  # a MAP image's segmap holds only what runs
+        for name in ("serve", "jobs", "submit"):
+            p = sub.add_parser(name, help="the PACS job service (not in this installation)", prefix_chars="\x00",
+                               add_help=False)
+            p.add_argument("args", nargs="*")
+            p.set_defaults(func=_not_installed(f"segmap {name}", "the job service"))
+    else:
+        add_service_parsers(sub)
 
     from .convert import add_convert_parser
 

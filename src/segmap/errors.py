@@ -77,3 +77,7 @@ class ExportError(SegmapError):
 
 class OrthancError(SegmapError):
     """Orthanc's REST API cannot be reached or answered something unexpected."""
+
+
+class SubmitError(SegmapError):
+    """``segmap submit`` could not send the study, or no SEG for it appeared at the query node in time."""

@@ -1,0 +1,299 @@
+"""Following an Orthanc server: its REST API (:class:`OrthancClient`) and its ``/changes`` feed
+(:class:`OrthancFollower`).
+
+Orthanc's stable events (Lua ``OnStableSeries``) live in memory and are lost when Orthanc restarts inside the
+``StableAge`` window; the ``/changes`` feed is persistent and paged, so the follower reads that instead. Its position
+(the last change sequence number read) lives in the job store and moves in the same transaction that records the
+page's instances (:meth:`JobStore.record_changes`): after a crash of either side the follower reads again from the
+last committed page -- nothing is lost, and a page read twice records nothing twice.
+
+Orthanc 1.10 cannot filter ``/changes`` by type, so every page is read and filtered here: ``NewInstance`` becomes an
+:class:`Arrival` (UIDs and Modality from Orthanc's main DICOM tags; the file is fetched only when the job runs),
+``StableSeries`` marks the series stable. Errors are :class:`OrthancError` with one line naming the URL (never the
+credentials).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from pathlib import Path
+from typing import Iterable
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import requests
+
+from segmap.errors import InputError, OrthancError
+from segmap.service.spool import Spool, check_uid
+from segmap.service.store import Arrival
+
+log = logging.getLogger("segmap.service.orthanc")
+
+
+class OrthancNotFound(OrthancError):
+    """Orthanc answered 404: the resource does not exist (any more)."""
+
+
+class OrthancClient:
+    """Orthanc's REST API at ``url``; credentials from ``username``/``password`` or the URL's ``user:pass@``."""
+
+    def __init__(self, url: str, username: str | None = None, password: str | None = None,
+                 timeout: float = 30.0):
+        parts = urlsplit(str(url).strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise OrthancError(f"Orthanc URL {_redact(url)!r} is not an http(s) URL")
+        if parts.username and username is None:
+            username, password = parts.username, parts.password
+        # The credentials leave the URL so that no error message or log line can carry them.
+        netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+        if ":" in parts.hostname:  # IPv6 literal
+            netloc = f"[{parts.hostname}]" + ("" if parts.port is None else f":{parts.port}")
+        self.url = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+        self.timeout = timeout
+        self._session = requests.Session()
+        if username is not None:
+            self._session.auth = (username, password or "")
+
+    def __repr__(self) -> str:
+        return f"OrthancClient({self.url!r})"
+
+    # -- plumbing ---------------------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, *, params=None, data=None, headers=None, raw: bool = False):
+        try:
+            response = self._session.request(method, self.url + path, params=params, data=data, headers=headers,
+                                             timeout=self.timeout)
+        except requests.RequestException as exc:
+            raise OrthancError(f"Orthanc at {self.url} cannot be reached ({method} {path}: {_reason(exc)})") from None
+        if response.status_code == 404:
+            raise OrthancNotFound(f"Orthanc at {self.url} has no {path} (404)")
+        if response.status_code in (401, 403):
+            raise OrthancError(f"Orthanc at {self.url} refused {method} {path} ({response.status_code}): check the "
+                               "orthanc username and password")
+        if not response.ok:
+            raise OrthancError(f"Orthanc at {self.url} answered {response.status_code} to {method} {path}"
+                               f"{_orthanc_message(response)}")
+        if raw:
+            return response.content
+        try:
+            return response.json()
+        except ValueError:
+            raise OrthancError(f"Orthanc at {self.url} answered {method} {path} with something that is not JSON "
+                               f"({response.headers.get('Content-Type', 'no content type')})") from None
+
+    def _get(self, path: str, **params):
+        return self._request("GET", path, params=params or None)
+
+    # -- the API the service uses -----------------------------------------------------------------------------
+    def system(self) -> dict:
+        """``GET /system``: version, name, DICOM AE title; a cheap "is it up" check."""
+        return self._get("/system")
+
+    def changes(self, since: int, limit: int = 100) -> tuple[list[dict], int, bool]:
+        """One page of the change log after sequence number ``since``: (changes, last sequence number, done)."""
+        page = self._get("/changes", since=int(since), limit=int(limit))
+        try:
+            return list(page["Changes"]), int(page["Last"]), bool(page["Done"])
+        except (KeyError, TypeError, ValueError):
+            raise OrthancError(f"Orthanc at {self.url}: /changes answered without Changes/Last/Done") from None
+
+    def instance(self, orthanc_id: str) -> dict:
+        return self._get(f"/instances/{_id(orthanc_id)}")
+
+    def series(self, orthanc_id: str) -> dict:
+        """``GET /series/{id}``: ``MainDicomTags``, ``Instances``, ``IsStable``, ``ParentStudy``."""
+        return self._get(f"/series/{_id(orthanc_id)}")
+
+    def study(self, orthanc_id: str) -> dict:
+        return self._get(f"/studies/{_id(orthanc_id)}")
+
+    def series_instances(self, orthanc_id: str) -> list[dict]:
+        """The series' instances with their main DICOM tags (``GET /series/{id}/instances``)."""
+        return self._get(f"/series/{_id(orthanc_id)}/instances")
+
+    def instance_file(self, orthanc_id: str) -> bytes:
+        """The instance's DICOM file, as Orthanc stored it."""
+        return self._request("GET", f"/instances/{_id(orthanc_id)}/file", raw=True)
+
+    def upload(self, data: bytes) -> dict:
+        """``POST /instances``: store one DICOM file; the answer has ``ID`` and ``Status`` (Success, AlreadyStored)."""
+        return self._request("POST", "/instances", data=data, headers={"Content-Type": "application/dicom"})
+
+    def lookup(self, uid: str) -> list[dict]:
+        """Orthanc's resources carrying the DICOM UID ``uid`` (``POST /tools/lookup``): ``ID``, ``Type``, ``Path``."""
+        return self._request("POST", "/tools/lookup", data=str(uid).encode("ascii", "replace"),
+                             headers={"Content-Type": "text/plain"})
+
+
+class OrthancFollower:
+    """Follows one Orthanc's ``/changes`` into the job store as source ``orthanc:<name>``.
+
+    Holds no state of its own: the cursor is in the store, so a new follower on the same store (a restarted service)
+    continues where the last committed page ended.
+    """
+
+    def __init__(self, client: OrthancClient, store, spool: Spool, name: str = "main", page_size: int = 100):
+        self.client = client
+        self.store = store
+        self.spool = spool
+        self.name = name
+        self.source = f"orthanc:{name}"
+        self.page_size = int(page_size)
+
+    def poll_once(self) -> int:
+        """Read the feed from the stored cursor to its end, committing page by page; returns new instances.
+
+        Raises :class:`OrthancError` when Orthanc cannot be reached; the pages committed before stay committed and the
+        next call continues after them.
+        """
+        since = self.store.cursor(self.source)
+        new = 0
+        while True:
+            changes, last, done = self.client.changes(since, self.page_size)
+            if not changes:
+                if last < since:
+                    # Orthanc's change log ends before our cursor: its database was replaced. Its sequence numbers
+                    # started again, so read it from the start (recording what the store knows records nothing).
+                    log.warning("Orthanc %s (%s): its change log ends at %d, before our cursor %d (database "
+                                "replaced?): reading it again from the start", self.name, self.client.url, last,
+                                since)
+                    self.store.record_changes(self.source, 0, [], [])
+                    since = 0
+                    continue
+                break
+            arrivals, stable = self._translate(changes)
+            new += self.store.record_changes(self.source, last, arrivals, stable)
+            if arrivals or stable:
+                log.debug("Orthanc %s: changes %d..%d: %d instances, %d stable series", self.name, since + 1, last,
+                          len(arrivals), len(stable))
+            since = last
+            if done:
+                break
+        return new
+
+    def _translate(self, changes: Iterable[dict]) -> tuple[list[Arrival], list[str]]:
+        arrivals: list[Arrival] = []
+        stable: list[str] = []
+        series_cache: dict[str, tuple[str, str, str] | None] = {}  # Orthanc series id -> (study, series, modality)
+        for change in changes:
+            kind, orthanc_id = change.get("ChangeType"), change.get("ID")
+            if kind == "NewInstance":
+                arrival = self._arrival(orthanc_id, series_cache)
+                if arrival is not None:
+                    arrivals.append(arrival)
+            elif kind == "StableSeries":
+                uids = self._series_uids(orthanc_id, series_cache)
+                if uids is not None:
+                    stable.append(uids[1])
+        return arrivals, stable
+
+    def _arrival(self, orthanc_id: str, series_cache: dict) -> Arrival | None:
+        try:
+            instance = self.client.instance(orthanc_id)
+        except OrthancNotFound:
+            log.info("Orthanc %s: instance %s was deleted before it was read: skipped", self.name, orthanc_id)
+            return None
+        uids = self._series_uids(instance.get("ParentSeries"), series_cache)
+        if uids is None:
+            return None
+        try:
+            sop = check_uid(instance.get("MainDicomTags", {}).get("SOPInstanceUID"), "SOPInstanceUID")
+        except InputError as exc:
+            log.warning("Orthanc %s: instance %s of series %s: %s: skipped", self.name, orthanc_id, uids[1], exc)
+            return None
+        study, series, modality = uids
+        return Arrival(source=self.source, study_uid=study, series_uid=series, sop_uid=sop, modality=modality,
+                       remote_id=orthanc_id)
+
+    def _series_uids(self, orthanc_id: str | None, cache: dict) -> tuple[str, str, str] | None:
+        if not orthanc_id:
+            return None
+        if orthanc_id not in cache:
+            cache[orthanc_id] = self._read_series_uids(orthanc_id)
+        return cache[orthanc_id]
+
+    def _read_series_uids(self, orthanc_id: str) -> tuple[str, str, str] | None:
+        try:
+            series = self.client.series(orthanc_id)
+            study = self.client.study(series["ParentStudy"])
+        except OrthancNotFound:
+            log.info("Orthanc %s: series %s was deleted before it was read: skipped", self.name, orthanc_id)
+            return None
+        except KeyError:
+            raise OrthancError(f"Orthanc at {self.client.url}: series {orthanc_id} has no ParentStudy") from None
+        tags = series.get("MainDicomTags", {})
+        try:
+            return (check_uid(study.get("MainDicomTags", {}).get("StudyInstanceUID"), "StudyInstanceUID"),
+                    check_uid(tags.get("SeriesInstanceUID"), "SeriesInstanceUID"), str(tags.get("Modality", "")))
+        except InputError as exc:
+            log.warning("Orthanc %s: series %s: %s: skipped", self.name, orthanc_id, exc)
+            return None
+
+    def fetch(self, study_uid: str, series_uid: str, instances: Iterable[tuple[str, str]]) -> list[Path]:
+        """Download the series' instances ``(sop_uid, orthanc_id)`` durably into the spool; returns their paths.
+
+        Instances already in the spool are not downloaded again. A file whose UIDs are not the ones Orthanc listed
+        (the instance was replaced meanwhile) is refused with :class:`OrthancError`.
+        """
+        paths = []
+        for sop_uid, orthanc_id in instances:
+            if self.spool.has(study_uid, series_uid, sop_uid):
+                paths.append(self.spool.path(study_uid, series_uid, sop_uid))
+                continue
+            data = self.client.instance_file(orthanc_id)
+            _check_file(data, self.client.url, orthanc_id, study_uid, series_uid, sop_uid)
+            try:
+                paths.append(self.spool.write(data, study_uid, series_uid, sop_uid))
+            except InputError as exc:
+                raise OrthancError(f"Orthanc at {self.client.url}: instance {orthanc_id}: {exc}") from None
+        return paths
+
+    def is_stable(self, series_uid: str) -> bool:
+        """Orthanc's own view: True when every Orthanc series with this UID is stable (False when it has none)."""
+        found = [r for r in self.client.lookup(series_uid) if r.get("Type") == "Series"]
+        if not found:
+            return False
+        return all(bool(self.client.series(r["ID"]).get("IsStable")) for r in found)
+
+
+def _check_file(data: bytes, url: str, orthanc_id: str, study_uid: str, series_uid: str, sop_uid: str) -> None:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
+                             specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
+    except Exception as exc:
+        raise OrthancError(f"Orthanc at {url}: instance {orthanc_id} is not a readable DICOM file "
+                           f"({type(exc).__name__})") from None
+    got = (str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")), str(ds.get("SOPInstanceUID", "")))
+    if got != (study_uid, series_uid, sop_uid):
+        raise OrthancError(f"Orthanc at {url}: instance {orthanc_id} holds SOP {got[2]} of series {got[1]}, expected "
+                           f"SOP {sop_uid} of series {series_uid}")
+
+
+def _id(orthanc_id: str) -> str:
+    # Orthanc ids are hex groups; quoting keeps anything else from changing the request path.
+    return quote(str(orthanc_id), safe="")
+
+
+def _redact(url) -> str:
+    return re.sub(r"//[^/@]*@", "//", str(url))
+
+
+def _reason(exc: requests.RequestException) -> str:
+    text = str(exc)
+    for needle, short in (("Connection refused", "connection refused"), ("timed out", "timed out"),
+                          ("Name or service not known", "unknown host"), ("Connection reset", "connection reset"),
+                          ("RemoteDisconnected", "connection closed"), ("Connection aborted", "connection closed")):
+        if needle in text:
+            return short
+    return type(exc).__name__
+
+
+def _orthanc_message(response: requests.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    message = body.get("Message") if isinstance(body, dict) else None
+    return f": {' '.join(str(message).split())[:200]}" if message else ""

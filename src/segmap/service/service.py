@@ -1,0 +1,396 @@
+"""``segmap serve``: the loop that turns complete series into MAP runs and delivered results.
+
+Each tick, in order (every step reads the store and makes one transaction per change, so a ``kill -9`` anywhere
+resumes at the next start):
+
+1. **close** series versions quiet for ``quiet_period_s`` (Orthanc's: also stable -- its ``StableSeries`` change,
+   or ``IsStable`` when the change was lost to an Orthanc restart); fetch what is still remote; route; queue one
+   job per matching MAP (the key is UNIQUE, so an unchanged re-send queues nothing);
+2. **advance** the jobs this worker holds (taking over those whose holder's lease ran out): a running job whose
+   container is missing is started (its series re-checked: a newer version supersedes it), a finished container's
+   result is collected;
+3. **claim** queued jobs while container slots are free;
+4. **export** finished results to their destinations until every destination confirmed every instance.
+
+Containers and SEG UIDs are named after the job key, so after a restart a running container is adopted and a
+re-sent SEG is the same instance at the destination.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+from segmap.errors import DestinationUnavailable, ExportError, OrthancError, RunnerError, SegmapError
+
+from .config import ServiceConfig
+from .keys import job_key, run_name, seg_uids
+from .routing import check_routable, route
+from .runners.base import RunSpec
+from .store import Job, JobStore, NewJob, SeriesVersion
+
+log = logging.getLogger("segmap.service")
+
+#: How long a complete-looking series may fail to close (Orthanc unreachable, the series deleted there) before it is
+#: closed without jobs, with the reason in its decision and the log.
+ABANDON_AFTER_S = 3600.0
+
+
+def make_runner(config: ServiceConfig):
+    """The runner the configuration names."""
+    if config.runner.kind == "docker":
+        from .runners.docker import DockerRunner
+        return DockerRunner()
+    from .runners.kubernetes import KubernetesRunner
+    return KubernetesRunner.from_options(config.runner.options, workdir_root=config.workdir,
+                                         where=f"{config.path}: runner.kubernetes")
+
+
+def seg_files(folder: Path) -> list[Path]:
+    """The DICOM SEG instances a MAP wrote under ``folder`` (sorted)."""
+    import pydicom
+
+    found = []
+    for p in sorted(Path(folder).rglob("*.dcm")) if Path(folder).is_dir() else []:
+        try:
+            ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["Modality"])
+        except Exception:  # noqa: BLE001 -- anything that is not a readable DICOM file is not a result
+            continue
+        if str(ds.get("Modality", "")) == "SEG":
+            found.append(p)
+    return found
+
+
+class Service:
+    """The job service of one worker. ``start()`` starts intake and the web page; ``run(stop)`` loops."""
+
+    def __init__(self, config: ServiceConfig, *, runner=None, destinations=None):
+        from segmap.tasks import load_task
+
+        self.cfg = config
+        self.worker = config.worker
+        self.node = socket.gethostname()
+        for d in (config.workdir, config.spool_dir, config.jobs_dir, config.workdir / "series"):
+            d.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(config.store_location)
+        self.tasks = {m.name: load_task(m.task, m.task_name) for m in config.maps}
+        check_routable(config.maps, self.tasks)
+        self.runner = runner if runner is not None else make_runner(config)
+        if destinations is None:
+            from .export import make_destination
+            destinations = {name: make_destination(name, cfg) for name, cfg in config.destinations.items()}
+        self.destinations = destinations
+        from .spool import Spool
+        self.spool = Spool(config.spool_dir)
+        self.listener = None
+        self.follower = None
+        self.web = None
+        self._digests: dict[str, str] = {}
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        cfg = self.cfg
+        if cfg.http.port:
+            from .web import make_server
+            self.web = make_server(self.store, host=cfg.http.host, port=cfg.http.port)
+            self.web.serve_in_thread()
+            log.info("job page on http://%s:%d/ (metrics /metrics, health /healthz)", cfg.http.host,
+                     self.web.server_address[1])
+        if cfg.orthanc is not None and cfg.does_intake:
+            from .intake.orthanc import OrthancClient, OrthancFollower
+            client = OrthancClient(cfg.orthanc.url, cfg.orthanc.username, cfg.orthanc.password)
+            self.follower = OrthancFollower(client, self.store, self.spool, name=cfg.orthanc.name)
+            self._spawn(self._follow, "orthanc-follower")
+            log.info("following %s's changes at %s", cfg.orthanc.source, cfg.orthanc.url)
+        if cfg.listener is not None and cfg.does_intake:
+            from .intake.listener import DicomListener
+            self.spool.remove_partial()  # temp files of writes a crash interrupted
+            lc = cfg.listener
+            self.listener = DicomListener(lc.ae_title, lc.host, lc.port, spool=self.spool,
+                                          on_arrival=self.store.record_instance,
+                                          allowed_calling_ae_titles=lc.allowed_calling_ae_titles,
+                                          allowed_peers=lc.allowed_peers)
+            self.listener.start()
+            log.info("DICOM listener %s on %s:%d", lc.ae_title, *self.listener.address[:2])
+
+    def _spawn(self, target, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _follow(self) -> None:
+        interval = self.cfg.orthanc.poll_interval_s
+        down = False
+        while not self._stop.is_set():
+            try:
+                new = self.follower.poll_once()
+                if down:
+                    log.info("Orthanc answers again at %s", self.cfg.orthanc.url)
+                    down = False
+                if new:
+                    log.info("%d new instance(s) from %s", new, self.cfg.orthanc.source)
+            except OrthancError as e:
+                if not down:
+                    log.warning("%s; retrying every %.0f s", e, interval)
+                    down = True
+            except Exception:  # noqa: BLE001 -- the follower must outlive any one bad change
+                log.exception("Orthanc follower failed; retrying")
+            self._stop.wait(interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.listener is not None:
+            self.listener.stop()
+        if self.web is not None:
+            self.web.shutdown()
+        for t in self._threads:
+            t.join(timeout=10)
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Tick until ``stop`` (or :meth:`stop`) is set. A failing tick is logged and retried, never fatal."""
+        stop = stop or self._stop
+        log.info("%s %s (%s): %d MAP(s) (%s), runner %s with %d slot(s), quiet period %.0f s, %s",
+                 self.cfg.role if self.cfg.role != "all" else "worker", self.worker, self.node, len(self.cfg.maps),
+                 ", ".join(m.name for m in self.cfg.maps), self.cfg.runner.kind, self.cfg.runner.max_concurrent,
+                 self.cfg.quiet_period_s, self.store)
+        while not stop.is_set() and not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 -- a service keeps running; the store holds the state to resume
+                log.exception("service tick failed; retrying")
+            stop.wait(self.cfg.poll_s)
+
+    def tick(self, now: float | None = None) -> None:
+        if self.cfg.does_intake:
+            self.close_due_series(now)
+        if self.cfg.does_work:
+            self.advance_held(now)
+            self.claim(now)
+            self.export_due(now)
+
+    # ------------------------------------------------------------------------------------------- 1. close
+    def close_due_series(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        for version in self.store.due_series(self.cfg.quiet_period_s, now):
+            try:
+                self._close(version, now)
+            except (OrthancError, OSError) as e:
+                self._abandon_if_stale(version, now, str(e)) or log.warning(
+                    "series %s v%d: cannot close yet: %s", version.series_uid, version.version, e)
+
+    def _abandon_if_stale(self, v: SeriesVersion, now: float, why: str) -> bool:
+        """A version that could not be closed for :data:`ABANDON_AFTER_S` (e.g. deleted from Orthanc meanwhile) is
+        closed without jobs, with the reason, instead of being retried for ever."""
+        if now - v.last_seen < ABANDON_AFTER_S:
+            return False
+        self.store.close_series(v.id, [], f"abandoned: {why}", instance_count=v.instance_count)
+        log.warning("series %s v%d: no job, abandoned after %.0f s: %s", v.series_uid, v.version, now - v.last_seen,
+                    why)
+        return True
+
+    def _close(self, v: SeriesVersion, now: float) -> None:
+        from segmap.dicom.loading import scan_dicom_folder
+
+        if v.source.startswith("orthanc:") and v.stable_at is None:
+            if self.follower is None or not self.follower.is_stable(v.series_uid):
+                self._abandon_if_stale(v, now, "Orthanc never called it stable (deleted there?)")
+                return
+            self.store.mark_stable(v.id)
+        instances = self.store.instances(v.id)
+        remote = [(i.sop_uid, i.remote_id) for i in instances if not i.path or not Path(i.path).is_file()]
+        if remote:
+            if self.follower is None:
+                log.warning("series %s v%d: %d instance file(s) are missing from the spool", v.series_uid, v.version,
+                            len(remote))
+                return
+            paths = self.follower.fetch(v.study_uid, v.series_uid, [r for r in remote if r[1]])
+            self.store.set_instance_paths(v.id, {Path(p).name[:-4]: str(p) for p in paths})
+            instances = self.store.instances(v.id)
+        folder = self._link_version(v, instances)
+        scan = scan_dicom_folder(folder)
+        routes = route(scan, self.cfg.maps, self.tasks, self.store.is_our_output)
+        jobs = []
+        for r in routes:
+            if not r.matched:
+                continue
+            m = self.cfg.map(r.map_name)
+            digest = self._digest(m.image)
+            key = job_key(v.series_uid, [i.sop_uid for i in instances], digest)
+            name = run_name(key)
+            jobs.append(NewJob(key=key, map_name=m.name, image=m.image, image_digest=digest, run_name=name,
+                               seg_series_uid=seg_uids(key)[0], destinations=m.destinations,
+                               max_attempts=self.cfg.max_attempts,
+                               output_dir=str(self.cfg.jobs_dir / name / "output"),
+                               log_path=str(self.cfg.jobs_dir / name / "run.log")))
+        decision = "; ".join(f"{r.map_name}: {'job' if r.matched else 'no job, ' + r.reason}" for r in routes)
+        result = self.store.close_series(v.id, jobs, decision, instance_count=len(instances))
+        if result is None:
+            log.info("series %s v%d: more instances arrived while closing; waiting again", v.series_uid, v.version)
+            return
+        created, existing = result
+        where = f"series {v.series_uid} v{v.version} ({v.modality or '?'}, {len(instances)} instances, {v.source})"
+        for r in routes:
+            if not r.matched:
+                log.info("%s: no job for %s: %s", where, r.map_name, r.reason)
+        for j in jobs:
+            if j.key in created:
+                log.info("%s: queued job %s for %s", where, j.key[:12], j.map_name)
+            else:
+                log.info("%s: no new job for %s: the same instances were already processed by job %s", where,
+                         j.map_name, j.key[:12])
+
+    def _link_version(self, v: SeriesVersion, instances) -> Path:
+        """The version's input folder: hard links to its spool files (copies across file systems)."""
+        folder = self.cfg.workdir / "series" / str(v.id)
+        folder.mkdir(parents=True, exist_ok=True)
+        for inst in instances:
+            target = folder / f"{inst.sop_uid}.dcm"
+            if target.exists():
+                continue
+            tmp = folder / f".{inst.sop_uid}.{os.getpid()}.tmp"
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(inst.path, tmp)
+            except OSError:
+                shutil.copyfile(inst.path, tmp)
+            os.replace(tmp, target)
+        return folder
+
+    def _digest(self, image: str) -> str:
+        if image not in self._digests:
+            self._digests[image] = self.runner.image_digest(image)
+        return self._digests[image]
+
+    # ------------------------------------------------------------------------------------------- 2. advance
+    def advance_held(self, now: float | None = None) -> None:
+        for job in self.store.held_jobs(self.worker, self.cfg.lease_s, now):
+            if job.state != "running":
+                continue
+            try:
+                self._advance(job)
+            except RunnerError as e:
+                log.warning("job %s: %s", job.key[:12], e)
+
+    def _spec(self, job: Job) -> RunSpec:
+        rc = self.cfg.runner
+        image = job.image_digest if rc.kind == "docker" and job.image_digest.startswith("sha256:") else job.image
+        return RunSpec(name=job.run_name, image=image, input_dir=self.cfg.workdir / "series" / str(job.series_id),
+                       output_dir=Path(job.output_dir), env={"SEGMAP_UID_SEED": job.key}, cpus=rc.cpus,
+                       memory=rc.memory, gpus=rc.gpus, timeout_s=rc.timeout_s,
+                       labels={"segmap.job": job.key, "segmap.map": job.map_name})
+
+    def _advance(self, job: Job) -> None:
+        status = self.runner.status(job.run_name)
+        short = job.key[:12]
+        if status.state == "missing":
+            newer = self.store.newer_version(job.series_id)
+            if newer is not None:
+                self.store.supersede(job, self.worker, newer.version)
+                log.info("job %s: superseded by version %d of series %s (more instances arrived)", short,
+                         newer.version, job.series_uid)
+                return
+            out = Path(job.output_dir)
+            if out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True)
+            started = self.runner.start(self._spec(job))
+            log.info("job %s: %s container %s (attempt %d of %d, %s)", short,
+                     "adopted" if started.state not in ("pending", "running") else "started", job.run_name,
+                     job.attempts, job.max_attempts, job.map_name)
+            if self.store.get_job(job.key).state == "cancelled":
+                self.runner.cancel(job.run_name)
+            return
+        if not status.finished:
+            return
+        self._save_log(job)
+        if status.state == "succeeded":
+            segs = seg_files(Path(job.output_dir))
+            if segs:
+                self.store.run_succeeded(job, self.worker, status.exit_code or 0, node=status.node,
+                                         run_finished_at=status.finished_at)
+                log.info("job %s: run succeeded in %.1f s: %d SEG file(s)", short,
+                         (status.finished_at or time.time()) - (status.started_at or job.started_at or time.time()),
+                         len(segs))
+                self.runner.remove(job.run_name)
+                return
+            status_error, exit_code = "the MAP exited 0 but wrote no DICOM SEG", status.exit_code
+        else:
+            status_error, exit_code = status.error or f"exit code {status.exit_code}", status.exit_code
+        delay = self.cfg.retry_backoff_s * (2 ** max(0, job.attempts - 1))
+        after = self.store.run_failed(job, self.worker, status_error, exit_code, delay, node=status.node)
+        if after is not None:
+            log.warning("job %s: run failed (%s); %s", short, status_error,
+                        f"retry in {delay:.0f} s" if after.state == "queued" else "no attempts left: failed")
+        self.runner.remove(job.run_name)
+
+    def _save_log(self, job: Job) -> None:
+        if not job.log_path:
+            return
+        try:
+            text = self.runner.logs(job.run_name, tail=5000)
+        except RunnerError as e:
+            text = f"(container log unavailable: {e})"
+        path = Path(job.log_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(f"=== attempt {job.attempts} ===\n{text}\n")
+
+    # ------------------------------------------------------------------------------------------- 3. claim
+    def claim(self, now: float | None = None) -> None:
+        while True:
+            job = self.store.claim(self.worker, self.cfg.lease_s, self.cfg.runner.max_concurrent, now,
+                                   node=self.node if self.cfg.runner.kind == "docker" else None)
+            if job is None:
+                return
+            log.info("job %s: claimed (%s, series %s, waited %.1f s)", job.key[:12], job.map_name, job.series_uid,
+                     (job.started_at or 0) - job.created_at)
+            try:
+                self._advance(job)
+            except RunnerError as e:
+                log.warning("job %s: %s", job.key[:12], e)
+
+    # ------------------------------------------------------------------------------------------- 4. export
+    def export_due(self, now: float | None = None) -> None:
+        for job in self.store.jobs_due_for_export(self.worker, now):
+            self._export(job, time.time() if now is None else now)
+
+    def _export(self, job: Job, now: float) -> None:
+        short = job.key[:12]
+        files = seg_files(Path(job.output_dir))
+        if not files:
+            self.store.export_failed(job, self.worker, f"no SEG file in {job.output_dir} to send")
+            return
+        for name in job.destinations:
+            if name in job.delivered:
+                continue
+            dest = self.destinations[name]
+            try:
+                dest.send(files)
+                if not dest.confirm(files):
+                    raise DestinationUnavailable(f"{name} did not confirm every instance yet")
+            except DestinationUnavailable as e:
+                waited = now - (job.export_started_at or now)
+                if waited > self.cfg.export_give_up_s:
+                    self.store.export_failed(job, self.worker, f"{name}: gave up after {waited:.0f} s: {e}")
+                    log.error("job %s: export to %s given up after %.0f s: %s", short, name, waited, e)
+                else:
+                    delay = min(self.cfg.export_backoff_max_s, max(1.0, waited / 2))
+                    self.store.export_retry(job, self.worker, f"{name}: {e}", delay)
+                    log.warning("job %s: %s unavailable (%s); retry in %.0f s", short, name, e, delay)
+                return
+            except (ExportError, SegmapError) as e:
+                self.store.export_failed(job, self.worker, f"{name}: {e}")
+                log.error("job %s: export to %s failed: %s", short, name, e)
+                return
+            job = self.store.delivered_to(job, self.worker, name) or job
+            log.info("job %s: %d SEG instance(s) confirmed at %s", short, len(files), name)
+        done = self.store.export_done(job, self.worker)
+        if done is not None:
+            log.info("job %s: done in %.1f s after the last instance arrived", short, done.timings.get("total", 0))

@@ -1,0 +1,688 @@
+"""The durable job store (SQLite in WAL mode): series versions, their instances, jobs and the intake cursors.
+
+Two engines behind one class: SQLite (WAL) for one machine, PostgreSQL (``postgresql://...``) for several workers on
+several hosts. Every state change is one transaction (SQLite ``BEGIN IMMEDIATE``; PostgreSQL row locks, ``FOR UPDATE
+SKIP LOCKED`` to claim, an advisory lock per series to record instances), so a ``kill -9`` at any point leaves either
+the state before or the state after, never half of it. The schema is versioned (:data:`MIGRATIONS`) and brought up
+to date when a store is opened. The job state machine::
+
+    queued --claim--> running --run succeeded--> exporting --every destination confirmed--> done
+      ^                  |                           |
+      +--run failed, ----+                           +--destination refused for good / gave up--> failed
+         attempts left   +--run failed, no attempts left--> failed
+    any unfinished state --cancel--> cancelled;  failed / cancelled --retry--> queued
+
+A job's ``key`` (:func:`segmap.service.keys.job_key`) is UNIQUE: the same input for the same MAP image is never queued
+twice. A series arrives as instances; instances of a series whose last version is closed open a new version, which
+starts from the closed version's instances (the whole series as now known) -- an unchanged re-send therefore gives
+the same key and no new job, one more instance a new key and a new job.
+
+Leases: the worker that claims a job holds it until ``lease_expires``; it renews the lease while it works
+(:meth:`JobStore.heartbeat`). A job whose lease ran out may be taken over by any worker (:meth:`JobStore.held_jobs`).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+STATES = ("queued", "running", "exporting", "done", "failed", "cancelled")
+UNFINISHED = ("queued", "running", "exporting")
+
+#: Schema migrations, applied in order when a store is opened: (version, statements). ``{id}`` and ``{real}`` are the
+#: engine's auto-increment key and floating-point types. Never edit a released step; append a new one.
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (1, [
+        """CREATE TABLE cursors (source TEXT PRIMARY KEY, last_seq BIGINT NOT NULL, updated_at {real} NOT NULL)""",
+        """CREATE TABLE series (
+            id {id}, source TEXT NOT NULL, study_uid TEXT NOT NULL, series_uid TEXT NOT NULL,
+            version INTEGER NOT NULL, modality TEXT NOT NULL DEFAULT '',
+            state TEXT NOT NULL CHECK (state IN ('collecting', 'closed')),
+            first_seen {real} NOT NULL, last_seen {real} NOT NULL, stable_at {real}, closed_at {real}, decision TEXT,
+            UNIQUE (source, series_uid, version))""",
+        """CREATE INDEX series_collecting ON series (state, last_seen)""",
+        """CREATE TABLE instances (
+            series_id BIGINT NOT NULL REFERENCES series (id), sop_uid TEXT NOT NULL,
+            path TEXT, remote_id TEXT, calling_ae TEXT, received_at {real} NOT NULL,
+            PRIMARY KEY (series_id, sop_uid))""",
+        """CREATE TABLE jobs (
+            id {id}, key TEXT NOT NULL UNIQUE,
+            map_name TEXT NOT NULL, image TEXT NOT NULL, image_digest TEXT NOT NULL,
+            series_id BIGINT NOT NULL REFERENCES series (id),
+            study_uid TEXT NOT NULL, series_uid TEXT NOT NULL, version INTEGER NOT NULL,
+            instance_count INTEGER NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'exporting', 'done', 'failed', 'cancelled')),
+            attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL,
+            next_attempt_at {real}, lease_owner TEXT, lease_expires {real}, worker TEXT, node TEXT,
+            received_at {real} NOT NULL, created_at {real} NOT NULL, updated_at {real} NOT NULL,
+            started_at {real}, run_finished_at {real}, finished_at {real}, export_started_at {real},
+            exit_code INTEGER, error TEXT, run_name TEXT NOT NULL, log_path TEXT, output_dir TEXT,
+            seg_series_uid TEXT NOT NULL, destinations TEXT NOT NULL, delivered TEXT NOT NULL DEFAULT '[]')""",
+        """CREATE INDEX jobs_state ON jobs (state, next_attempt_at)""",
+        """CREATE INDEX jobs_seg_series ON jobs (seg_series_uid)""",
+        """CREATE TABLE events (
+            id {id}, job_id BIGINT NOT NULL REFERENCES jobs (id), at {real} NOT NULL,
+            state TEXT NOT NULL, message TEXT NOT NULL)""",
+    ]),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One instance that reached the service (no patient data: UIDs, modality and where the file is)."""
+
+    source: str
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    modality: str = ""
+    path: str | None = None
+    remote_id: str | None = None
+    calling_ae: str | None = None
+
+
+@dataclass(frozen=True)
+class SeriesVersion:
+    """One version of a series: the instances known when it was closed (or so far, while ``collecting``)."""
+
+    id: int
+    source: str
+    study_uid: str
+    series_uid: str
+    version: int
+    modality: str
+    state: str
+    first_seen: float
+    last_seen: float
+    stable_at: float | None
+    instance_count: int
+    #: What routing decided when the version was closed ("spleen: job; liver: no job, ...").
+    decision: str | None = None
+
+
+@dataclass(frozen=True)
+class Instance:
+    sop_uid: str
+    path: str | None
+    remote_id: str | None
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What :meth:`JobStore.close_series` needs to queue a job (the key is computed by the caller)."""
+
+    key: str
+    map_name: str
+    image: str
+    image_digest: str
+    run_name: str
+    seg_series_uid: str
+    destinations: tuple[str, ...]
+    max_attempts: int
+    output_dir: str
+    log_path: str
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    key: str
+    map_name: str
+    image: str
+    image_digest: str
+    series_id: int
+    study_uid: str
+    series_uid: str
+    version: int
+    instance_count: int
+    state: str
+    attempts: int
+    max_attempts: int
+    next_attempt_at: float | None
+    lease_owner: str | None
+    lease_expires: float | None
+    worker: str | None
+    node: str | None
+    received_at: float
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    run_finished_at: float | None
+    finished_at: float | None
+    export_started_at: float | None
+    exit_code: int | None
+    error: str | None
+    run_name: str
+    log_path: str | None
+    output_dir: str | None
+    seg_series_uid: str
+    destinations: tuple[str, ...]
+    delivered: tuple[str, ...]
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.state not in UNFINISHED
+
+    @property
+    def age_s(self) -> float:
+        return time.time() - self.created_at
+
+    @property
+    def duration_s(self) -> float | None:
+        """From queued to finished (or to now while unfinished)."""
+        return (self.finished_at or time.time()) - self.created_at
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["destinations"], d["delivered"] = list(self.destinations), list(self.delivered)
+        return d
+
+
+def _timings(row: sqlite3.Row) -> dict:
+    def span(a, b):
+        return round(row[b] - row[a], 3) if row[a] is not None and row[b] is not None else None
+
+    t = {"received_to_queued": span("received_at", "created_at"), "queued_to_started": span("created_at", "started_at"),
+         "run": span("started_at", "run_finished_at"), "export": span("run_finished_at", "finished_at"),
+         "total": span("received_at", "finished_at")}
+    return {k: v for k, v in t.items() if v is not None}
+
+
+def _job(row: sqlite3.Row) -> Job:
+    d = dict(row)
+    d["destinations"] = tuple(json.loads(d["destinations"]))
+    d["delivered"] = tuple(json.loads(d["delivered"]))
+    return Job(**d, timings=_timings(row))
+
+
+class _SQLite:
+    """One file, WAL; ``BEGIN IMMEDIATE`` serialises writers (processes and threads alike)."""
+
+    name, id_type, real_type, skip_locked = "sqlite", "INTEGER PRIMARY KEY", "REAL", ""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def connect(self):
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=True)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=30000")
+        return db
+
+    def begin(self, db) -> None:
+        db.execute("BEGIN IMMEDIATE")
+
+    def lock_series(self, db, source: str, series_uid: str) -> None:
+        """Nothing to do: the write transaction already excludes every other writer."""
+
+
+class _PgConnection:
+    """A psycopg connection that takes the store's ``?`` placeholders and answers rows as dicts."""
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def execute(self, sql: str, params: Sequence = ()):
+        return self.raw.execute(sql.replace("?", "%s"), tuple(params))
+
+    def close(self) -> None:
+        self.raw.close()
+
+
+class _Postgres:
+    """Several workers on several hosts: row locks decide who claims what (``FOR UPDATE SKIP LOCKED``)."""
+
+    name, id_type, real_type, skip_locked = "postgresql", "BIGSERIAL PRIMARY KEY", "DOUBLE PRECISION", \
+        " FOR UPDATE SKIP LOCKED"
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def __str__(self) -> str:
+        import re
+        return re.sub(r"//[^@/]*@", "//***@", self.url)  # never print a password
+
+    def connect(self):
+        try:
+            import psycopg
+            from psycopg.rows import dict_row
+        except ImportError:
+            from segmap.errors import ServiceConfigError
+            raise ServiceConfigError("a postgresql:// job store needs psycopg: pip install 'segmap[service]'") from None
+        try:
+            raw = psycopg.connect(self.url, autocommit=True, row_factory=dict_row, connect_timeout=10)
+        except psycopg.OperationalError as e:
+            from segmap.errors import ServiceConfigError
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ServiceConfigError(f"cannot connect to the job store {self}: {first}") from None
+        return _PgConnection(raw)
+
+    def begin(self, db) -> None:
+        db.execute("BEGIN")
+
+    def lock_series(self, db, source: str, series_uid: str) -> None:
+        # Two intake threads or hosts recording instances of one series must not both open a new version.
+        db.execute("SELECT pg_advisory_xact_lock(hashtext(?))", (f"{source}\n{series_uid}",))
+
+
+def is_database_url(text: str) -> bool:
+    return str(text).startswith(("postgresql://", "postgres://"))
+
+
+class JobStore:
+    """The job store: a SQLite file (``path``) or a PostgreSQL database (``postgresql://...``), with its schema
+    brought up to date when opened. Safe to share between threads (one connection per thread)."""
+
+    def __init__(self, location: str | Path):
+        self.engine = _Postgres(str(location)) if is_database_url(str(location)) else _SQLite(Path(location))
+        self.path = location
+        self._local = threading.local()
+        self._migrate()
+
+    def __str__(self) -> str:
+        return f"{self.engine.name} job store {self.engine}"
+
+    def _migrate(self) -> None:
+        db = self._db()
+        db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        with self._tx() as db:
+            if self.engine.name == "postgresql":  # several workers may start at once
+                db.execute("LOCK TABLE meta IN EXCLUSIVE MODE")
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            current = int(row["value"]) if row else 0
+            if current > SCHEMA_VERSION:
+                from segmap.errors import ServiceConfigError
+                raise ServiceConfigError(f"{self}: schema version {current} is newer than this segmap's "
+                                         f"({SCHEMA_VERSION}); upgrade segmap")
+            for version, statements in MIGRATIONS:
+                if version <= current:
+                    continue
+                for sql in statements:
+                    db.execute(sql.format(id=self.engine.id_type, real=self.engine.real_type))
+                db.execute("DELETE FROM meta WHERE key = 'schema_version'")
+                db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(version),))
+
+    def schema_version(self) -> int:
+        row = self._db().execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        return int(row["value"])
+
+    # ------------------------------------------------------------------------------------------- plumbing
+    def _db(self):
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self.engine.connect()
+            self._local.db = db
+        return db
+
+    @contextmanager
+    def _tx(self) -> Iterator:
+        db = self._db()
+        self.engine.begin(db)
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    @staticmethod
+    def _event(db, job_id: int, state: str, message: str, now: float) -> None:
+        db.execute("INSERT INTO events (job_id, at, state, message) VALUES (?, ?, ?, ?)", (job_id, now, state, message))
+
+    # ------------------------------------------------------------------------------------------- intake
+    def record_instance(self, arrival: Arrival, now: float | None = None) -> bool:
+        """Record one arrived instance; True when it is new (False: already part of the series' latest version)."""
+        with self._tx() as db:
+            return self._record(db, arrival, time.time() if now is None else now)
+
+    def _record(self, db, a: Arrival, now: float) -> bool:
+        if not (a.source and a.study_uid and a.series_uid and a.sop_uid):
+            raise ValueError(f"an arrival needs its source and study, series and SOP Instance UIDs, got {a}")
+        self.engine.lock_series(db, a.source, a.series_uid)
+        row = db.execute("SELECT id, state, version FROM series WHERE source = ? AND series_uid = ? ORDER BY version DESC "
+                         "LIMIT 1", (a.source, a.series_uid)).fetchone()
+        if row is not None and row["state"] == "collecting":
+            series_id = row["id"]
+        else:
+            if row is not None:
+                known = db.execute("SELECT path FROM instances WHERE series_id = ? AND sop_uid = ?",
+                                   (row["id"], a.sop_uid)).fetchone()
+                if known is not None:
+                    if a.path and not known["path"]:
+                        db.execute("UPDATE instances SET path = ? WHERE series_id = ? AND sop_uid = ?",
+                                   (a.path, row["id"], a.sop_uid))
+                    return False  # a repeat of an instance the latest version already holds
+            version = row["version"] + 1 if row is not None else 1
+            cur = db.execute("INSERT INTO series (source, study_uid, series_uid, version, modality, state, first_seen, "
+                             "last_seen) VALUES (?, ?, ?, ?, ?, 'collecting', ?, ?) RETURNING id",
+                             (a.source, a.study_uid, a.series_uid, version, a.modality, now, now))
+            series_id = cur.fetchone()["id"]
+            if row is not None:  # the new version starts as the whole series known so far
+                db.execute("INSERT INTO instances (series_id, sop_uid, path, remote_id, calling_ae, received_at) "
+                           "SELECT ?, sop_uid, path, remote_id, calling_ae, received_at FROM instances "
+                           "WHERE series_id = ?", (series_id, row["id"]))
+        cur = db.execute("INSERT INTO instances (series_id, sop_uid, path, remote_id, calling_ae, "
+                         "received_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                         (series_id, a.sop_uid, a.path, a.remote_id, a.calling_ae, now))
+        if cur.rowcount:
+            db.execute("UPDATE series SET last_seen = ?, modality = CASE WHEN modality = '' THEN ? ELSE modality END "
+                       "WHERE id = ?", (now, a.modality, series_id))
+            return True
+        if a.path:
+            db.execute("UPDATE instances SET path = COALESCE(path, ?) WHERE series_id = ? AND sop_uid = ?",
+                       (a.path, series_id, a.sop_uid))
+        return False
+
+    def cursor(self, source: str) -> int:
+        row = self._db().execute("SELECT last_seq FROM cursors WHERE source = ?", (source,)).fetchone()
+        return int(row["last_seq"]) if row else 0
+
+    def record_changes(self, source: str, last_seq: int, arrivals: Sequence[Arrival],
+                       stable_series_uids: Iterable[str] = (), now: float | None = None) -> int:
+        """Record a page of a change feed and move its cursor, in one transaction. Returns the new instances."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            new = sum(self._record(db, a, now) for a in arrivals)
+            for uid in stable_series_uids:
+                db.execute("UPDATE series SET stable_at = ? WHERE source = ? AND series_uid = ? AND state = "
+                           "'collecting'", (now, source, uid))
+            db.execute("INSERT INTO cursors (source, last_seq, updated_at) VALUES (?, ?, ?) ON CONFLICT (source) "
+                       "DO UPDATE SET last_seq = excluded.last_seq, updated_at = excluded.updated_at",
+                       (source, int(last_seq), now))
+        return new
+
+    def mark_stable(self, series_id: int, now: float | None = None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE series SET stable_at = ? WHERE id = ?", (time.time() if now is None else now, series_id))
+
+    def set_instance_paths(self, series_id: int, paths: dict[str, str]) -> None:
+        """Record where fetched instances of a version (by SOP Instance UID) now lie in the spool."""
+        with self._tx() as db:
+            for sop, path in paths.items():
+                db.execute("UPDATE instances SET path = ? WHERE sop_uid = ? AND series_id IN (SELECT id FROM series "
+                           "WHERE series_uid = (SELECT series_uid FROM series WHERE id = ?))", (path, sop, series_id))
+
+    def due_series(self, quiet_s: float, now: float | None = None) -> list[SeriesVersion]:
+        """Collecting versions with no new instance for ``quiet_s`` seconds, oldest first."""
+        now = time.time() if now is None else now
+        rows = self._db().execute(
+            "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.series_id = s.id) AS instance_count FROM series s "
+            "WHERE state = 'collecting' AND last_seen <= ? ORDER BY last_seen", (now - quiet_s,)).fetchall()
+        return [_series(r) for r in rows]
+
+    def series_version(self, series_id: int) -> SeriesVersion:
+        row = self._db().execute(
+            "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.series_id = s.id) AS instance_count FROM series s "
+            "WHERE id = ?", (series_id,)).fetchone()
+        return _series(row)
+
+    def instances(self, series_id: int) -> list[Instance]:
+        rows = self._db().execute("SELECT sop_uid, path, remote_id FROM instances WHERE series_id = ? ORDER BY sop_uid",
+                                  (series_id,)).fetchall()
+        return [Instance(r["sop_uid"], r["path"], r["remote_id"]) for r in rows]
+
+    def newer_version(self, series_id: int) -> SeriesVersion | None:
+        """A later version of the same series (more instances arrived), if any."""
+        row = self._db().execute(
+            "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.series_id = s.id) AS instance_count FROM series s "
+            "JOIN series o ON o.id = ? WHERE s.source = o.source AND s.series_uid = o.series_uid "
+            "AND s.version > o.version ORDER BY s.version DESC LIMIT 1", (series_id,)).fetchone()
+        return _series(row) if row else None
+
+    def close_series(self, series_id: int, jobs: Sequence[NewJob], decision: str, *, instance_count: int,
+                     now: float | None = None) -> tuple[list[str], list[str]] | None:
+        """Close a version and queue its jobs in one transaction: (keys queued now, keys that already existed).
+
+        ``instance_count`` is how many instances the caller saw (and computed the keys from); when more arrived
+        meanwhile nothing happens and None is returned (the caller looks again after the quiet period).
+        """
+        now = time.time() if now is None else now
+        created, existing = [], []
+        with self._tx() as db:
+            s = db.execute("SELECT * FROM series WHERE id = ?", (series_id,)).fetchone()
+            if s["state"] != "collecting":
+                return [], []
+            count = db.execute("SELECT COUNT(*) AS n FROM instances WHERE series_id = ?",
+                               (series_id,)).fetchone()["n"]
+            if count != instance_count:
+                return None
+            db.execute("UPDATE series SET state = 'closed', closed_at = ?, decision = ? WHERE id = ?",
+                       (now, decision, series_id))
+            for j in jobs:
+                cur = db.execute(
+                    "INSERT INTO jobs (key, map_name, image, image_digest, series_id, study_uid, series_uid, "
+                    "version, instance_count, state, max_attempts, received_at, created_at, updated_at, run_name, "
+                    "log_path, output_dir, seg_series_uid, destinations) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', "
+                    "?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
+                    (j.key, j.map_name, j.image, j.image_digest, series_id, s["study_uid"], s["series_uid"],
+                     s["version"], count, j.max_attempts, s["last_seen"], now, now, j.run_name, j.log_path,
+                     j.output_dir, j.seg_series_uid, json.dumps(list(j.destinations))))
+                inserted = cur.fetchone()
+                if inserted:
+                    created.append(j.key)
+                    self._event(db, inserted["id"], "queued", f"series version {s['version']} complete "
+                                                             f"({count} instances)", now)
+                else:
+                    existing.append(j.key)
+        return created, existing
+
+    def is_our_output(self, series_uid: str) -> bool:
+        """True when ``series_uid`` is the SEG series of one of our jobs."""
+        return self._db().execute("SELECT 1 FROM jobs WHERE seg_series_uid = ? LIMIT 1",
+                                  (series_uid,)).fetchone() is not None
+
+    # ------------------------------------------------------------------------------------------- jobs
+    def claim(self, worker: str, lease_s: float, max_running: int, now: float | None = None,
+              node: str | None = None) -> Job | None:
+        """Take the oldest due queued job for ``worker`` when fewer than ``max_running`` of its jobs run."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            running = db.execute("SELECT COUNT(*) AS n FROM jobs WHERE state = 'running' AND lease_owner = ?",
+                                 (worker,)).fetchone()["n"]
+            if running >= max_running:
+                return None
+            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' AND (next_attempt_at IS NULL OR "
+                             "next_attempt_at <= ?) ORDER BY created_at, id LIMIT 1" + self.engine.skip_locked,
+                             (now,)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = ?, lease_expires = ?, "
+                       "worker = ?, node = COALESCE(?, node), started_at = ?, run_finished_at = NULL, exit_code = NULL, "
+                       "error = NULL, next_attempt_at = NULL, updated_at = ? WHERE id = ?",
+                       (worker, now + lease_s, worker, node, now, now, row["id"]))
+            self._event(db, row["id"], "running", f"claimed by {worker}", now)
+            return _job(db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
+
+    def held_jobs(self, worker: str, lease_s: float, now: float | None = None) -> list[Job]:
+        """Running/exporting jobs this worker holds, after taking over those whose holder's lease ran out."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            stale = db.execute("SELECT id, lease_owner FROM jobs WHERE state IN ('running', 'exporting') AND "
+                               "lease_owner != ? AND lease_expires < ?", (worker, now)).fetchall()
+            for r in stale:
+                db.execute("UPDATE jobs SET lease_owner = ?, lease_expires = ?, worker = ?, updated_at = ? "
+                           "WHERE id = ?", (worker, now + lease_s, worker, now, r["id"]))
+                self._event(db, r["id"], "takeover", f"{worker} took over from {r['lease_owner']} (lease expired)", now)
+            db.execute("UPDATE jobs SET lease_expires = ? WHERE lease_owner = ? AND state IN ('running', 'exporting')",
+                       (now + lease_s, worker))
+            rows = db.execute("SELECT * FROM jobs WHERE lease_owner = ? AND state IN ('running', 'exporting') "
+                              "ORDER BY id", (worker,)).fetchall()
+        return [_job(r) for r in rows]
+
+    def heartbeat(self, worker: str, lease_s: float, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET lease_expires = ? WHERE lease_owner = ? AND state IN ('running', 'exporting')",
+                       (now + lease_s, worker))
+
+    def _transition(self, job: Job, worker: str | None, new_state: str, message: str, now: float | None,
+                    **columns) -> Job | None:
+        """Move ``job`` to ``new_state`` if it is still where the caller saw it (and held by ``worker``)."""
+        now = time.time() if now is None else now
+        sets = ", ".join(f"{k} = ?" for k in columns)
+        with self._tx() as db:
+            where = "id = ? AND state = ?" + (" AND lease_owner = ?" if worker else "")
+            args = [job.id, job.state] + ([worker] if worker else [])
+            cur = db.execute(f"UPDATE jobs SET state = ?, updated_at = ?{', ' + sets if sets else ''} WHERE {where}",
+                             [new_state, now, *columns.values(), *args])
+            if not cur.rowcount:
+                return None
+            self._event(db, job.id, new_state, message, now)
+            return _job(db.execute("SELECT * FROM jobs WHERE id = ?", (job.id,)).fetchone())
+
+    def run_succeeded(self, job: Job, worker: str, exit_code: int = 0, node: str | None = None,
+                      run_finished_at: float | None = None, now: float | None = None) -> Job | None:
+        """``run_finished_at``: when the container exited, if the runner knows (else now)."""
+        now = time.time() if now is None else now
+        return self._transition(job, worker, "exporting", f"run finished (exit {exit_code})", now,
+                                exit_code=exit_code, run_finished_at=run_finished_at or now, export_started_at=now,
+                                next_attempt_at=None, node=node or job.node)
+
+    def run_failed(self, job: Job, worker: str, error: str, exit_code: int | None, retry_after_s: float,
+                   node: str | None = None, now: float | None = None) -> Job | None:
+        """Back to queued (after ``retry_after_s``) while attempts are left, else failed."""
+        now = time.time() if now is None else now
+        error = _one_line(error)
+        if job.attempts < job.max_attempts:
+            return self._transition(job, worker, "queued", f"attempt {job.attempts} failed: {error}; retry in "
+                                                          f"{retry_after_s:.0f} s", now,
+                                    exit_code=exit_code, error=error, run_finished_at=now, lease_owner=None,
+                                    lease_expires=None, next_attempt_at=now + retry_after_s, node=node or job.node)
+        return self._transition(job, worker, "failed", f"attempt {job.attempts} failed, no attempts left: {error}", now,
+                                exit_code=exit_code, error=error, run_finished_at=now, finished_at=now,
+                                lease_owner=None, lease_expires=None, node=node or job.node)
+
+    def delivered_to(self, job: Job, worker: str, destination: str, now: float | None = None) -> Job | None:
+        now = time.time() if now is None else now
+        delivered = sorted(set(job.delivered) | {destination})
+        return self._transition(job, worker, "exporting", f"confirmed at {destination}", now,
+                                delivered=json.dumps(delivered), error=None)
+
+    def export_done(self, job: Job, worker: str, now: float | None = None) -> Job | None:
+        now = time.time() if now is None else now
+        return self._transition(job, worker, "done", "every destination confirmed the result", now,
+                                finished_at=now, lease_owner=None, lease_expires=None, error=None)
+
+    def export_retry(self, job: Job, worker: str, error: str, retry_after_s: float,
+                     now: float | None = None) -> Job | None:
+        now = time.time() if now is None else now
+        return self._transition(job, worker, "exporting", f"export will be retried in {retry_after_s:.0f} s: "
+                                                          f"{_one_line(error)}", now,
+                                error=_one_line(error), next_attempt_at=now + retry_after_s)
+
+    def export_failed(self, job: Job, worker: str, error: str, now: float | None = None) -> Job | None:
+        now = time.time() if now is None else now
+        return self._transition(job, worker, "failed", f"export failed: {_one_line(error)}", now,
+                                error=_one_line(error), finished_at=now, lease_owner=None, lease_expires=None)
+
+    def cancel(self, key: str, now: float | None = None) -> Job | None:
+        """Cancel an unfinished job (any holder); returns the job as it is now, or None when not found."""
+        job = self.get_job(key)
+        if job is None or job.finished:
+            return job
+        return self._transition(job, None, "cancelled", "cancelled by an operator", now,
+                                finished_at=time.time() if now is None else now, lease_owner=None,
+                                lease_expires=None) or self.get_job(key)
+
+    def supersede(self, job: Job, worker: str, newer_version: int, now: float | None = None) -> Job | None:
+        return self._transition(job, worker, "cancelled", f"superseded: version {newer_version} of the series has more "
+                                                          f"instances", now,
+                                error=f"superseded by series version {newer_version}",
+                                finished_at=time.time() if now is None else now, lease_owner=None, lease_expires=None)
+
+    def retry(self, key: str, now: float | None = None) -> Job | None:
+        """Queue a failed or cancelled job again with fresh attempts."""
+        job = self.get_job(key)
+        if job is None or job.state not in ("failed", "cancelled"):
+            return job
+        return self._transition(job, None, "queued", "retry requested by an operator", now, attempts=0,
+                                next_attempt_at=None, finished_at=None, error=None, exit_code=None,
+                                delivered="[]") or self.get_job(key)
+
+    # ------------------------------------------------------------------------------------------- reading
+    def get_job(self, ref: str | int) -> Job | None:
+        """A job by id, full key, or a unique key prefix (at least 6 characters)."""
+        db = self._db()
+        if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit() and len(ref) < 6):
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (int(ref),)).fetchone()
+            return _job(row) if row else None
+        ref = str(ref).removeprefix("segmap-")
+        if len(ref) < 6:
+            return None
+        rows = db.execute("SELECT * FROM jobs WHERE key LIKE ? LIMIT 2", (ref + "%",)).fetchall()
+        return _job(rows[0]) if len(rows) == 1 else None
+
+    def list_jobs(self, states: Sequence[str] | None = None, limit: int = 200) -> list[Job]:
+        db = self._db()
+        if states:
+            q = ",".join("?" * len(states))
+            rows = db.execute(f"SELECT * FROM jobs WHERE state IN ({q}) ORDER BY id DESC LIMIT ?",
+                              (*states, limit)).fetchall()
+        else:
+            rows = db.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [_job(r) for r in rows]
+
+    def jobs_due_for_export(self, worker: str, now: float | None = None) -> list[Job]:
+        now = time.time() if now is None else now
+        rows = self._db().execute("SELECT * FROM jobs WHERE state = 'exporting' AND lease_owner = ? AND "
+                                  "(next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY id",
+                                  (worker, now)).fetchall()
+        return [_job(r) for r in rows]
+
+    def count_by_state(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATES, 0)
+        for row in self._db().execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
+            counts[row["state"]] = row["n"]
+        return counts
+
+    def events(self, job: Job) -> list[dict]:
+        rows = self._db().execute("SELECT at, state, message FROM events WHERE job_id = ? ORDER BY id", (job.id,))
+        return [dict(r) for r in rows]
+
+    def job_log(self, job: Job, tail: int = 200) -> str:
+        """The job's event history and the last ``tail`` lines of its container log (when written)."""
+        lines = [f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(e['at']))}Z {e['state']}: {e['message']}"
+                 for e in self.events(job)]
+        if job.log_path and Path(job.log_path).is_file():
+            text = Path(job.log_path).read_text(errors="replace").splitlines()
+            lines += ["", f"--- container log ({job.log_path}) ---", *text[-tail:]]
+        return "\n".join(lines)
+
+    def series_versions(self, limit: int = 200) -> list[SeriesVersion]:
+        rows = self._db().execute(
+            "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.series_id = s.id) AS instance_count FROM series s "
+            "ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [_series(r) for r in rows]
+
+
+def _series(row: sqlite3.Row) -> SeriesVersion:
+    return SeriesVersion(id=row["id"], source=row["source"], study_uid=row["study_uid"], series_uid=row["series_uid"],
+                         version=row["version"], modality=row["modality"], state=row["state"],
+                         first_seen=row["first_seen"], last_seen=row["last_seen"], stable_at=row["stable_at"],
+                         instance_count=row["instance_count"], decision=row["decision"])
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= 500 else line[:497] + "..."

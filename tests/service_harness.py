@@ -1,0 +1,138 @@
+"""A real ``segmap serve`` process for end-to-end tests and the service benchmark: config, start, kill -9, restart.
+
+The test reads the same SQLite job store the service writes (WAL allows a reader beside the writer).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pacs import free_port, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK = ROOT / "tasks" / "spleen.yaml"
+
+
+@dataclass
+class ServiceProcess:
+    folder: Path
+    image: str
+    listener: bool = True
+    orthanc_url: str | None = None
+    destinations: dict = field(default_factory=dict)
+    quiet_period_s: float = 1.0
+    max_concurrent: int = 1
+    allowed_calling_ae_titles: tuple[str, ...] = ()
+    extra: dict = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    starts: int = 0
+
+    def __post_init__(self):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.http_port = free_port()
+        self.config_path = self.folder / "service.yaml"
+        doc = {
+            "service": {"workdir": str(self.folder / "work"), "quiet_period_s": self.quiet_period_s,
+                        "max_attempts": 3, "retry_backoff_s": 1, "export_backoff_max_s": 2, "lease_s": 10,
+                        "poll_s": 0.2, "worker": "test-worker",
+                        "http": {"host": "127.0.0.1", "port": self.http_port}},
+            "runner": {"kind": "docker", "max_concurrent": self.max_concurrent, "cpus": 1, "memory": "4g",
+                       "timeout_s": 300},
+            "maps": [{"name": "spleen", "image": self.image, "task": str(TASK),
+                      "destinations": list(self.destinations)}],
+            "destinations": self.destinations,
+        }
+        if self.listener:
+            doc["listener"] = {"ae_title": "SEGMAP", "host": "127.0.0.1", "port": self.port,
+                               "allowed_calling_ae_titles": list(self.allowed_calling_ae_titles)}
+        if self.orthanc_url:
+            doc["orthanc"] = {"url": self.orthanc_url, "poll_interval_s": 0.3}
+        for section, values in self.extra.items():
+            doc.setdefault(section, {}).update(values)
+        self.database = doc["service"].get("database")
+        self.config_path.write_text(yaml.safe_dump(doc))
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / "serve.log"
+
+    @property
+    def store_path(self) -> Path:
+        return self.folder / "work" / "store.sqlite"
+
+    def start(self) -> "ServiceProcess":
+        log = open(self.log_path, "ab")
+        log.write(f"\n=== start {self.starts + 1} ===\n".encode())
+        log.flush()
+        self.proc = subprocess.Popen([sys.executable, "-m", "segmap.cli", "--log-level", "INFO", "serve", "-c",
+                                      str(self.config_path)], stdout=log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.starts += 1
+        wait_for(self._ready, 60, f"segmap serve to answer /healthz (log: {self.log_path})")
+        return self
+
+    def _ready(self) -> bool:
+        import requests
+        if self.proc.poll() is not None:
+            raise AssertionError(f"segmap serve exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+        try:
+            return requests.get(f"http://127.0.0.1:{self.http_port}/healthz", timeout=1).ok
+        except requests.RequestException:
+            return False
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+    def restart_after_kill9(self) -> None:
+        self.kill9()
+        self.start()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def store(self):
+        from segmap.service.store import JobStore
+        return JobStore(self.database or self.store_path)
+
+    def jobs(self, state: str | None = None):
+        if not self.database and not self.store_path.exists():
+            return []
+        return self.store().list_jobs([state] if state else None, limit=1000)
+
+    def wait_jobs(self, state: str, count: int, timeout: float = 180):
+        def reached():
+            jobs = self.jobs(state)
+            failed = self.jobs("failed")
+            if failed and state != "failed":
+                raise AssertionError(f"job failed: {failed[0].error}\n{self.log()[-3000:]}")
+            return jobs if len(jobs) >= count else None
+        return wait_for(reached, timeout, f"{count} job(s) {state} (log: {self.log_path})", interval=0.2)
+
+    def containers(self) -> list:
+        """Every container this service's runner created (named segmap-<key>), running or not."""
+        import docker
+        client = docker.from_env()
+        return client.containers.list(all=True, filters={"label": "segmap.map=spleen"})
+
+
+def elapsed(t0: float) -> float:
+    return time.monotonic() - t0

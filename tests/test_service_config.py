@@ -1,0 +1,80 @@
+"""The service configuration: the documented example loads; every mistake names its key; routing decisions."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from segmap.errors import ServiceConfigError
+from segmap.service.config import EXAMPLE, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def example(tmp_path) -> Path:
+    shutil.copy(ROOT / "tasks" / "spleen.yaml", tmp_path / "spleen.yaml")
+    path = tmp_path / "service.yaml"
+    path.write_text(EXAMPLE)
+    return path
+
+
+def test_the_documented_example_loads(example):
+    cfg = load_config(example)
+    assert cfg.listener.ae_title == "SEGMAP" and cfg.listener.allowed_calling_ae_titles == ("ORTHANC", "CT_SCANNER")
+    assert cfg.orthanc.source == "orthanc:main"
+    assert cfg.maps[0].task == example.parent / "spleen.yaml"
+    assert cfg.http.host == "127.0.0.1", "bound to localhost by default"
+    assert cfg.destinations["orthanc"]["kind"] == "orthanc"
+
+
+def _with(example: Path, edit) -> Path:
+    doc = yaml.safe_load(example.read_text())
+    edit(doc)
+    example.write_text(yaml.safe_dump(doc))
+    return example
+
+
+@pytest.mark.parametrize("edit, key, words", [
+    (lambda d: d["service"].pop("workdir"), "service.workdir", "is required"),
+    (lambda d: d["service"].update(quiet_period_s="soon"), "service.quiet_period_s", "must be a number"),
+    (lambda d: d["listener"].update(port=70000), "listener.port", "TCP port"),
+    (lambda d: d["listener"].update(ae_title="A" * 17), "listener.ae_title", "AE title"),
+    (lambda d: d["listener"].update(allowed_peers=["not-an-ip"]), "listener.allowed_peers", "IP addresses"),
+    (lambda d: d["orthanc"].update(url="ftp://x"), "orthanc.url", "http(s)://"),
+    (lambda d: d["runner"].update(kind="slurm"), "runner.kind", "docker, kubernetes"),
+    (lambda d: d["runner"].update(memory="lots"), "runner.memory", "size like 8g"),
+    (lambda d: d["maps"][0].update(task="missing.yaml"), "maps[0].task", "no such file"),
+    (lambda d: d["maps"][0].update(destinations=["nowhere"]), "maps[0].destinations", "'nowhere'"),
+    (lambda d: d["maps"][0].update(trigger={"tag": "NoSuchTag", "contains": "x"}), "maps[0].trigger.tag",
+     "not a DICOM keyword"),
+    (lambda d: d["maps"].append(dict(d["maps"][0])), "maps", "unique"),
+    (lambda d: d["destinations"].update(pacs={"kind": "ftp"}), "destinations.pacs.kind", "dicom, orthanc, stow"),
+    (lambda d: d.update(colour="blue"), "colour", "unknown key"),
+    (lambda d: (d.pop("listener"), d.pop("orthanc")), "listener", "no intake"),
+])
+def test_a_mistake_names_its_key(example, edit, key, words):
+    with pytest.raises(ServiceConfigError) as e:
+        load_config(_with(example, edit))
+    message = str(e.value)
+    assert f": {key}: " in message and words in message and "\n" not in message, message
+
+
+def test_serve_check_and_example_from_the_command_line(example, tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "segmap.cli", "serve", "-c", str(example), "--check"],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.startswith("OK:"), ok.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("service: [\n")
+    done = subprocess.run([sys.executable, "-m", "segmap.cli", "serve", "-c", str(bad), "--check"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("segmap: error: ") and "not valid YAML" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    printed = subprocess.run([sys.executable, "-m", "segmap.cli", "serve", "--example"], capture_output=True,
+                             text=True, timeout=120)
+    assert printed.stdout == EXAMPLE

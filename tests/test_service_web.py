@@ -1,0 +1,271 @@
+"""The operations pages over a real job store: job list and detail, JSON, /metrics, /healthz, read-only.
+
+The store is filled through its public methods with jobs in every state and known timings; the page is also
+loaded in a real headless Chromium (Debian's package), whose screenshot is kept as a test artifact.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from pacs import chromium
+from segmap.service.keys import job_key, run_name, seg_uids
+from segmap.service.store import Arrival, JobStore, NewJob
+from segmap.service.web import make_server, redact_patient_lines
+
+T0 = 1_750_000_000.0
+DIGEST = "sha256:" + "ab" * 32
+ARTIFACTS = Path(__file__).resolve().parents[1] / "out" / "test-artifacts"
+XSS = "<script>alert('x')</script> container exited with 137"
+
+
+class Filler:
+    """Puts jobs into a store the way the service does: instances arrive, the series closes, a worker claims."""
+
+    def __init__(self, store: JobStore, workdir: Path):
+        self.store, self.workdir, self.n = store, workdir, 0
+
+    def queue(self, at: float, map_name: str = "spleen", max_attempts: int = 3, log: str | None = None):
+        self.n += 1
+        study, series = f"1.2.826.0.1.3680043.10.999.{self.n}", f"1.2.826.0.1.3680043.10.999.{self.n}.1"
+        sops = [f"{series}.{k}" for k in range(1, 4)]
+        for sop in sops:
+            self.store.record_instance(Arrival("listener", study, series, sop, "CT", path=f"/spool/{sop}.dcm"),
+                                       now=at)
+        [version] = [s for s in self.store.due_series(0, now=at + 10) if s.series_uid == series]
+        key = job_key(series, sops, DIGEST)
+        log_path = None
+        if log is not None:
+            log_path = self.workdir / f"{run_name(key)}.log"
+            log_path.write_text(log)
+        job = NewJob(key=key, map_name=map_name, image=f"segmap/{map_name}:1", image_digest=DIGEST,
+                     run_name=run_name(key), seg_series_uid=seg_uids(key)[0], destinations=("orthanc",),
+                     max_attempts=max_attempts, output_dir=str(self.workdir / run_name(key)),
+                     log_path=str(log_path) if log_path else "")
+        created, _ = self.store.close_series(version.id, [job], "matched spleen", instance_count=len(sops),
+                                             now=at + 10)
+        assert created == [key]
+        return key
+
+    def claim(self, at: float):
+        job = self.store.claim("worker-1", lease_s=60, max_running=10, now=at, node="gpu-node-a")
+        assert job is not None
+        return job
+
+
+_databases = itertools.count()
+BOTH = pytest.mark.parametrize("location", ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.fixture(params=["sqlite"])
+def location(request, tmp_path):
+    """A SQLite file by default; tests marked ``BOTH`` also run on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path / "store.sqlite"
+    return request.getfixturevalue("postgres_server").fresh_database(f"web{next(_databases)}")
+
+
+@pytest.fixture
+def filled(location, tmp_path):
+    """A store with one job in each state; returns (store, {state: key})."""
+    store = JobStore(location)
+    fill = Filler(store, tmp_path)
+    keys = {}
+    keys["done"] = fill.queue(T0, log="loading series\nPatientName: Doe^Jane\nsegmentation written\n")
+    job = fill.claim(T0 + 12)
+    job = store.run_succeeded(job, "worker-1", now=T0 + 42)           # run 30 s
+    store.export_done(job, "worker-1", now=T0 + 45)                   # export 3 s, total 45 s
+
+    keys["failed"] = fill.queue(T0 + 100, map_name="liver", max_attempts=1)
+    job = fill.claim(T0 + 111)
+    store.run_failed(job, "worker-1", XSS, exit_code=137, retry_after_s=5, now=T0 + 611)   # run 500 s, total 511 s
+
+    keys["exporting"] = fill.queue(T0 + 200)
+    store.run_succeeded(fill.claim(T0 + 215), "worker-1", now=T0 + 235)                    # run 20 s
+
+    keys["cancelled"] = fill.queue(T0 + 300)
+    store.cancel(keys["cancelled"], now=T0 + 320)
+
+    keys["running"] = fill.queue(T0 + 400)
+    fill.claim(T0 + 412)
+
+    keys["queued"] = fill.queue(T0 + 500)
+    return store, keys
+
+
+@pytest.fixture
+def web(filled):
+    store, keys = filled
+    server = make_server(store, port=0)
+    server.serve_in_thread()
+    yield server, store, keys
+    server.shutdown()
+    store.close()
+
+
+def samples(text: str) -> dict:
+    """{(sample name, frozenset(labels)): value} of a Prometheus text page."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+@BOTH
+def test_metrics_count_jobs_by_state_and_time_them(web):
+    server, _, _ = web
+    r = requests.get(server.url + "/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/plain")
+    m = samples(r.text)
+    assert m[("segmap_up", frozenset())] == 1
+    for state in ("queued", "running", "exporting", "done", "failed", "cancelled"):
+        assert m[("segmap_jobs", frozenset({("state", state)}))] == 1, state
+    done, failed = frozenset({("state", "done")}), frozenset({("state", "failed")})
+    assert m[("segmap_job_duration_seconds_count", done)] == 1
+    assert m[("segmap_job_duration_seconds_sum", done)] == pytest.approx(45)
+    assert m[("segmap_job_duration_seconds_sum", failed)] == pytest.approx(511)
+    assert m[("segmap_job_duration_seconds_bucket", done | {("le", "60")})] == 1
+    assert m[("segmap_job_duration_seconds_bucket", done | {("le", "30")})] == 0
+    # Runs that ended: done (30 s), failed (500 s), exporting (20 s).
+    assert m[("segmap_job_run_seconds_count", frozenset())] == 3
+    assert m[("segmap_job_run_seconds_sum", frozenset())] == pytest.approx(550)
+    assert m[("segmap_job_run_seconds_bucket", frozenset({("le", "30")}))] == 2
+    assert m[("segmap_job_run_seconds_bucket", frozenset({("le", "+Inf")}))] == 3
+    assert m[("segmap_job_export_seconds_sum", frozenset())] == pytest.approx(3)
+    # Queued to started: 2 s, 1 s, 5 s, 2 s for the four jobs that were claimed.
+    assert m[("segmap_job_queue_wait_seconds_count", frozenset())] == 4
+    assert m[("segmap_job_queue_wait_seconds_sum", frozenset())] == pytest.approx(10)
+    assert m[("segmap_oldest_queued_job_age_seconds", frozenset())] > 0
+
+
+@BOTH
+def test_metrics_follow_the_store(web):
+    server, store, keys = web
+    store.retry(keys["failed"])
+    m = samples(requests.get(server.url + "/metrics", timeout=10).text)
+    assert m[("segmap_jobs", frozenset({("state", "failed")}))] == 0
+    assert m[("segmap_jobs", frozenset({("state", "queued")}))] == 2
+
+
+def test_healthz_ok_and_503_when_the_store_cannot_be_read(web):
+    server, store, _ = web
+    r = requests.get(server.url + "/healthz", timeout=10)
+    assert r.status_code == 200
+    doc = r.json()
+    assert doc["status"] == "ok" and doc["jobs"]["running"] == 1 and doc["store"].startswith("sqlite job store")
+
+    store.close()
+    for suffix in ("-wal", "-shm"):
+        Path(str(store.path) + suffix).unlink(missing_ok=True)
+    store.path.write_bytes(b"this is not an SQLite database" * 100)
+    r = requests.get(server.url + "/healthz", timeout=10)
+    assert r.status_code == 503 and r.json()["status"] == "error"
+    m = samples(requests.get(server.url + "/metrics", timeout=10).text)
+    assert m[("segmap_up", frozenset())] == 0
+    assert requests.get(server.url + "/", timeout=10).status_code == 503
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+@pytest.mark.parametrize("path", ["/", "/api/jobs", "/metrics", "/jobs/anything"])
+def test_read_only(web, method, path):
+    server, store, keys = web
+    before = store.count_by_state()
+    r = requests.request(method, server.url + path, data=b"state=cancelled", timeout=10)
+    assert r.status_code == 405 and r.headers["Allow"] == "GET, HEAD"
+    assert store.count_by_state() == before
+
+
+@BOTH
+def test_job_list_and_json(web):
+    server, _, keys = web
+    r = requests.get(server.url + "/", timeout=10)
+    assert r.status_code == 200 and '<meta http-equiv="refresh" content="5">' in r.text
+    for state, key in keys.items():
+        assert f'href="/jobs/{key[:12]}"' in r.text
+    assert "&lt;script&gt;" in r.text and "<script>" not in r.text
+    doc = requests.get(server.url + "/api/jobs", timeout=10).json()
+    assert {j["key"]: j["state"] for j in doc["jobs"]} == {k: s for s, k in keys.items()}
+    assert doc["counts"]["done"] == 1
+    failed = requests.get(server.url + "/api/jobs?state=failed", timeout=10).json()["jobs"]
+    assert [j["key"] for j in failed] == [keys["failed"]] and failed[0]["exit_code"] == 137
+    assert requests.get(server.url + "/api/jobs?state=bogus", timeout=10).status_code == 400
+    head = requests.head(server.url + "/", timeout=10)
+    assert head.status_code == 200 and head.content == b"" and int(head.headers["Content-Length"]) == len(r.content)
+
+
+@BOTH
+def test_job_detail_escapes_the_error_and_shows_the_log(web):
+    server, _, keys = web
+    r = requests.get(server.url + f"/jobs/{keys['failed'][:10]}", timeout=10)
+    assert r.status_code == 200
+    assert "<script>" not in r.text and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in r.text
+    assert "script-src" not in r.headers["Content-Security-Policy"]  # default-src 'none': no script may run
+    assert keys["failed"] in r.text and "exit_code" in r.text
+    done = requests.get(server.url + f"/jobs/{keys['done']}", timeout=10).text
+    assert "segmentation written" in done and "every destination confirmed" in done
+    assert "Doe" not in done and "PatientName [redacted]" in done
+    assert "total" in done and "45.000 s" in done
+    api = requests.get(server.url + f"/api/jobs/{keys['done'][:8]}", timeout=10).json()
+    assert api["key"] == keys["done"] and "Doe" not in api["log"]
+    missing = requests.get(server.url + "/jobs/ffffffffffff", timeout=10)
+    assert missing.status_code == 404 and "ffffffffffff" in missing.text
+
+
+def test_redaction_of_patient_attributes_in_log_lines():
+    text = ("(0010, 0010) Patient's Name PN: 'Doe^Jane'\nPatientID=ID-123 ok\n"
+            "Patient's Birth Date DA: '19700101'\nseries 1.2.3 done")
+    out = redact_patient_lines(text)
+    assert "Doe" not in out and "ID-123" not in out and "19700101" not in out
+    assert out.splitlines()[-1] == "series 1.2.3 done"
+
+
+def test_job_page_in_headless_chromium(web, tmp_path):
+    server, _, keys = web
+    dom = chromium("--dump-dom", server.url + "/", profile=tmp_path / "profile-dom")
+    assert dom.returncode == 0, dom.stderr[-500:]
+    rows = {}
+    for key, state in ((k, s) for s, k in keys.items()):
+        assert f'data-key="{key}"' in dom.stdout
+        rows[key] = dom.stdout.split(f'data-key="{key}"', 1)[1].split("</tr>", 1)[0]
+        assert f'class="state-{state}">{state}</td>' in rows[key], (state, rows[key])
+    # The error line arrived as text: Chromium's DOM holds no script element that came from it.
+    assert "<script>" not in dom.stdout
+
+    png = tmp_path / "jobs.png"
+    shot = chromium(f"--screenshot={png}", "--window-size=1280,800", server.url + "/",
+                    profile=tmp_path / "profile-png")
+    assert shot.returncode == 0, shot.stderr[-500:]
+    data = png.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(png, ARTIFACTS / "jobs-page.png")
+    json.loads(requests.get(server.url + "/healthz", timeout=10).text)  # the server outlived the browser
+
+
+def test_healthz_503_when_the_postgresql_database_is_gone(postgres_server, tmp_path):
+    import psycopg
+
+    url = postgres_server.fresh_database(f"web{next(_databases)}")
+    store = JobStore(url)
+    Filler(store, tmp_path).queue(T0)
+    server = make_server(store, port=0)
+    server.serve_in_thread()
+    try:
+        assert requests.get(server.url + "/healthz", timeout=10).json()["jobs"]["queued"] == 1
+        store.close()
+        with psycopg.connect(postgres_server.url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE "{url.rsplit("/", 1)[1]}" WITH (FORCE)')
+        r = requests.get(server.url + "/healthz", timeout=30)
+        assert r.status_code == 503 and r.json()["status"] == "error"
+        assert "postgresql job store" in r.json()["store"]
+        assert samples(requests.get(server.url + "/metrics", timeout=30).text)[("segmap_up", frozenset())] == 0
+    finally:
+        server.shutdown()
