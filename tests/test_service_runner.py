@@ -176,6 +176,30 @@ def test_restarted_service_adopts_the_running_container(runner, probe, tmp_path)
     restarted.cancel(spec.name)  # cancelling what is gone is no error
 
 
+def test_a_finished_run_is_collected_not_run_again(runner, probe, tmp_path):
+    from segmap.service.runners.docker import DockerRunner
+
+    inp, out = job_folder(tmp_path)
+    spec = spec_for(runner, probe, inp, out, env={"EXIT_CODE": "0"})
+    runner.start(spec)
+    first = wait_finished(runner, spec.name)
+    again = DockerRunner().start(spec)  # the service restarted after the container exited, before it collected
+    assert again.state == "succeeded" and again.started_at == first.started_at
+    assert again.finished_at == first.finished_at
+
+
+def test_a_container_created_but_never_started_is_started_on_adoption(runner, probe, tmp_path):
+    """The service died between the engine's create and start: the next start must not leave it pending forever."""
+    import docker
+
+    inp, out = job_folder(tmp_path)
+    spec = spec_for(runner, probe, inp, out, env={"SLEEP_S": "60"})
+    docker.from_env().containers.create(probe, name=spec.name, labels={"segmap.run": spec.name})
+    assert runner.status(spec.name).state == "pending"
+    assert runner.start(spec).state in ("running", "succeeded")
+    assert len(containers_named(spec.name)) == 1
+
+
 def test_two_starters_racing_make_one_container(runner, probe, tmp_path):
     """Two service processes that both believe they hold the job: the engine's 409 makes the loser adopt."""
     from segmap.service.runners.docker import DockerRunner
@@ -363,7 +387,15 @@ def test_uid_seed_gives_each_study_of_a_multi_study_input_its_own_uids(phantom, 
     segs = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted((tmp_path / "out").glob("study-*/*.dcm"))]
     assert len(segs) == 2
     assert len({s.SOPInstanceUID for s in segs}) == 2 and len({s.SeriesInstanceUID for s in segs}) == 2
-    again = tmp_path / "again"
-    segmap_run(inp, again, "--uid-seed", "7f" * 32)
-    assert sorted(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
-                  for p in again.glob("study-*/*.dcm")) == sorted(s.SOPInstanceUID for s in segs)
+    # the MONAI Deploy application (what a MAP runs) gives each study the same UIDs as `segmap run`
+    pytest.importorskip("holoscan")
+    app = tmp_path / "app"
+    proc = subprocess.run([sys.executable, str(ROOT / "app"), "-i", str(inp), "-o", str(app), "-m", str(MODEL)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "SEGMAP_TASK_FILE": str(TASK), "SEGMAP_DEVICE": "cpu",
+                               "SEGMAP_OVERLAY": "false", "SEGMAP_UID_SEED": "7f" * 32})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {p.parent.name: pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
+            for p in app.glob("study-*/*.dcm")} == {
+        p.parent.name: pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
+        for p in (tmp_path / "out").glob("study-*/*.dcm")}

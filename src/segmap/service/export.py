@@ -132,8 +132,9 @@ class DicomDestination:
         return _CSTORE_ANSWERS.setdefault((self.host, self.port, self.ae_title), set())
 
     def send(self, files: Sequence[Path]) -> None:
-        from pynetdicom import AE
+        import pydicom
         from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+        from pynetdicom import AE
 
         instances = read_instances(files)
         if not instances:
@@ -154,7 +155,9 @@ class DicomDestination:
                 raise ExportError(f"destination {self.name}: {peer} does not accept SOP Class "
                                   f"{', '.join(refused)} (no presentation context accepted)")
             for inst in instances:
-                status = assoc.send_c_store(inst.path)
+                # A dataset rather than the path: pynetdicom may then re-encode between uncompressed transfer
+                # syntaxes when the peer accepted another one than the file's.
+                status = assoc.send_c_store(pydicom.dcmread(inst.path))
                 code = getattr(status, "Status", None)
                 if code is None:  # no answer: connection lost, DIMSE timeout, peer aborted
                     raise DestinationUnavailable(f"destination {self.name}: {peer} gave no C-STORE response for "
@@ -170,7 +173,7 @@ class DicomDestination:
                 raise ExportError(text)
         except (DestinationUnavailable, ExportError):
             raise
-        except (OSError, ValueError, RuntimeError) as e:  # no accepted context for a file, socket error
+        except (OSError, ValueError, RuntimeError) as e:  # a transfer syntax no accepted context fits, a socket error
             raise DestinationUnavailable(f"destination {self.name}: sending to {peer} failed: {_one_line(e)}") from e
         finally:
             if assoc.is_established:
@@ -390,8 +393,8 @@ class StowDestination:
                 raise _http_failure(self.name, what, e) from e
             failed = response.get("FailedSOPSequence") if response is not None else None
             if failed:
-                items = [f"{item.get('ReferencedSOPInstanceUID', '?')} (reason 0x{int(item.get('FailureReason', 0)):04X})"
-                         for item in failed]
+                items = [f"{item.get('ReferencedSOPInstanceUID', '?')} "
+                         f"(reason 0x{int(item.get('FailureReason', 0)):04X})" for item in failed]
                 raise ExportError(f"destination {self.name}: {what}: refused {', '.join(items)}")
         log.info("destination %s: %d instance(s) stored by STOW-RS at %s", self.name, len(instances), self.url)
 
