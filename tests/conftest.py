@@ -124,6 +124,8 @@ TIERS = {
             "test_convert.py", "test_bad_input_runs.py"),
     "images": ("test_map_images.py", "test_holoscan_cli_compat.py"),
     "fidelity": ("test_fidelity.py", "test_engine_steps.py"),
+    "service": ("test_service_store.py", "test_service_intake.py", "test_service_export.py", "test_service_client.py",
+                "test_service_web.py", "test_service_k8s.py"),
 }
 
 
@@ -132,6 +134,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "e2e: the application and the segmap command end to end")
     config.addinivalue_line("markers", "images: real Docker images and holoscan-cli")
     config.addinivalue_line("markers", "fidelity: agreement with nnunetv2's own functions and predictor")
+    config.addinivalue_line("markers", "service: the job service's parts against real Orthanc, DCMTK, PostgreSQL, "
+                                       "Chromium (and a Kubernetes API stub)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -162,6 +166,24 @@ def images(engine):
     assert proc.returncode == 0, proc.stderr[-4000:]
     record_figure(f"segmap package (both variants) took {time.perf_counter() - t:.0f} s")
     return MAP_TAG, MAP_TAG + "-nifti"
+
+
+@pytest.fixture
+def orthanc(tmp_path):
+    """A real Orthanc (Debian's package) on free loopback ports, its own storage, StableAge 2 s (tests/pacs.py)."""
+    from pacs import Orthanc, free_port
+    server = Orthanc(tmp_path / "orthanc", free_port(), free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def storescp(tmp_path):
+    """DCMTK's storescp as a DICOM destination writing into ``tmp_path / "storescp-in"`` (tests/pacs.py)."""
+    from pacs import StoreSCP, free_port
+    server = StoreSCP(tmp_path / "storescp-in", free_port()).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

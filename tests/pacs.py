@@ -1,6 +1,7 @@
 """Real PACS peers for the service tests: an Orthanc (Debian's package) and DCMTK's storescp/storescu on loopback.
 
-Each is started in the test's own folder on free ports and stopped afterwards. Outside CI a missing program skips
+Each is started in the test's own folder on free ports and stopped afterwards (fixtures ``orthanc`` and ``storescp``
+in conftest.py). Outside CI a missing program skips
 the test with the reason; in CI (``CI`` set) it fails, because .ci/run installs them.
 """
 
@@ -155,13 +156,6 @@ class Orthanc:
         return [s for s in self.get("/series?expand") if s["MainDicomTags"].get("Modality") == modality]
 
 
-@pytest.fixture
-def orthanc(tmp_path):
-    server = Orthanc(tmp_path / "orthanc", free_port(), free_port()).start()
-    yield server
-    server.stop()
-
-
 @dataclass
 class StoreSCP:
     """DCMTK's storescp writing every received instance into ``folder`` (a DICOM destination)."""
@@ -194,13 +188,6 @@ def _port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-@pytest.fixture
-def storescp(tmp_path):
-    server = StoreSCP(tmp_path / "storescp-in", free_port()).start()
-    yield server
-    server.stop()
 
 
 def storescu(files, port: int, called_aet: str, calling_aet: str = "STORESCU", check: bool = True,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from pacs import Orthanc, free_port, orthanc  # noqa: F401  (orthanc: the fixture)
+from pacs import Orthanc, free_port
 from segmap.demo.phantom import write_phantom_study
 from segmap.errors import SegmapError, SubmitError
 from segmap.outputs.seg import write_seg

@@ -56,6 +56,8 @@ def _with(example: Path, edit) -> Path:
     (lambda d: d["maps"].append(dict(d["maps"][0])), "maps", "unique"),
     (lambda d: d["destinations"].update(pacs={"kind": "ftp"}), "destinations.pacs.kind", "dicom, orthanc, stow"),
     (lambda d: d.update(colour="blue"), "colour", "unknown key"),
+    (lambda d: d["destinations"].update(pacs={"kind": "dicom", "host": "pacs", "port": 0, "ae_title": "PACS"}),
+     "destinations.pacs.port", "port"),
     (lambda d: (d.pop("listener"), d.pop("orthanc")), "listener", "no intake"),
 ])
 def test_a_mistake_names_its_key(example, edit, key, words):

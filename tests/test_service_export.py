@@ -12,7 +12,7 @@ import pydicom
 import pytest
 import requests
 
-from pacs import Orthanc, StoreSCP, free_port, orthanc, storescp  # noqa: F401  (fixtures)
+from pacs import Orthanc, StoreSCP, free_port
 from segmap.errors import DestinationUnavailable, ExportError, SegmapError, ServiceConfigError
 from segmap.service.export import make_destination
 from segmap.service.keys import seg_uids

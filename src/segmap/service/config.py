@@ -324,6 +324,11 @@ def parse_config(doc: Any, path: Path) -> ServiceConfig:
             top.fail(key, f"must be a mapping with a 'kind' ({', '.join(DESTINATION_KINDS)}), got {cfg!r}")
         if cfg.get("kind") not in DESTINATION_KINDS:
             top.fail(f"{key}.kind", f"must be one of {', '.join(DESTINATION_KINDS)}, got {cfg.get('kind')!r}")
+        from .export import make_destination
+        try:
+            make_destination(str(name), cfg)  # checks every key without contacting the destination
+        except ServiceConfigError as e:
+            raise ServiceConfigError(f"{path}: {e}") from None
         destinations[str(name)] = dict(cfg)
 
     maps_doc = top.get("maps", list, required=True, what="a list of MAPs with name, image and task")
