@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-model test test-fast generate bench clean
+.PHONY: venv demo demo-model test test-fast generate bench bench-service clean
 
 venv: $(STAMP)
 
@@ -43,6 +43,11 @@ bench: $(STAMP)
 	$(PY) bench/bench_engine.py --scenario medium-net
 	$(PY) bench/bench_engine.py --scenario realistic $(if $(BENCH_FULL),,--tiles 2)
 	$(PY) bench/bench_engine.py --scenario many-class --mirroring off $(if $(BENCH_FULL),,--shape 60 320 320)
+
+# The job service's overhead and throughput (real segmap serve, MAP image, Orthanc; PostgreSQL for the workers).
+bench-service: $(STAMP)
+	$(PY) bench/bench_service.py --slots 1 2
+	$(PY) bench/bench_service.py --workers 1 2 3
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
