@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -151,8 +152,13 @@ def test_listener_to_storescp_with_refusals_and_a_destination_down(service_facto
     with socket.create_connection(("127.0.0.1", svc.port), timeout=5) as s:
         s.sendall(b"\x01\x00garbage" * 100)
     storescu(study["dicom_files"], svc.port, "SEGMAP", calling_aet="MODALITY")
+    # A series no task selects (MR for the CT task): no job, and the log says why.
+    mr = phantom(tmp_path / "mr", seed=4, slices=6, modality="MR")
+    storescu(mr["dicom_files"], svc.port, "SEGMAP", calling_aet="MODALITY")
 
     (job,) = svc.wait_jobs("exporting", 1)
+    wait_for(lambda: f"series {mr['series_uid']} v1" in svc.log() and "task rules do not select it" in svc.log(), 60,
+             "the MR series' no-job line")
     wait_for(lambda: (j := svc.store().get_job(job.key)).error and "pacs" in j.error, 60, "an export retry")
     time.sleep(3)
     scp.start()
@@ -165,6 +171,7 @@ def test_listener_to_storescp_with_refusals_and_a_destination_down(service_facto
         dciodvfy_ok(files[0])
     finally:
         scp.stop()
+    assert len(svc.jobs()) == 1, "no job for the MR series"
     assert "STRANGER" in svc.log(), "the refusal is logged with the calling AE title"
     no_secrets(svc.log(), store_dump(svc.store_path), *(Path(j.log_path).read_text() for j in svc.jobs()))
 
@@ -176,11 +183,20 @@ def test_five_studies_sent_concurrently_give_five_segs(service_factory, tmp_path
                               destinations={"orthanc": {"kind": "orthanc", "url": orthanc_dest.url}}).start()
         studies = [phantom(tmp_path / f"study{i}", seed=i, slices=12) for i in range(5)]
         t0 = time.monotonic()
-        threads = [threading.Thread(target=storescu, args=(s["dicom_files"], svc.port, "SEGMAP")) for s in studies]
+        # Four modalities send with storescu; the fifth study goes with `segmap submit`, which waits for its SEG.
+        threads = [threading.Thread(target=storescu, args=(s["dicom_files"], svc.port, "SEGMAP")) for s in studies[1:]]
+        submit = subprocess.Popen([sys.executable, "-m", "segmap.cli", "submit", str(studies[0]["dicom_dir"]),
+                                   "--to", f"127.0.0.1:{svc.port}/SEGMAP", "--query", f"orthanc+{orthanc_dest.url}",
+                                   "--out", str(tmp_path / "submitted"), "--timeout", "300"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        out, err = submit.communicate(timeout=320)
+        assert submit.returncode == 0, err[-2000:]
+        (saved,) = [Path(line) for line in out.splitlines() if line.strip()]
+        assert references(pydicom.dcmread(saved)) == {studies[0]["series_uid"]}
         jobs = svc.wait_jobs("done", 5, timeout=300)
         record_figure(f"service: 5 studies sent at once -> 5 SEGs confirmed in {elapsed(t0):.1f} s (2 slots)")
         assert len(svc.jobs()) == 5

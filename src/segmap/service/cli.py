@@ -162,14 +162,17 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
         print(store.job_log(job))
         return 0
     if args.action == "retry":
-        after = store.retry(job.key)
-        if after is None or after.state != "queued":
+        if job.state not in ("failed", "cancelled"):
             raise SegmapError(f"job {job.key[:12]} is {job.state}: only failed or cancelled jobs can be retried")
+        store.retry(job.key)
         print(f"job {job.key[:12]} queued again")
         return 0
+    if job.finished:
+        raise SegmapError(f"job {job.key[:12]} is already {job.state}: only queued, running or exporting jobs can be "
+                          f"cancelled")
     after = store.cancel(job.key)
     if after is None or after.state != "cancelled":
-        raise SegmapError(f"job {job.key[:12]} is already {job.state}")
+        raise SegmapError(f"job {job.key[:12]} changed meanwhile (now {after.state if after else 'gone'}); try again")
     from .service import make_runner
     try:
         make_runner(config).cancel(job.run_name)

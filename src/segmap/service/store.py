@@ -17,6 +17,11 @@ twice. A series arrives as instances; instances of a series whose last version i
 starts from the closed version's instances (the whole series as now known) -- an unchanged re-send therefore gives
 the same key and no new job, one more instance a new key and a new job.
 
+Why not a queue library (procrastinate, persist-queue): the job is a state machine with more states than
+queued/done (running, exporting with per-destination delivery, superseded, cancelled), its key must be UNIQUE across
+every version of a series, and the same code must run on SQLite (one machine, nothing to operate) and PostgreSQL;
+procrastinate is PostgreSQL-only and owns its own job table, so the state would live in two places.
+
 Leases: the worker that claims a job holds it until ``lease_expires``; it renews the lease while it works
 (:meth:`JobStore.heartbeat`). A job whose lease ran out may be taken over by any worker (:meth:`JobStore.held_jobs`).
 """
