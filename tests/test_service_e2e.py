@@ -263,3 +263,36 @@ def test_orthanc_restart_inside_the_stable_window_loses_nothing(orthanc_server, 
     (job,) = svc.wait_jobs("done", 1, timeout=180)
     assert len(orthanc_segs(orthanc_server)) == 1
     assert references(orthanc_segs(orthanc_server)[0]) == {study["series_uid"]}
+
+
+def test_a_series_that_grows_before_its_job_starts_supersedes_it(images, tmp_path):
+    """Completeness is re-checked when the job is claimed: instances that arrived after the series was closed (but
+    before its job started) open a new version; the old job is cancelled as superseded, the new one runs."""
+    from segmap.service.config import load_config
+    from segmap.service.service import Service
+    from segmap.service.store import Arrival
+
+    svc_proc = ServiceProcess(tmp_path / "svc", images[0], quiet_period_s=0)
+    service = Service(load_config(svc_proc.config_path))  # in this process, ticked by hand; no listener started
+    study = phantom(tmp_path / "study", seed=31, slices=12)
+
+    def arrive(path: Path) -> None:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+        stored = service.spool.write(path.read_bytes(), *uids)
+        service.store.record_instance(Arrival("listener", *uids, "CT", path=str(stored)))
+
+    for p in study["dicom_files"][:-1]:
+        arrive(p)
+    service.close_due_series()
+    (first,) = service.store.list_jobs()
+    assert first.state == "queued" and first.instance_count == 11
+    arrive(study["dicom_files"][-1])  # the series grew before the job was claimed
+    service.claim()
+    assert service.store.get_job(first.key).state == "cancelled"
+    assert "superseded" in service.store.get_job(first.key).error
+    wait_for(lambda: (service.tick(), [j for j in service.store.list_jobs() if j.state == "done"])[1], 180,
+             "the new version's job")
+    done = [j for j in service.store.list_jobs() if j.state == "done"]
+    assert len(done) == 1 and done[0].instance_count == 12 and done[0].version == 2
+    service.stop()
