@@ -84,6 +84,11 @@ def compare(tmp_path: Path, trained, image_czyx: np.ndarray, spacing_zyx, *, pla
         fast.runner.pin(FAST)
         _check(reference, fast.predict(image_czyx, spacing_zyx), present, min_dice=fast_dice, what=f"fast {FAST}")
         assert fast.precision_used == FAST
+        if any(c.name == "openvino bf16, fp32 head" for c in fast.runner.candidates):  # the optional extra is installed
+            ov = Segmenter(model, EngineOptions(device=DEVICE, mirroring=mirroring, precision="fast"))
+            ov.runner.pin("openvino bf16, fp32 head")
+            _check(reference, ov.predict(image_czyx, spacing_zyx), present, min_dice=fast_dice, what="openvino bf16, fp32 head")
+            assert ov.network_path == "openvino bf16, fp32 head"
         auto = Segmenter(model, EngineOptions(device=DEVICE, mirroring=mirroring, precision="auto"))
         _check(reference, auto.predict(image_czyx, spacing_zyx), present, min_dice=fast_dice,
                what=f"auto ({auto.network_path})")

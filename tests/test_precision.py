@@ -155,3 +155,24 @@ def test_a_network_not_ending_in_a_convolution_runs_whole():
     assert [c.name for c in candidates_for([net], CPU, torch.bfloat16, optimize=False)] == [
         "torchscript bf16 autocast"]
     assert fp32_head(Sleepy(0, 1.0)) is None  # not TorchScript at all
+
+
+def test_openvino_is_a_fast_candidate_where_installed():
+    pytest.importorskip("openvino", reason="the optional openvino extra is not installed")
+    if not cpu_has_fast_bf16():
+        pytest.skip("this CPU has no native bf16: OpenVINO is only a bf16 fast-path candidate")
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 6, 8, 8)
+    net = torch.jit.trace(_HeadNet().eval(), x)
+    names = [c.name for c in candidates_for([net], CPU, torch.bfloat16, optimize=False, tile_shape=(1, 6, 8, 8))]
+    assert names == ["torchscript bf16 autocast, fp32 head", "openvino bf16, fp32 head"]
+    assert [c.name for c in candidates_for([net], CPU, None, tile_shape=(1, 6, 8, 8))] == [
+        "torchscript fp32", "torchscript frozen fp32"]  # the exact path never runs it
+    ov = FastestCandidate(candidates_for([net], CPU, torch.bfloat16, optimize=False, tile_shape=(1, 6, 8, 8)))
+    ov_net = ov.pin("openvino bf16, fp32 head").networks[0]
+    with torch.inference_mode():
+        out, ref = ov_net(x), net(x)
+        assert out.dtype == torch.float32 and out.shape == ref.shape
+        assert torch.allclose(out, ref, atol=0.05, rtol=0.02)  # bf16 body
+        with pytest.raises(ValueError, match="compiled for"):
+            ov_net(torch.randn(1, 1, 6, 8, 10))

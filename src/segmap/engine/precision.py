@@ -218,11 +218,13 @@ class Candidate:
 
 
 def candidates_for(networks: Sequence, device: torch.device, dtype: torch.dtype | None,
-                   optimize: bool | None = None) -> list[Candidate]:
+                   optimize: bool | None = None, tile_shape: Sequence[int] | None = None) -> list[Candidate]:
     """The ways to run ``networks`` on ``device`` that the chosen precision allows.
 
     ``optimize`` picks the CPU's fp32 graph: None both the plain and the frozen/fused one (the faster is kept),
     True only the frozen/fused one (the plain one where torch cannot freeze it), False only the plain one.
+    ``tile_shape`` (``[channels, *patch]``), given on the CPU's bf16 fast path where the optional ``openvino``
+    package is installed, adds OpenVINO bf16 (:mod:`segmap.engine.openvino_runtime`) as a candidate.
     """
     if device.type != "cpu":
         if dtype is None:
@@ -236,6 +238,12 @@ def candidates_for(networks: Sequence, device: torch.device, dtype: torch.dtype 
         # Plain fp32 never beats bf16 autocast on a CPU with native bf16; the frozen fp32 graph can (small nets).
         fast, suffix = _fast_networks(networks)
         out.append(Candidate(f"torchscript {_DTYPE_NAMES[dtype]} autocast{suffix}", fast, dtype))
+        if tile_shape is not None and dtype == torch.bfloat16:
+            from .openvino_runtime import openvino_bf16
+
+            compiled = openvino_bf16(networks, tile_shape)
+            if compiled is not None:
+                out.append(Candidate("openvino bf16, fp32 head", compiled, dtype))
     elif not optimize:
         out.append(Candidate("torchscript fp32", networks))
     fused = [frozen(n) for n in networks] if optimize is not False else [None]
@@ -290,10 +298,10 @@ class FastestCandidate:
             self.seconds[candidate.name] = seconds
 
     def pin(self, precision: str) -> Candidate:
-        """Run every tile with the first candidate of ``precision`` (fp32, bf16, fp16): for measurements and tests
-        that must know which arithmetic ran. Raises ``ValueError`` when no candidate has it."""
-        for c in self.candidates:
-            if c.precision == precision:
+        """Run every tile with the candidate named ``precision``, else the first of that arithmetic (fp32, bf16,
+        fp16): for measurements and tests that must know what ran. Raises ``ValueError`` when none matches."""
+        for c in sorted(self.candidates, key=lambda c: c.name != precision):
+            if c.precision == precision or c.name == precision:
                 self.chosen = c
                 return c
         raise ValueError(f"no {precision} path among {[c.name for c in self.candidates]}")

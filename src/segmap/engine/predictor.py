@@ -117,7 +117,8 @@ class Segmenter:
         self.networks = self.model.load_networks(str(device))
         self.runner = FastestCandidate(candidates_for(self.networks, device,
                                                       resolve_precision(self.options.precision, device),
-                                                      self.options.optimize))
+                                                      self.options.optimize,
+                                                      tile_shape=(self.spec.num_channels, *self.spec.patch_size)))
 
     @property
     def precision_used(self) -> str:
