@@ -63,7 +63,7 @@ def compare(tmp_path: Path, trained, image_czyx: np.ndarray, spacing_zyx, *, pla
             folds: int = 1, mirroring: bool = False, min_labels: int = 2, exact_dice: float = EXACT_DICE,
             fast_dice: float = FAST_DICE):
     """nnU-Net's label map against segmap's exact path and, where the CPU computes bf16 natively, the fast path
-    (once pinned to bf16 so that bf16 is what is checked, once as users get it: fastest candidate per run)."""
+    (each reduced-precision candidate pinned, so that each is checked, then as users get it: the fastest per run)."""
     dataset_json = dataset_json or make_dataset_json(LABELS)
     n_out = len(dataset_json.get("regions_class_order") or dataset_json["labels"])
     states = [trained(plans, k, n_out) for k in range(folds)]
@@ -81,14 +81,16 @@ def compare(tmp_path: Path, trained, image_czyx: np.ndarray, spacing_zyx, *, pla
     assert exact.precision_used == "fp32"
     if FAST:
         fast = Segmenter(model, EngineOptions(device=DEVICE, mirroring=mirroring, precision="fast"))
-        fast.runner.pin(FAST)
-        _check(reference, fast.predict(image_czyx, spacing_zyx), present, min_dice=fast_dice, what=f"fast {FAST}")
-        assert fast.precision_used == FAST
-        if any(c.name == "openvino bf16, fp32 head" for c in fast.runner.candidates):  # the optional extra is installed
-            ov = Segmenter(model, EngineOptions(device=DEVICE, mirroring=mirroring, precision="fast"))
-            ov.runner.pin("openvino bf16, fp32 head")
-            _check(reference, ov.predict(image_czyx, spacing_zyx), present, min_dice=fast_dice, what="openvino bf16, fp32 head")
-            assert ov.network_path == "openvino bf16, fp32 head"
+        # Every reduced-precision way the engine may choose, each pinned so that it is what is checked: TorchScript
+        # autocast and, where the optional openvino extra is installed, OpenVINO bf16.
+        paths = [c.name for c in fast.runner.candidates if c.precision == FAST]
+        assert any(p.startswith("torchscript") for p in paths), paths
+        for path in paths:
+            pinned = Segmenter(model, EngineOptions(device=DEVICE, mirroring=mirroring, precision="fast"))
+            pinned.runner.pin(path)
+            _check(reference, pinned.predict(image_czyx, spacing_zyx), present, min_dice=fast_dice,
+                   what=f"fast {FAST} ({path})")
+            assert pinned.precision_used == FAST and pinned.network_path == path
         auto = Segmenter(model, EngineOptions(device=DEVICE, mirroring=mirroring, precision="auto"))
         _check(reference, auto.predict(image_czyx, spacing_zyx), present, min_dice=fast_dice,
                what=f"auto ({auto.network_path})")

@@ -64,7 +64,7 @@ def test_fast_path_is_available_on_this_cpu():
         pytest.skip("this CPU has no native bf16 (amx_bf16 / avx512_bf16 flags): fast-path fidelity not checked")
     net = torch.jit.trace(_HeadNet().eval(), torch.zeros(1, 1, 4, 4, 4))
     runner = FastestCandidate(candidates_for([net], CPU, resolve_precision("fast", CPU)))
-    assert runner.pin("bf16").dtype == torch.bfloat16
+    assert runner.pin("torchscript bf16 autocast, fp32 head").dtype == torch.bfloat16
     x = torch.randn(1, 1, 8, 8, 8)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         # all but the segmentation head (see test_segmentation_head_runs_in_fp32_under_autocast) runs in bf16
@@ -165,7 +165,7 @@ def test_openvino_is_a_fast_candidate_where_installed():
     x = torch.randn(1, 1, 6, 8, 8)
     net = torch.jit.trace(_HeadNet().eval(), x)
     names = [c.name for c in candidates_for([net], CPU, torch.bfloat16, optimize=False, tile_shape=(1, 6, 8, 8))]
-    assert names == ["torchscript bf16 autocast, fp32 head", "openvino bf16, fp32 head"]
+    assert names == ["openvino bf16, fp32 head", "torchscript bf16 autocast, fp32 head"]
     assert [c.name for c in candidates_for([net], CPU, None, tile_shape=(1, 6, 8, 8))] == [
         "torchscript fp32", "torchscript frozen fp32"]  # the exact path never runs it
     ov = FastestCandidate(candidates_for([net], CPU, torch.bfloat16, optimize=False, tile_shape=(1, 6, 8, 8)))

@@ -240,15 +240,17 @@ def candidates_for(networks: Sequence, device: torch.device, dtype: torch.dtype 
     # then loses least in absolute terms (a small network's tiles are cheap whichever path runs them).
     out = []
     if dtype is not None:
-        # Plain fp32 never beats bf16 autocast on a CPU with native bf16; the frozen fp32 graph can (small nets).
-        fast, suffix = _fast_networks(networks)
-        out.append(Candidate(f"torchscript {_DTYPE_NAMES[dtype]} autocast{suffix}", fast, dtype))
         if tile_shape is not None and dtype == torch.bfloat16:
             from .openvino_runtime import openvino_bf16
 
+            # First where installed: per tile it beat every TorchScript path on the medium and realistic-size
+            # networks (bench/bench_runtimes.py), and a one-tile run never gets to time the others.
             compiled = openvino_bf16(networks, tile_shape)
             if compiled is not None:
                 out.append(Candidate("openvino bf16, fp32 head", compiled, dtype))
+        # Plain fp32 never beats bf16 autocast on a CPU with native bf16; the frozen fp32 graph can (small nets).
+        fast, suffix = _fast_networks(networks)
+        out.append(Candidate(f"torchscript {_DTYPE_NAMES[dtype]} autocast{suffix}", fast, dtype))
     elif not optimize:
         out.append(Candidate("torchscript fp32", networks))
     fused = [frozen(n) for n in networks] if optimize is not False else [None]
