@@ -166,24 +166,16 @@ def nnunet_peak_estimate(n_classes: int, net_shape, shape) -> int:
 
 
 def run_segmap(model_path, image, spacing, mirroring, precision, device):
-    """``precision`` is a setting value, or ``fast+openvino``: ``fast`` runs the TorchScript paths only (what a
-    default install runs), ``fast+openvino`` lets the engine choose OpenVINO too (the optional extra)."""
-    from segmap.engine import openvino_runtime
-
-    allowed = openvino_runtime.available
-    if precision == "fast+openvino":
-        precision = "fast"
-    else:
-        openvino_runtime.available = lambda: False
-    try:
-        with PeakRSS() as mem:
-            t = time.perf_counter()
-            seg = Segmenter(load_model(model_path),
-                            EngineOptions(device=device, mirroring=mirroring, precision=precision))
-            labels = seg.predict(image, spacing)
-            elapsed = time.perf_counter() - t
-    finally:
-        openvino_runtime.available = allowed
+    """``precision`` is a setting value, or ``fast+openvino``: the fast path with OpenVINO allowed to compete
+    (``EngineOptions.openvino``; the optional extra)."""
+    openvino = precision == "fast+openvino"
+    with PeakRSS() as mem:
+        t = time.perf_counter()
+        seg = Segmenter(load_model(model_path),
+                        EngineOptions(device=device, mirroring=mirroring, precision=precision.split("+")[0],
+                                      openvino=openvino))
+        labels = seg.predict(image, spacing)
+        elapsed = time.perf_counter() - t
     return labels, elapsed, mem.growth, seg
 
 
@@ -197,8 +189,8 @@ def main(argv=None) -> int:
                     help="shrink the field of view to this many tiles per axis (synthetic scenarios; quick checks)")
     ap.add_argument("--mirroring", choices=["off", "on", "both"], default="both")
     ap.add_argument("--precision", default="exact,fast",
-                    help="comma-separated segmap precisions to run (exact, fast, auto, fast+openvino); fast is "
-                         "TorchScript only, fast+openvino lets OpenVINO compete where installed; both are skipped "
+                    help="comma-separated segmap precisions to run (exact, fast, auto, fast+openvino); fast+openvino "
+                         "lets OpenVINO compete (optional extra); both are skipped "
                          "with a note where the CPU has no native bf16")
     ap.add_argument("--no-nnunet", action="store_true", help="segmap only (no reference, no Dice)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -9,6 +9,7 @@ comparison cannot pass).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -36,6 +37,8 @@ DEVICE = os.environ.get("SEGMAP_TEST_DEVICE", "cpu")
 #: The fast path's arithmetic here, or None where there is none (the fast checks are then skipped; see
 #: tests/test_precision.py::test_fast_path_is_available_on_this_cpu for the visible skip).
 FAST = "fp16" if DEVICE.startswith("cuda") else ("bf16" if cpu_has_fast_bf16() else None)
+#: OpenVINO (opt-in, optional extra) is checked too where it is installed.
+OPENVINO = importlib.util.find_spec("openvino") is not None
 #: Per-label Dice bars against nnUNetPredictor: the exact (fp32) path and the fast (bf16/fp16) path.
 EXACT_DICE = 0.999
 FAST_DICE = 0.99
@@ -80,13 +83,15 @@ def compare(tmp_path: Path, trained, image_czyx: np.ndarray, spacing_zyx, *, pla
     result = _check(reference, exact.predict(image_czyx, spacing_zyx), present, min_dice=exact_dice, what="exact")
     assert exact.precision_used == "fp32"
     if FAST:
-        fast = Segmenter(model, EngineOptions(device=DEVICE, mirroring=mirroring, precision="fast"))
+        fast = Segmenter(model, EngineOptions(device=DEVICE, mirroring=mirroring, precision="fast",
+                                              openvino=OPENVINO))
         # Every reduced-precision way the engine may choose, each pinned so that it is what is checked: TorchScript
-        # autocast and, where the optional openvino extra is installed, OpenVINO bf16.
+        # autocast and, where the optional openvino extra is installed, OpenVINO bf16 (opt-in).
         paths = [c.name for c in fast.runner.candidates if c.precision == FAST]
         assert any(p.startswith("torchscript") for p in paths), paths
         for path in paths:
-            pinned = Segmenter(model, EngineOptions(device=DEVICE, mirroring=mirroring, precision="fast"))
+            pinned = Segmenter(model, EngineOptions(device=DEVICE, mirroring=mirroring, precision="fast",
+                                                    openvino=OPENVINO))
             pinned.runner.pin(path)
             _check(reference, pinned.predict(image_czyx, spacing_zyx), present, min_dice=fast_dice,
                    what=f"fast {FAST} ({path})")

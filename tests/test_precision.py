@@ -176,3 +176,21 @@ def test_openvino_is_a_fast_candidate_where_installed():
         assert torch.allclose(out, ref, atol=0.05, rtol=0.02)  # bf16 body
         with pytest.raises(ValueError, match="compiled for"):
             ov_net(torch.randn(1, 1, 6, 8, 10))
+
+
+def test_openvino_only_when_asked_for_and_installed(monkeypatch, caplog):
+    if not cpu_has_fast_bf16():
+        pytest.skip("this CPU has no native bf16: there is no fast path to add OpenVINO to")
+    from pathlib import Path
+
+    from segmap.engine import Segmenter, openvino_runtime
+    from segmap.model import load_model
+
+    model = load_model(Path(__file__).resolve().parents[1] / "models" / "demo-spleen" / "model.ts")
+    default = Segmenter(model, EngineOptions(precision="fast"))
+    assert not any("openvino" in c.name for c in default.runner.candidates)  # opt-in, installed or not
+    monkeypatch.setattr(openvino_runtime, "available", lambda: False)
+    with caplog.at_level("WARNING", logger="segmap.engine"):
+        asked = Segmenter(model, EngineOptions(precision="fast", openvino=True))
+    assert not any("openvino" in c.name for c in asked.runner.candidates)
+    assert "openvino package is not installed" in caplog.text

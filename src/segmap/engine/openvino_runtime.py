@@ -1,10 +1,12 @@
-"""OpenVINO as one more fast-path candidate on the CPU, where the optional ``openvino`` package is installed.
+"""OpenVINO as one more fast-path candidate on the CPU: opt-in (``EngineOptions.openvino``), where the optional
+``openvino`` package is installed.
 
-Measured per 128^3 tile on nnU-Net's default CT network (6 stages, 32..320 features; 2 threads, bench/bench_runtimes.py):
-torch bf16 autocast 3.1 s, OpenVINO bf16 1.1 s; on the 5-stage medium network 1.7 s against 0.54 s. The exact path
-never uses it (its fp32 is not torch's fp32 bit for bit: logits differ by up to ~1e-2), and it is only a
-candidate: the engine times it against the TorchScript paths on the first tiles like any other and keeps the
-fastest, so a host where it is slower loses nothing but the trial tiles.
+Measured per 128^3 tile on nnU-Net's default CT network (6 stages, 32..320 features; 2 threads,
+bench/bench_runtimes.py): torch bf16 autocast 3.1 s, OpenVINO bf16 1.1 s; on the 5-stage medium network 1.7 s
+against 0.54 s. Not on by default: OpenVINO's bf16 is further from fp32 than torch's autocast (on the realistic-size
+benchmark, voxel agreement with nnU-Net 0.993 where torch bf16 has 0.996, below the fast path's 99.5 % bar), and
+its first inference pays seconds of kernel compilation, which a short run does not win back. The exact path never
+uses it. Like every candidate it is timed against the TorchScript paths on the first tiles; the fastest is kept.
 """
 
 from __future__ import annotations

@@ -228,8 +228,9 @@ def candidates_for(networks: Sequence, device: torch.device, dtype: torch.dtype 
 
     ``optimize`` picks the CPU's fp32 graph: None both the plain and the frozen/fused one (the faster is kept),
     True only the frozen/fused one (the plain one where torch cannot freeze it), False only the plain one.
-    ``tile_shape`` (``[channels, *patch]``), given on the CPU's bf16 fast path where the optional ``openvino``
-    package is installed, adds OpenVINO bf16 (:mod:`segmap.engine.openvino_runtime`) as a candidate.
+    ``tile_shape`` (``[channels, *patch]``), given on the CPU's bf16 fast path (``EngineOptions.openvino``)
+    where the optional ``openvino`` package is installed, adds OpenVINO bf16
+    (:mod:`segmap.engine.openvino_runtime`) as a candidate.
     """
     if device.type != "cpu":
         if dtype is None:
@@ -243,7 +244,7 @@ def candidates_for(networks: Sequence, device: torch.device, dtype: torch.dtype 
         if tile_shape is not None and dtype == torch.bfloat16:
             from .openvino_runtime import openvino_bf16
 
-            # First where installed: per tile it beat every TorchScript path on the medium and realistic-size
+            # First when asked for: per tile it beat every TorchScript path on the medium and realistic-size
             # networks (bench/bench_runtimes.py), and a one-tile run never gets to time the others.
             compiled = openvino_bf16(networks, tile_shape)
             if compiled is not None:
