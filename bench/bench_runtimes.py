@@ -11,10 +11,10 @@ For each network (``--nets``: the bundled demo model, the medium and the realist
   ``INFERENCE_PRECISION_HINT`` f32 or bf16 (bf16 only where OpenVINO reports the capability), and bf16 with
   the segmentation head in fp32 in torch: segmap's OpenVINO fast-path candidate (``pip install segmap[openvino]``).
 
-It prints the median time per tile over ``--repeat`` runs after warm-up (three warm-up calls for TorchScript, whose
-profiling executor optimises on the first calls; one for the others), the speed-up against torch fp32 and against torch's best path of the same arithmetic,
-and the agreement with torch fp32: largest absolute logit difference, voxel agreement of the tile's argmax and the
-smallest Dice over the labels present. Runtimes that are not installed are reported as such, not failed:
+It prints the median time per tile over ``--repeat`` runs after warm-up (three calls for TorchScript, whose
+profiling executor optimises on the first calls; one for the others), the speed-up against torch fp32 and against
+torch's best path of the same arithmetic, and the agreement with torch fp32: largest absolute logit difference,
+voxel agreement of the tile's argmax and the smallest Dice over the labels present. Runtimes that are not installed are reported as such, not failed:
 ``pip install onnxruntime openvino`` (neither is a segmap dependency).
 
     .venv/bin/python bench/bench_runtimes.py --nets demo,medium-net --threads 2
