@@ -45,7 +45,7 @@ class EngineOptions:
     #: nnU-Net-sized ones; logits within ~1e-6); True only the fused graph, False only the plain one.
     optimize: bool | None = None
     #: Let OpenVINO bf16 (the optional ``openvino`` extra) compete on the CPU's bf16 fast path. Off by default:
-    #: faster per tile on nnU-Net-sized networks (about 1.6-2.7x torch bf16) but further from fp32 than torch's
+    #: faster per tile on nnU-Net-sized networks (about 1.4x torch bf16) but further from fp32 than torch's
     #: autocast (voxel agreement 0.993 against nnU-Net on the realistic-size benchmark where torch bf16 has 0.996),
     #: and its first tile pays seconds of compilation. See :mod:`segmap.engine.openvino_runtime`.
     openvino: bool = False
