@@ -48,6 +48,7 @@ from nnunet_reference import dice_per_label, nnunet_predict  # noqa: E402
 from segmap.demo.phantom import make_phantom  # noqa: E402
 from segmap_tools.plans import build_network, make_dataset_json, make_plans, write_nnunet_results_folder  # noqa: E402
 from segmap.engine import EngineOptions, Segmenter  # noqa: E402
+from segmap.engine.openvino_runtime import available as openvino_available  # noqa: E402
 from segmap.engine.precision import cpu_has_fast_bf16  # noqa: E402
 from segmap.model import export_monet, load_model  # noqa: E402
 
@@ -165,9 +166,14 @@ def nnunet_peak_estimate(n_classes: int, net_shape, shape) -> int:
 
 
 def run_segmap(model_path, image, spacing, mirroring, precision, device):
+    """``precision`` is a setting value, or ``fast+openvino``: the fast path with OpenVINO allowed to compete
+    (``EngineOptions.openvino``; the optional extra)."""
+    openvino = precision == "fast+openvino"
     with PeakRSS() as mem:
         t = time.perf_counter()
-        seg = Segmenter(load_model(model_path), EngineOptions(device=device, mirroring=mirroring, precision=precision))
+        seg = Segmenter(load_model(model_path),
+                        EngineOptions(device=device, mirroring=mirroring, precision=precision.split("+")[0],
+                                      openvino=openvino))
         labels = seg.predict(image, spacing)
         elapsed = time.perf_counter() - t
     return labels, elapsed, mem.growth, seg
@@ -183,8 +189,9 @@ def main(argv=None) -> int:
                     help="shrink the field of view to this many tiles per axis (synthetic scenarios; quick checks)")
     ap.add_argument("--mirroring", choices=["off", "on", "both"], default="both")
     ap.add_argument("--precision", default="exact,fast",
-                    help="comma-separated segmap precisions to run (exact, fast, auto); fast is skipped with a note "
-                         "where the CPU has no native bf16")
+                    help="comma-separated segmap precisions to run (exact, fast, auto, fast+openvino); fast+openvino "
+                         "lets OpenVINO compete (optional extra); both are skipped "
+                         "with a note where the CPU has no native bf16")
     ap.add_argument("--no-nnunet", action="store_true", help="segmap only (no reference, no Dice)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cpu", help="cpu or cuda (both sides; peak memory is host memory)")
@@ -199,9 +206,13 @@ def main(argv=None) -> int:
             ap.error("--tiles needs a synthetic scenario (medium-net, realistic, many-class)")
         shape = shape_for_tiles(args.tiles, sc["patch"], sc["target"], spacing)
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
-    if "fast" in precisions and args.device == "cpu" and not cpu_has_fast_bf16():
-        print("note: this CPU has no native bf16 (amx_bf16/avx512_bf16): fast would run exact; skipped")
-        precisions.remove("fast")
+    for fast in ("fast", "fast+openvino"):
+        if fast in precisions and args.device == "cpu" and not cpu_has_fast_bf16():
+            print(f"note: this CPU has no native bf16 (amx_bf16/avx512_bf16): {fast} would run exact; skipped")
+            precisions.remove(fast)
+    if "fast+openvino" in precisions and not openvino_available():
+        print("note: openvino is not installed (pip install segmap[openvino]): fast+openvino skipped")
+        precisions.remove("fast+openvino")
     mirrorings = {"off": [False], "on": [True], "both": [False, True]}[args.mirroring]
 
     rows = []
@@ -244,7 +255,7 @@ def main(argv=None) -> int:
                            stages={k: round(v, 3) for k, v in seg.timings.items()})
                 outside = elapsed - seg.timings.get("network", 0.0)
                 row["outside_network_share"] = outside / elapsed
-                line = (f"  mirroring {'on ' if mirroring else 'off'} segmap {precision:<6}        {elapsed:8.2f} s  "
+                line = (f"  mirroring {'on ' if mirroring else 'off'} segmap {precision:<13} {elapsed:8.2f} s  "
                         f"peak +{growth / 2**20:7.0f} MiB  [{seg.network_path}; "
                         f"network {seg.timings['network']:.2f} s, "
                         f"outside it {100 * row['outside_network_share']:.1f} %]")

@@ -9,7 +9,7 @@ import torch
 
 from segmap.engine import EngineOptions
 from segmap.engine.precision import (Candidate, FastestCandidate, candidates_for, cpu_bf16_flags, cpu_has_fast_bf16,
-                                     resolve_precision)
+                                     fp32_head, resolve_precision)
 from segmap.engine.sliding_window import sliding_window_logits
 from segmap.errors import SegmapError
 
@@ -62,12 +62,13 @@ def test_fast_path_is_available_on_this_cpu():
     """Makes a missing bf16 path visible: without it the fast-path fidelity checks in test_fidelity do not run."""
     if not cpu_has_fast_bf16():
         pytest.skip("this CPU has no native bf16 (amx_bf16 / avx512_bf16 flags): fast-path fidelity not checked")
-    net = torch.jit.trace(torch.nn.Conv3d(1, 2, 3, padding=1).eval(), torch.zeros(1, 1, 4, 4, 4))
+    net = torch.jit.trace(_HeadNet().eval(), torch.zeros(1, 1, 4, 4, 4))
     runner = FastestCandidate(candidates_for([net], CPU, resolve_precision("fast", CPU)))
-    assert runner.pin("bf16").dtype == torch.bfloat16
+    assert runner.pin("torchscript bf16 autocast, fp32 head").dtype == torch.bfloat16
     x = torch.randn(1, 1, 8, 8, 8)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert runner.chosen.networks[0](x).dtype == torch.bfloat16
+        # all but the segmentation head (see test_segmentation_head_runs_in_fp32_under_autocast) runs in bf16
+        assert runner.chosen.networks[0].body(x).dtype == torch.bfloat16
 
 
 class Sleepy(torch.nn.Module):
@@ -115,3 +116,81 @@ def test_float16_overflow_reruns_in_float32(caplog):
     assert torch.isfinite(logits).all() and torch.allclose(logits, torch.full_like(logits, 1e5))
     assert "overflow float16" in caplog.text
     assert sliding_window_logits(data, [Sleepy(0.0, 3.0)], (10, 10, 10), 2, device=CPU).dtype == torch.float16
+
+
+class _HeadNet(torch.nn.Module):
+    def __init__(self, relu_last: bool = False):
+        super().__init__()
+        self.body = torch.nn.Conv3d(1, 8, 3, padding=1)
+        self.head = torch.nn.Conv3d(8, 3, 1)
+        self.relu_last = relu_last
+
+    def forward(self, x):
+        y = self.head(torch.nn.functional.leaky_relu(self.body(x)))
+        return torch.relu(y) if self.relu_last else y
+
+
+def test_segmentation_head_runs_in_fp32_under_autocast():
+    """The fast path keeps the last convolution (the logits) in fp32: bf16 there moved region voxels across 0."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 6, 8, 8)
+    net = torch.jit.trace(_HeadNet().eval(), x)
+    split = fp32_head(net)
+    assert split is not None
+    with torch.inference_mode():
+        assert torch.allclose(split(x), net(x), atol=1e-5)  # the same network, cut and rejoined
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, whole = split(x), net(x)
+    assert out.dtype == torch.float32 and whole.dtype == torch.bfloat16
+    # The head's inputs are the bf16 body's, so the output is close to but not the fp32 one; never the bf16 one.
+    assert not torch.equal(out, whole.float())
+    names = [c.name for c in candidates_for([net], CPU, torch.bfloat16, optimize=False)]
+    assert names == ["torchscript bf16 autocast, fp32 head"]
+
+
+def test_a_network_not_ending_in_a_convolution_runs_whole():
+    x = torch.randn(1, 1, 6, 8, 8)
+    net = torch.jit.trace(_HeadNet(relu_last=True).eval(), x)
+    assert fp32_head(net) is None
+    assert [c.name for c in candidates_for([net], CPU, torch.bfloat16, optimize=False)] == [
+        "torchscript bf16 autocast"]
+    assert fp32_head(Sleepy(0, 1.0)) is None  # not TorchScript at all
+
+
+def test_openvino_is_a_fast_candidate_where_installed():
+    pytest.importorskip("openvino", reason="the optional openvino extra is not installed")
+    if not cpu_has_fast_bf16():
+        pytest.skip("this CPU has no native bf16: OpenVINO is only a bf16 fast-path candidate")
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 6, 8, 8)
+    net = torch.jit.trace(_HeadNet().eval(), x)
+    names = [c.name for c in candidates_for([net], CPU, torch.bfloat16, optimize=False, tile_shape=(1, 6, 8, 8))]
+    assert names == ["openvino bf16, fp32 head", "torchscript bf16 autocast, fp32 head"]
+    assert [c.name for c in candidates_for([net], CPU, None, tile_shape=(1, 6, 8, 8))] == [
+        "torchscript fp32", "torchscript frozen fp32"]  # the exact path never runs it
+    ov = FastestCandidate(candidates_for([net], CPU, torch.bfloat16, optimize=False, tile_shape=(1, 6, 8, 8)))
+    ov_net = ov.pin("openvino bf16, fp32 head").networks[0]
+    with torch.inference_mode():
+        out, ref = ov_net(x), net(x)
+        assert out.dtype == torch.float32 and out.shape == ref.shape
+        assert torch.allclose(out, ref, atol=0.05, rtol=0.02)  # bf16 body
+        with pytest.raises(ValueError, match="compiled for"):
+            ov_net(torch.randn(1, 1, 6, 8, 10))
+
+
+def test_openvino_only_when_asked_for_and_installed(monkeypatch, caplog):
+    if not cpu_has_fast_bf16():
+        pytest.skip("this CPU has no native bf16: there is no fast path to add OpenVINO to")
+    from pathlib import Path
+
+    from segmap.engine import Segmenter, openvino_runtime
+    from segmap.model import load_model
+
+    model = load_model(Path(__file__).resolve().parents[1] / "models" / "demo-spleen" / "model.ts")
+    default = Segmenter(model, EngineOptions(precision="fast"))
+    assert not any("openvino" in c.name for c in default.runner.candidates)  # opt-in, installed or not
+    monkeypatch.setattr(openvino_runtime, "available", lambda: False)
+    with caplog.at_level("WARNING", logger="segmap.engine"):
+        asked = Segmenter(model, EngineOptions(precision="fast", openvino=True))
+    assert not any("openvino" in c.name for c in asked.runner.candidates)
+    assert "openvino package is not installed" in caplog.text

@@ -1,0 +1,89 @@
+"""OpenVINO as one more fast-path candidate on the CPU: opt-in (``EngineOptions.openvino``), where the optional
+``openvino`` package is installed.
+
+Measured per 128^3 tile on nnU-Net's default CT network (6 stages, 32..320 features; 2 threads,
+bench/bench_runtimes.py): torch bf16 autocast (fp32 head) 2.7 s, this candidate 1.9 s, OpenVINO bf16 with the
+head in bf16 too 1.1 s (cutting the head off costs OpenVINO fusion and a 32-channel fp32 output); on the 5-stage
+medium network 204, 140 and 90 ms. The head stays in fp32 all the same: in bf16 it failed the region-based
+fidelity case (Dice 0.989), as torch's did. Not on by default: OpenVINO's bf16 is further from fp32 than torch's autocast (on the realistic-size
+benchmark, voxel agreement with nnU-Net 0.993 where torch bf16 has 0.996, below the fast path's 99.5 % bar), and
+its first inference pays seconds of kernel compilation, which a short run does not win back. The exact path never
+uses it. Like every candidate it is timed against the TorchScript paths on the first tiles; the fastest is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Sequence
+
+import numpy as np
+import torch
+
+log = logging.getLogger("segmap.engine")
+
+
+def available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class OpenVinoNetwork:
+    """A TorchScript network converted and compiled by OpenVINO for one input shape; called like the network."""
+
+    def __init__(self, network, example: torch.Tensor, hint: str, threads: int):
+        import openvino as ov
+
+        core = ov.Core()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript deprecation warnings from the conversion
+            model = ov.convert_model(network, example_input=example)
+        self.shape = tuple(example.shape)
+        self.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                                          "INFERENCE_NUM_THREADS": int(threads)})
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape) != self.shape:
+            raise ValueError(f"OpenVINO network compiled for {self.shape}, called with {tuple(x.shape)}")
+        out = self.request.infer([np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)])
+        return torch.from_numpy(np.array(out[self.compiled.output(0)], dtype=np.float32, copy=True))
+
+
+def bf16_capable() -> bool:
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def openvino_bf16(networks: Sequence, tile_shape: Sequence[int]) -> list | None:
+    """The networks compiled by OpenVINO in bf16 for ``[1, *tile_shape]`` inputs, all but their segmentation head
+    (which runs in fp32 in torch), or None (not installed, no bf16
+    on this CPU, or a network it cannot convert: logged, and the TorchScript paths run)."""
+    if not available():
+        return None
+    try:
+        if not bf16_capable():
+            log.info("OpenVINO reports no bf16 on this CPU: not a fast-path candidate")
+            return None
+        from .precision import fp32_head
+
+        example = torch.zeros((1, *tile_shape), dtype=torch.float32)
+        out = []
+        for n in networks:
+            # The segmentation head stays in fp32 here too (see precision.Fp32Head): with it in bf16 OpenVINO
+            # gave Dice 0.989 on the region-based fidelity case, the same miss as torch's whole-network bf16.
+            split = fp32_head(n)
+            if split is None:
+                log.info("segmentation head could not be split off: OpenVINO is not a fast-path candidate")
+                return None
+            split.body = OpenVinoNetwork(split.body, example, "bf16", torch.get_num_threads())
+            out.append(split)
+        return out
+    except Exception as e:
+        log.warning("OpenVINO could not compile the network (%s: %s); running TorchScript only", type(e).__name__,
+                    str(e).splitlines()[0][:200] if str(e) else "")
+        return None
