@@ -115,6 +115,18 @@ def engine():
     return api
 
 
+@pytest.fixture(autouse=True)
+def _signal_mask_restored():
+    """A test that calls ``segmap.cli.main(["run", ...])`` in this process installs segmap.shutdown, which blocks
+    SIGTERM/SIGINT in the main thread; every process started afterwards (Orthanc, storescp, PostgreSQL, `segmap
+    serve`) would inherit the blocked mask and ignore its SIGTERM. Put the mask back after each test."""
+    import signal
+
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    yield
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 # ------------------------------------------------------------------------------------------------ test tiers
 
 #: Tier of each test file that is not a fast unit test. `make test-fast` runs `-m unit` (everything not listed);

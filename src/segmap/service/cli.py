@@ -110,19 +110,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = max(0.0, seconds)
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    return f"{seconds / 3600:.1f}h"
-
-
 def _cmd_jobs(args: argparse.Namespace) -> int:
     from .store import JobStore
+    from .web import human_seconds
 
     config = _load(args)
     location = config.store_location
@@ -136,10 +126,10 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
             return 0
         counts = store.count_by_state()
         print("  ".join(f"{k}: {v}" for k, v in counts.items()))
-        print(f"{'KEY':<12} {'MAP':<12} {'STATE':<10} {'TRY':<5} {'AGE':>5} {'TIME':>6} {'WORKER':<12} SERIES / ERROR")
+        print(f"{'KEY':<12} {'MAP':<12} {'STATE':<10} {'TRY':<5} {'AGE':>9} {'TIME':>9} {'WORKER':<12} SERIES / ERROR")
         for j in jobs:
             print(f"{j.key[:12]:<12} {j.map_name[:12]:<12} {j.state:<10} {j.attempts}/{j.max_attempts:<3} "
-                  f"{_age(j.age_s):>5} {_age(j.duration_s):>6} {(j.worker or '-')[:12]:<12} "
+                  f"{human_seconds(j.age_s):>9} {human_seconds(j.duration_s):>9} {(j.worker or '-')[:12]:<12} "
                   f"{j.error or j.series_uid}")
         return 0
     if args.action == "series":

@@ -277,23 +277,30 @@ def _http_failure(name: str, what: str, error: Exception) -> Exception:
 
 
 @dataclass
-class OrthancDestination:
-    """An Orthanc server: ``POST /instances`` per file, confirmed by ``POST /tools/lookup`` of each SOP UID."""
+class _HttpDestination:
+    """What the HTTP destinations share: a base URL, optional basic-auth credentials, a per-request timeout."""
 
     name: str
     url: str
     username: str | None = None
     password: str | None = None
     timeout_s: float = 30.0
-    kind: str = "orthanc"
 
     KEYS = {"kind", "url", "username", "password", "timeout_s"}
+    DEFAULT_TIMEOUT_S = 30.0
 
     @classmethod
-    def from_config(cls, name: str, cfg: Mapping[str, Any]) -> "OrthancDestination":
+    def from_config(cls, name: str, cfg: Mapping[str, Any]):
         c = _Checker(name, cfg, cls.KEYS)
         return cls(name=name, url=c.url("url"), username=c.optional_text("username"),
-                   password=c.optional_text("password"), timeout_s=c.positive("timeout_s", 30.0))
+                   password=c.optional_text("password"), timeout_s=c.positive("timeout_s", cls.DEFAULT_TIMEOUT_S))
+
+
+@dataclass
+class OrthancDestination(_HttpDestination):
+    """An Orthanc server: ``POST /instances`` per file, confirmed by ``POST /tools/lookup`` of each SOP UID."""
+
+    kind: str = "orthanc"
 
     def _session(self):
         import requests
@@ -346,23 +353,13 @@ class OrthancDestination:
 
 
 @dataclass
-class StowDestination:
+class StowDestination(_HttpDestination):
     """A DICOMweb server: STOW-RS of the files (dicomweb-client), confirmed by QIDO-RS per SOP Instance UID."""
 
-    name: str
-    url: str
-    username: str | None = None
-    password: str | None = None
     timeout_s: float = 60.0
     kind: str = "stow"
 
-    KEYS = {"kind", "url", "username", "password", "timeout_s"}
-
-    @classmethod
-    def from_config(cls, name: str, cfg: Mapping[str, Any]) -> "StowDestination":
-        c = _Checker(name, cfg, cls.KEYS)
-        return cls(name=name, url=c.url("url"), username=c.optional_text("username"),
-                   password=c.optional_text("password"), timeout_s=c.positive("timeout_s", 60.0))
+    DEFAULT_TIMEOUT_S = 60.0
 
     def _client(self):
         import requests

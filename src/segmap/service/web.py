@@ -138,7 +138,8 @@ def _page(title: str, body: str, refresh: bool = True) -> bytes:
             f"<style>{_CSS}</style></head><body>{body}</body></html>").encode()
 
 
-def _seconds(value: float | None) -> str:
+def human_seconds(value: float | None) -> str:
+    """A duration for people: "12.0 s", "3.5 min", "1.2 h", "2.0 d" ("" for none)."""
     if value is None:
         return ""
     value = max(0.0, value)
@@ -171,8 +172,8 @@ def job_list_page(store: JobStore, state: str | None = None) -> bytes:
         rows.append(
             f'<tr class="job" data-key="{_E(j.key)}"><td><a href="/jobs/{_E(j.key[:12])}"><code>{_E(j.key[:12])}'
             f'</code></a></td><td>{_E(j.map_name)}</td><td class="state-{_E(j.state)}">{_E(j.state)}</td>'
-            f'<td class="num">{j.attempts}/{j.max_attempts}</td><td class="num">{_seconds(j.age_s)}</td>'
-            f'<td class="num">{_seconds(j.duration_s)}</td><td>{_E(j.node or "")} {_E(j.worker or "")}</td>'
+            f'<td class="num">{j.attempts}/{j.max_attempts}</td><td class="num">{human_seconds(j.age_s)}</td>'
+            f'<td class="num">{human_seconds(j.duration_s)}</td><td>{_E(j.node or "")} {_E(j.worker or "")}</td>'
             f'<td><code>{_E(j.series_uid)}</code> v{j.version} ({j.instance_count})</td>'
             f'<td class="err">{_E(j.error or "")}</td></tr>')
     table = ("<table><thead><tr><th>job</th><th>MAP</th><th>state</th><th>attempts</th><th>age</th>"
@@ -191,7 +192,7 @@ def job_detail_page(store: JobStore, job: Job) -> bytes:
     for name in ("received_at", "created_at", "updated_at", "started_at", "run_finished_at", "finished_at",
                  "export_started_at", "next_attempt_at", "lease_expires"):
         fields[name] = _when(fields[name])
-    fields["age"], fields["duration"] = _seconds(job.age_s), _seconds(job.duration_s)
+    fields["age"], fields["duration"] = human_seconds(job.age_s), human_seconds(job.duration_s)
     rows = "".join(f"<tr><th>{_E(k)}</th><td>{_E(_text(v))}</td></tr>" for k, v in fields.items())
     timing_rows = "".join(f"<tr><th>{_E(k)}</th><td class=num>{v:.3f} s</td></tr>" for k, v in timings.items())
     log_text = redact_patient_lines(store.job_log(job))
