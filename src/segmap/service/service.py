@@ -92,6 +92,7 @@ class Service:
         self.web = None
         self._digests: dict[str, str] = {}
         self._watching: set[str] = set()  # keys of the runs this process started or adopted
+        self._held_back: set[int] = set()  # series versions whose "cannot close yet" was logged
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
 
@@ -183,9 +184,11 @@ class Service:
         for version in self.store.due_series(self.cfg.quiet_period_s, now):
             try:
                 self._close(version, now)
-            except (OrthancError, OSError) as e:
-                self._abandon_if_stale(version, now, str(e)) or log.warning(
-                    "series %s v%d: cannot close yet: %s", version.series_uid, version.version, e)
+            except (SegmapError, OSError) as e:  # Orthanc or the engine unreachable, a spool file gone
+                if not self._abandon_if_stale(version, now, str(e)) and version.id not in self._held_back:
+                    self._held_back.add(version.id)  # once per version, not every tick
+                    log.warning("series %s v%d: cannot close yet (retrying every %.1f s): %s", version.series_uid,
+                                version.version, self.cfg.poll_s, e)
 
     def _abandon_if_stale(self, v: SeriesVersion, now: float, why: str) -> bool:
         """A version that could not be closed for :data:`ABANDON_AFTER_S` (e.g. deleted from Orthanc meanwhile) is
@@ -209,9 +212,7 @@ class Service:
         remote = [(i.sop_uid, i.remote_id) for i in instances if not i.path or not Path(i.path).is_file()]
         if remote:
             if self.follower is None:
-                log.warning("series %s v%d: %d instance file(s) are missing from the spool", v.series_uid, v.version,
-                            len(remote))
-                return
+                raise FileNotFoundError(f"{len(remote)} instance file(s) are missing from the spool")
             paths = self.follower.fetch(v.study_uid, v.series_uid, [r for r in remote if r[1]])
             self.store.set_instance_paths(v.id, {Path(p).name[:-4]: str(p) for p in paths})
             instances = self.store.instances(v.id)
