@@ -45,16 +45,22 @@ def test_an_mr_series_does_not_match_and_says_why(tmp_path):
     assert not r.matched and "task rules do not select it" in r.reason and "Modality" in r.reason
 
 
+def _copy_with(ct, folder: Path, **attributes) -> Path:
+    """The phantom series copied into ``folder`` with ``attributes`` set on every instance."""
+    folder.mkdir()
+    for p in ct["dicom_files"]:
+        ds = pydicom.dcmread(p)
+        for keyword, value in attributes.items():
+            setattr(ds, keyword, value)
+        ds.save_as(folder / p.name)
+    return folder
+
+
 def test_trigger_tag_must_contain_the_text(ct, tmp_path):
     (r,) = route(scan_dicom_folder(ct["dicom_dir"]), maps(tag="ImageComments", contains="AI:spleen"), TASKS,
                  never_ours)
     assert not r.matched and "ImageComments" in r.reason
-    folder = tmp_path / "tagged"
-    folder.mkdir()
-    for p in ct["dicom_files"]:
-        ds = pydicom.dcmread(p)
-        ds.ImageComments = "please run ai:SPLEEN"
-        ds.save_as(folder / p.name)
+    folder = _copy_with(ct, tmp_path / "tagged", ImageComments="please run ai:SPLEEN")
     (r,) = route(scan_dicom_folder(folder), maps(tag="ImageComments", contains="AI:spleen"), TASKS, never_ours)
     assert r.matched
 
@@ -77,12 +83,7 @@ def test_our_seg_is_never_a_trigger(ct, tmp_path):
 
 
 def test_an_image_series_we_made_is_never_a_trigger(ct, tmp_path):
-    folder = tmp_path / "ours"
-    folder.mkdir()
-    for p in ct["dicom_files"]:
-        ds = pydicom.dcmread(p)
-        ds.Manufacturer = "segmap"
-        ds.save_as(folder / p.name)
+    folder = _copy_with(ct, tmp_path / "ours", Manufacturer="segmap")
     (r,) = route(scan_dicom_folder(folder), maps(), TASKS, never_ours)
     assert not r.matched and "made by segmap" in r.reason
     (r,) = route(scan_dicom_folder(ct["dicom_dir"]), maps(), TASKS, lambda uid: uid == ct["series_uid"])
