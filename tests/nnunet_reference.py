@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -41,10 +42,12 @@ def make_model_pair(root: Path, state_dicts: Sequence[dict], *, plans: dict, dat
 
 
 def nnunet_predict(results: Path, folds: int, image_czyx: np.ndarray, spacing_zyx, *, mirroring: bool,
-                   device: str = "cpu") -> np.ndarray:
+                   device: str = "cpu", timings: dict | None = None) -> np.ndarray:
     """nnU-Net's own label map for an image already in SimpleITK's (c, z, y, x) order.
 
-    On a GPU nnU-Net keeps everything on the device (its default there); on the CPU there is nothing to move."""
+    On a GPU nnU-Net keeps everything on the device (its default there); on the CPU there is nothing to move.
+    ``timings``, when given, receives ``network``: the seconds spent inside the network's forward calls (module
+    hooks; they change nothing in what runs) and ``calls``: how many there were."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     dev = torch.device(device)
@@ -52,6 +55,23 @@ def nnunet_predict(results: Path, folds: int, image_czyx: np.ndarray, spacing_zy
                                 perform_everything_on_device=dev.type == "cuda", device=dev, verbose=False,
                                 verbose_preprocessing=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(results), use_folds=tuple(range(folds)))
+    if timings is not None:
+        timings.update(network=0.0, calls=0)
+        started: list[float] = []
+
+        def before(module, args):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            started.append(time.perf_counter())
+
+        def after(module, args, output):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            timings["network"] += time.perf_counter() - started.pop()
+            timings["calls"] += 1
+
+        predictor.network.register_forward_pre_hook(before)
+        predictor.network.register_forward_hook(after)
     return predictor.predict_single_npy_array(np.asarray(image_czyx, dtype=np.float32),
                                               {"spacing": [float(s) for s in spacing_zyx]})
 

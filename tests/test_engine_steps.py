@@ -135,3 +135,17 @@ def test_streamed_argmax_equals_full_resampling_then_argmax():
         logits.clone(), pm, pm.get_configuration("3d_fullres"), pm.get_label_manager(ds), props)
     ours = logits_to_labels(logits, shape, spec, spec.target_spacing, props["spacing"])
     assert (ours == ref).mean() > 0.9999
+
+
+def test_label_maps_of_more_than_255_classes_are_uint16_and_exact():
+    """Labels are written with unsigned wrap-around arithmetic; past 255 classes that must still be exact."""
+    from segmap_tools.plans import make_dataset_json, make_plans
+    from segmap.model import parse_spec
+
+    ds = make_dataset_json({"background": 0, **{f"c{i}": i for i in range(1, 300)}})
+    plans = make_plans(patch_size=(16, 16, 16), spacing=(1.0, 1.0, 1.0), normalization_schemes=["ZScoreNormalization"])
+    spec = parse_spec({"plans": plans, "dataset_json": ds, "nnunet_configuration": "3d_fullres"}, {}, "test")
+    logits = torch.from_numpy(np.random.default_rng(4).normal(size=(300, 6, 7, 8)).astype(np.float32))
+    labels = logits_to_labels(logits, (6, 7, 8), spec, spec.target_spacing, spec.target_spacing)
+    assert labels.dtype == np.uint16
+    np.testing.assert_array_equal(labels, logits.numpy().argmax(0))

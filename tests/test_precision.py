@@ -83,14 +83,43 @@ class Sleepy(torch.nn.Module):
         return torch.full((x.shape[0], 2, *x.shape[2:]), self.value)
 
 
-def test_fastest_candidate_is_kept_after_two_tiles_each():
+def test_fastest_candidate_is_kept_after_a_warm_up_and_a_timed_call_each():
     slow, quick = Candidate("slow", [Sleepy(0.03, 1.0)]), Candidate("quick", [Sleepy(0.0, 1.0)])
     runner = FastestCandidate([slow, quick])
     data = torch.zeros(1, 40, 10, 10).numpy()
     logits = sliding_window_logits(data, runner, (10, 10, 10), 2, device=CPU)
     assert runner.chosen is quick
-    assert runner.tiles == {"slow": 2, "quick": 5}  # 7 tiles: 2 + 2 trials, then the rest on the faster
+    assert runner.calls == {"slow": 2, "quick": 5}  # 7 tiles: 2 + 2 trials, then the rest on the faster
     assert torch.allclose(logits.float(), torch.ones_like(logits.float()))
+
+
+def test_with_mirroring_the_choice_is_made_inside_the_first_tile():
+    """Each mirrored copy is a network call: the trials cost calls, not whole tiles of eight calls."""
+    slow, quick = Candidate("slow", [Sleepy(0.02, 1.0)]), Candidate("quick", [Sleepy(0.0, 1.0)])
+    runner = FastestCandidate([slow, quick])
+    logits = sliding_window_logits(torch.zeros(1, 20, 10, 10).numpy(), runner, (10, 10, 10), 2, device=CPU,
+                                   mirror_axes=(0, 1, 2))
+    assert runner.chosen is quick
+    assert runner.calls == {"slow": 2, "quick": 22}  # 3 tiles x 8 copies; 2 + 2 of the first tile's were trials
+    assert torch.allclose(logits.float(), torch.ones_like(logits.float()))
+
+
+def test_each_folds_first_call_is_a_warm_up_not_a_timing():
+    """A fold's first call pays TorchScript's profiling run: it must not count as that candidate's timed call."""
+
+    class FirstCallSlow(Sleepy):
+        def forward(self, x):
+            out = super().forward(x)
+            self.seconds = 0.0
+            return out
+
+    slow = Candidate("slow", [FirstCallSlow(0.05, 1.0), FirstCallSlow(0.05, 1.0)])
+    other = Candidate("other", [Sleepy(0.01, 1.0), Sleepy(0.01, 1.0)])
+    runner = FastestCandidate([slow, other], give_up=100)
+    sliding_window_logits(torch.zeros(1, 40, 10, 10).numpy(), runner, (10, 10, 10), 2, device=CPU)
+    # fold 0 and fold 1 each warm up once; the third call (fold 0 again) is the timed one, and it is fast
+    assert runner.chosen is slow
+    assert runner.seconds["slow"] < 0.01
 
 
 def test_a_candidate_slow_even_to_warm_up_gets_no_second_trial():
@@ -98,7 +127,16 @@ def test_a_candidate_slow_even_to_warm_up_gets_no_second_trial():
     runner = FastestCandidate([quick, slow])
     sliding_window_logits(torch.zeros(1, 40, 10, 10).numpy(), runner, (10, 10, 10), 2, device=CPU)
     assert runner.chosen is quick
-    assert runner.tiles == {"quick": 6, "slow": 1}
+    assert runner.calls == {"quick": 6, "slow": 1}
+
+
+def test_a_long_timed_call_settles_the_choice_without_trying_the_rest():
+    """On nnU-Net-sized networks the first path's calls take seconds; a trial of another costs seconds more."""
+    first, other = Candidate("first", [Sleepy(0.03, 1.0)]), Candidate("other", [Sleepy(0.0, 1.0)])
+    runner = FastestCandidate([first, other], settle=0.02)
+    sliding_window_logits(torch.zeros(1, 40, 10, 10).numpy(), runner, (10, 10, 10), 2, device=CPU)
+    assert runner.chosen is first
+    assert runner.calls == {"first": 7}
 
 
 def test_pin_refuses_a_precision_it_does_not_have():

@@ -8,7 +8,8 @@ medium network 204, 140 and 90 ms. The head stays in fp32 all the same: in bf16 
 fidelity case (Dice 0.989), as torch's did. Not on by default: OpenVINO's bf16 is further from fp32 than torch's autocast (on the realistic-size
 benchmark, voxel agreement with nnU-Net 0.993 where torch bf16 has 0.996, below the fast path's 99.5 % bar), and
 its first inference pays seconds of kernel compilation, which a short run does not win back. The exact path never
-uses it. Like every candidate it is timed against the TorchScript paths on the first tiles; the fastest is kept.
+uses it. Like every candidate it is timed against the TorchScript paths on the first network calls; the fastest
+is kept.
 """
 
 from __future__ import annotations

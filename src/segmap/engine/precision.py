@@ -9,11 +9,18 @@ On the CPU, which variant of a network is fastest depends on its size, not on a 
 frozen, oneDNN-fused TorchScript is 3-6x faster than the plain graph on small networks (32x48x48 patches, <= 256
 features) but about 25 % slower on nnU-Net's default CT network (6 stages, 32..320 features, patch 128^3), where
 bf16 autocast on the plain graph is 2x faster than either fp32 variant yet slower than the fused fp32 graph on small
-networks. So the engine times the allowed candidates on the first tiles of a run (each candidate gets two tiles; the
-second is timed, the first pays TorchScript's profiling warm-up; a candidate whose first tile already took twice
-the best timed tile gets no second) and keeps the fastest for the rest. Every tile is
-computed in full by one candidate, so the result is the same as if that candidate had run every tile, within the
-tolerance of the candidates allowed: exact allows only fp32 variants (logits within ~1e-5 of each other).
+networks. So the engine times the allowed candidates on the first network calls of a run and keeps the fastest
+for the rest. A call is one network on one tile (one mirrored copy of it, with mirroring), so with mirroring the
+choice is made inside the first tile. Each candidate's first call on each fold's network is a warm-up (TorchScript
+profiles its graph on it) and is not compared; the next call is timed. A candidate whose warm-up call already took
+twice the best timed call gets no second call, and once the best timed call takes a second or more the choice is
+made without trying the rest: that is convolution arithmetic, where fusing saves a per-operation overhead that is
+by then a small share (the fused graph is slower there), and each trial call of a slower path costs seconds. The
+candidates are listed best-on-large-networks first, so such a run never leaves the first one.
+
+Trial calls of different candidates may make up one tile's mirrored copies, so the result is the same as if one
+candidate had run every call, within the tolerance of the candidates allowed: exact allows only fp32 variants
+(logits within ~1e-5 of each other), fast also bf16 (or fp16 on CUDA) ones.
 """
 
 from __future__ import annotations
@@ -221,6 +228,17 @@ class Candidate:
     def precision(self) -> str:
         return _DTYPE_NAMES[self.dtype]
 
+    def __call__(self, fold: int, x: torch.Tensor) -> torch.Tensor:
+        """Fold ``fold``'s network on ``x`` in this candidate's arithmetic."""
+        net = self.networks[fold]
+        if x.device.type == "cuda" and self.dtype is None:
+            # Exact on a GPU means fp32 convolutions: cuDNN would otherwise use TF32 (10-bit mantissa).
+            with torch.backends.cudnn.flags(enabled=True, benchmark=torch.backends.cudnn.benchmark,
+                                            deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
+                return net(x)
+        with torch.autocast(x.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            return net(x)
+
 
 def candidates_for(networks: Sequence, device: torch.device, dtype: torch.dtype | None,
                    optimize: bool | None = None, tile_shape: Sequence[int] | None = None) -> list[Candidate]:
@@ -237,7 +255,7 @@ def candidates_for(networks: Sequence, device: torch.device, dtype: torch.dtype 
             return [Candidate("torchscript fp32", networks)]
         fast, suffix = _fast_networks(networks)
         return [Candidate(f"torchscript {_DTYPE_NAMES[dtype]} autocast{suffix}", fast, dtype)]
-    # First the path that is best on large networks: a run too short to time every candidate (one or two tiles)
+    # First the path that is best on large networks: a run too short to time every candidate (a few calls)
     # then loses least in absolute terms (a small network's tiles are cheap whichever path runs them).
     out = []
     if dtype is not None:
@@ -264,49 +282,71 @@ def candidates_for(networks: Sequence, device: torch.device, dtype: torch.dtype 
 
 @dataclass
 class FastestCandidate:
-    """Runs tiles with each candidate in turn until each has a timed tile, then only with the fastest."""
+    """Runs network calls with each candidate in turn until each has a timed call, then only with the fastest."""
 
     candidates: list[Candidate]
-    #: Tiles per candidate while choosing; the last one is timed (the first pays TorchScript's warm-up).
-    trials: int = 2
-    #: A candidate whose first (warm-up) tile took this many times the best timed tile gets no second trial: on
-    #: nnU-Net-sized networks a trial tile of the wrong path costs seconds.
+    #: A candidate whose warm-up call took this many times the best timed call gets no timed call: on
+    #: nnU-Net-sized networks a call of the wrong path costs seconds.
     give_up: float = 2.0
+    #: Once the best timed call takes this long, it is chosen without trying the remaining candidates.
+    settle: float = 1.0
+    #: Seconds of each candidate's last trial call (its warm-up call until it has a timed one).
     seconds: dict[str, float] = field(default_factory=dict)
-    tiles: dict[str, int] = field(default_factory=dict)
+    #: Calls each candidate ran.
+    calls: dict[str, int] = field(default_factory=dict)
     chosen: Candidate | None = None
+    _timed: set = field(default_factory=set)
+    _warm: set = field(default_factory=set)
 
     def __post_init__(self) -> None:
         if len(self.candidates) == 1:
             self.chosen = self.candidates[0]
 
+    @property
+    def folds(self) -> int:
+        return len(self.candidates[0].networks)
+
+    def networks(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """One callable per fold: each call runs on the candidate this runner picks for it."""
+        return [lambda x, k=k: self.call(k, x) for k in range(self.folds)]
+
     def next(self) -> Candidate:
-        """The candidate for the next tile."""
+        """The candidate for the next call."""
         if self.chosen is not None:
             return self.chosen
+        best = self._best_timed()
+        settled = best >= self.settle and best != float("inf")
         for c in self.candidates:
-            n = self.tiles.get(c.name, 0)
-            if n >= self.trials:
+            if c.name in self._timed or settled:
                 continue
-            if n and self.seconds[c.name] > self.give_up * self._best_timed():
-                continue  # even its warm-up tile ruled it out: a second slow tile would be wasted time
+            if c.name in self.seconds and self.seconds[c.name] > self.give_up * best:
+                continue  # even its warm-up call ruled it out: a timed one would be wasted time
             return c
-        self.chosen = min(self.candidates, key=lambda c: self.seconds[c.name])
-        log.info("network path: %s (tile times %s)", self.chosen.name,
+        self.chosen = min((c for c in self.candidates if c.name in self._timed), key=lambda c: self.seconds[c.name])
+        log.info("network path: %s (call times %s)", self.chosen.name,
                  ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.seconds.items()))
         return self.chosen
 
     def _best_timed(self) -> float:
-        done = [self.seconds[c.name] for c in self.candidates if self.tiles.get(c.name, 0) >= self.trials]
-        return min(done, default=float("inf"))
+        return min((self.seconds[name] for name in self._timed), default=float("inf"))
 
-    def record(self, candidate: Candidate, seconds: float) -> None:
-        self.tiles[candidate.name] = self.tiles.get(candidate.name, 0) + 1
-        if self.chosen is None:
-            self.seconds[candidate.name] = seconds
+    def call(self, fold: int, x: torch.Tensor) -> torch.Tensor:
+        candidate = self.next()
+        self.calls[candidate.name] = self.calls.get(candidate.name, 0) + 1
+        if self.chosen is not None:
+            return candidate(fold, x)
+        t = time.perf_counter()
+        out = candidate(fold, x)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)  # so that the call's time is the call's
+        self.seconds[candidate.name] = time.perf_counter() - t
+        if (candidate.name, fold) in self._warm:
+            self._timed.add(candidate.name)
+        self._warm.add((candidate.name, fold))
+        return out
 
     def pin(self, precision: str) -> Candidate:
-        """Run every tile with the candidate named ``precision``, else the first of that arithmetic (fp32, bf16,
+        """Run every call with the candidate named ``precision``, else the first of that arithmetic (fp32, bf16,
         fp16): for measurements and tests that must know what ran. Raises ``ValueError`` when none matches."""
         for c in sorted(self.candidates, key=lambda c: c.name != precision):
             if c.precision == precision or c.name == precision:
@@ -315,13 +355,7 @@ class FastestCandidate:
         raise ValueError(f"no {precision} path among {[c.name for c in self.candidates]}")
 
     def current(self) -> Candidate:
-        """The chosen candidate, or the one that ran the most tiles when the run was too short to choose."""
+        """The chosen candidate, or the one that ran the most calls when the run was too short to choose."""
         if self.chosen is not None:
             return self.chosen
-        return max(self.candidates, key=lambda c: self.tiles.get(c.name, 0))
-
-    def timed(self, candidate: Candidate, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        t = time.perf_counter()
-        out = fn()
-        self.record(candidate, time.perf_counter() - t)
-        return out
+        return max(self.candidates, key=lambda c: self.calls.get(c.name, 0))

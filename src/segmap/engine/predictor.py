@@ -41,7 +41,7 @@ class EngineOptions:
     #: Dice >= 0.99) or "auto" (fast where the hardware has it, else exact). See :mod:`segmap.engine.precision`.
     precision: str = Settings.precision
     #: The CPU's fp32 graph: None (default) times the plain TorchScript graph and torch's frozen, oneDNN-fused
-    #: copy on the first tiles and keeps the faster (fused: 3-6x faster on small networks, ~25 % slower on
+    #: copy on the first network calls and keeps the faster (fused: 3-6x faster on small networks, ~25 % slower on
     #: nnU-Net-sized ones; logits within ~1e-6); True only the fused graph, False only the plain one.
     optimize: bool | None = None
     #: Let OpenVINO bf16 (the optional ``openvino`` extra) compete on the CPU's bf16 fast path. Off by default:
@@ -83,7 +83,7 @@ def logits_to_labels(logits: torch.Tensor, shape: Sequence[int], spec: ModelSpec
                               spec.probabilities_resampling, current_spacing, new_spacing, device=device)
     if spec.has_regions:
         for value, ch in zip(spec.regions_class_order, channels):
-            labels[ch > 0] = value
+            _assign_where(labels, ch > 0, value)
         return labels
     best = None
     for c, ch in enumerate(channels):
@@ -91,9 +91,18 @@ def logits_to_labels(logits: torch.Tensor, shape: Sequence[int], spec: ModelSpec
             best = np.array(ch, dtype=np.float32, copy=True)
             continue
         better = ch > best
-        labels[better] = c
+        _assign_where(labels, better, c)
         np.maximum(best, ch, out=best)
     return labels
+
+
+def _assign_where(labels: np.ndarray, mask: np.ndarray, value: int) -> None:
+    """``labels[mask] = value`` without branches: ``labels += mask * (value - labels)`` in the labels' unsigned
+    type, whose wrap-around makes the sum exactly ``value`` where ``mask`` holds. Near class boundaries the mask
+    flips often, and masked assignment then costs 20x more (0.38 s against 0.02 s on 300x512x512)."""
+    delta = np.subtract(labels.dtype.type(value), labels)
+    delta *= mask
+    labels += delta
 
 
 @dataclass

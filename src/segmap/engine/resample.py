@@ -120,10 +120,31 @@ def _spline_resize(arr: np.ndarray, new_shape: Sequence[int], order: int, axes: 
         for a in axes:
             t = _resample_axis(t, a, new_shape[a], 3, offset=_SPLINE_PAD, n_in=arr.shape[a])
         return t.cpu().numpy()
+    if order == 1 and arr.ndim == 3:
+        return _linear_resize(arr, new_shape, axes, device)
     t = _to(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)), device)
     for a in axes:
         t = _resample_axis(t, a, new_shape[a], order)
     return t.cpu().numpy()
+
+
+def _linear_resize(arr: np.ndarray, new_shape: Sequence[int], axes: Sequence[int],
+                   device: torch.device | None = None) -> np.ndarray:
+    """Order 1 (how logits go back to the input grid) in one pass: torch's linear interpolation with
+    ``align_corners=False`` samples at ``(i + 0.5) * n_in / n_out - 0.5`` and clamps to the edge, which is what
+    ``grid_mode=True, mode='nearest'`` does for a linear spline.
+
+    It runs in float64 because torch computes the sample positions in the tensor's dtype: in float32 they are off
+    by up to ~3e-5 for ratios such as 100/173, in float64 the result equals skimage's to ~1e-15. Still 2.4x (three
+    axes) to 3.2x (in-plane only) faster than three separable passes in float32 on 300x273x273 -> 300x512x512.
+    """
+    t = _to(torch.from_numpy(np.ascontiguousarray(arr)), device).to(torch.float64)
+    size = [int(new_shape[a]) if a in axes else arr.shape[a] for a in range(3)]
+    if 0 not in axes:  # in-plane only: the slices are channels of one 2D interpolation
+        out = torch.nn.functional.interpolate(t[None], size=size[1:], mode="bilinear", align_corners=False)[0]
+    else:
+        out = torch.nn.functional.interpolate(t[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
+    return out.to(torch.float32).cpu().numpy()
 
 
 def _to(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:

@@ -112,10 +112,11 @@ def sliding_window_logits(data: np.ndarray, runner: "FastestCandidate | Sequence
     """Logits ``[num_outputs, *spatial]`` (dtype ``accumulate``, on the CPU) for a preprocessed ``[c, *spatial]``
     array.
 
-    ``runner`` chooses how each tile runs (:class:`~segmap.engine.precision.FastestCandidate`); a plain list of
-    networks runs them in fp32. Weighted sums accumulate in float16 as nnU-Net's predictor does (its Gaussian is
-    float16 too): that is both its result near ties between classes and half the memory of float32 (what makes
-    many-class models fit). Should a sum overflow float16, the window is run again in float32 with a warning.
+    ``runner`` chooses how each network call runs (:class:`~segmap.engine.precision.FastestCandidate`); a plain
+    list of networks runs them as they are. Weighted sums accumulate in float16 as nnU-Net's predictor does (its
+    Gaussian is float16 too): that is both its result near ties between classes and half the memory of float32
+    (what makes many-class models fit). Should a sum overflow float16, the window is run again in float32 with a
+    warning.
     A CUDA out-of-memory error propagates: the caller falls back to the CPU.
     """
     from .precision import Candidate, FastestCandidate
@@ -142,6 +143,7 @@ def sliding_window_logits(data: np.ndarray, runner: "FastestCandidate | Sequence
     g_dtype = np.float16 if accumulate == torch.float16 else np.float32
     g = torch.from_numpy(gaussian_importance(tuple(tile_size), dtype=g_dtype).copy()).to(acc_device)
     source = torch.from_numpy(padded)
+    networks = runner.networks()
     if progress is not None:
         progress(0, len(tiles))
     with torch.inference_mode():
@@ -151,8 +153,7 @@ def sliding_window_logits(data: np.ndarray, runner: "FastestCandidate | Sequence
                 x = x.pin_memory().to(device, non_blocking=True)
             else:
                 x = x.contiguous()
-            candidate = runner.next()
-            pred = runner.timed(candidate, lambda: _run(candidate, x, mirror_axes, device))[0].to(acc_device)
+            pred = predict_tile(networks, x, mirror_axes, batch_mirrors=on_gpu)[0].to(acc_device)
             pred *= g  # float32 times the (float16) weights, as nnU-Net
             weights[sl] += g
             logits[(slice(None), *sl)] += pred
@@ -167,18 +168,3 @@ def sliding_window_logits(data: np.ndarray, runner: "FastestCandidate | Sequence
                                          mirror_axes=mirror_axes, step=step,
                                          accumulate=torch.float32, progress=progress)
     return logits[(slice(None), *unpad)].cpu()
-
-
-def _run(candidate, x: torch.Tensor, mirror_axes: Sequence[int], device: torch.device) -> torch.Tensor:
-    on_gpu = device.type == "cuda"
-    if on_gpu and candidate.dtype is None:
-        # Exact on a GPU means fp32 convolutions: cuDNN would otherwise use TF32 (10-bit mantissa).
-        with torch.backends.cudnn.flags(enabled=True, benchmark=torch.backends.cudnn.benchmark,
-                                        deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
-            out = predict_tile(candidate.networks, x, mirror_axes, batch_mirrors=True)
-    else:
-        with torch.autocast(device.type, dtype=candidate.dtype or torch.float32, enabled=candidate.dtype is not None):
-            out = predict_tile(candidate.networks, x, mirror_axes, batch_mirrors=on_gpu)
-    if on_gpu:
-        torch.cuda.synchronize(device)  # so that the tile's timing is the tile's
-    return out
