@@ -139,6 +139,25 @@ def test_a_long_timed_call_settles_the_choice_without_trying_the_rest():
     assert runner.calls == {"first": 7}
 
 
+def test_a_small_network_path_is_tried_only_while_calls_are_cheap():
+    """The fused fp32 graph on the fast path wins, if ever, on tiny networks; elsewhere its trial costs seconds."""
+    first = Candidate("bf16", [Sleepy(0.02, 1.0)])
+    runner = FastestCandidate([first, Candidate("fused", [Sleepy(0.0, 1.0)], try_below=0.01)])
+    sliding_window_logits(torch.zeros(1, 40, 10, 10).numpy(), runner, (10, 10, 10), 2, device=CPU)
+    assert runner.chosen is first and runner.calls == {"bf16": 7}
+    runner = FastestCandidate([Candidate("bf16", [Sleepy(0.02, 1.0)]),
+                               Candidate("fused", [Sleepy(0.0, 1.0)], try_below=1.0)])
+    sliding_window_logits(torch.zeros(1, 40, 10, 10).numpy(), runner, (10, 10, 10), 2, device=CPU)
+    assert runner.chosen.name == "fused"
+
+
+def test_fast_path_tries_the_fused_fp32_graph_only_for_cheap_calls():
+    net = torch.jit.trace(_HeadNet().eval(), torch.zeros(1, 1, 4, 4, 4))
+    fused = [c for c in candidates_for([net], CPU, torch.bfloat16) if c.precision == "fp32"]
+    assert fused and all(c.try_below is not None for c in fused)
+    assert all(c.try_below is None for c in candidates_for([net], CPU, None))
+
+
 def test_pin_refuses_a_precision_it_does_not_have():
     runner = FastestCandidate([Candidate("torchscript fp32", [Sleepy(0, 0)])])
     with pytest.raises(ValueError, match="no bf16 path"):

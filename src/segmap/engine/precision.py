@@ -16,7 +16,9 @@ profiles its graph on it) and is not compared; the next call is timed. A candida
 twice the best timed call gets no second call, and once the best timed call takes a second or more the choice is
 made without trying the rest: that is convolution arithmetic, where fusing saves a per-operation overhead that is
 by then a small share (the fused graph is slower there), and each trial call of a slower path costs seconds. The
-candidates are listed best-on-large-networks first, so such a run never leaves the first one.
+candidates are listed best-on-large-networks first, so such a run never leaves the first one. On the fast path
+the fused fp32 graph is tried only while a call takes under 0.1 s: it lost to bf16 on every network measured, and
+may win only on tiny ones.
 
 Trial calls of different candidates may make up one tile's mirrored copies, so the result is the same as if one
 candidate had run every call, within the tolerance of the candidates allowed: exact allows only fp32 variants
@@ -223,6 +225,9 @@ class Candidate:
     name: str
     networks: Sequence[Callable]
     dtype: torch.dtype | None = None
+    #: Tried only while the best timed call so far is shorter than this (seconds; None: always tried). For paths
+    #: that win only on small networks, where a trial call is cheap; elsewhere a trial costs seconds.
+    try_below: float | None = None
 
     @property
     def precision(self) -> str:
@@ -274,7 +279,10 @@ def candidates_for(networks: Sequence, device: torch.device, dtype: torch.dtype 
         out.append(Candidate("torchscript fp32", networks))
     fused = [frozen(n) for n in networks] if optimize is not False else [None]
     if all(f is not None for f in fused):
-        out.append(Candidate("torchscript frozen fp32", fused))
+        # Next to bf16 the fused fp32 graph lost on every network measured (demo model 21 against 9 ms a call,
+        # medium 590 against 200 ms, 2 threads, AMX); it may still win on a tiny network on a CPU with slower bf16,
+        # where trying it costs milliseconds. On larger networks its one warm-up call cost 25 % of a medium run.
+        out.append(Candidate("torchscript frozen fp32", fused, try_below=0.1 if dtype is not None else None))
     elif not out:
         out.append(Candidate("torchscript fp32", networks))
     return out
@@ -317,7 +325,7 @@ class FastestCandidate:
         best = self._best_timed()
         settled = best >= self.settle and best != float("inf")
         for c in self.candidates:
-            if c.name in self._timed or settled:
+            if c.name in self._timed or settled or (c.try_below is not None and best >= c.try_below):
                 continue
             if c.name in self.seconds and self.seconds[c.name] > self.give_up * best:
                 continue  # even its warm-up call ruled it out: a timed one would be wasted time
