@@ -265,29 +265,31 @@ def test_orthanc_restart_inside_the_stable_window_loses_nothing(orthanc_server, 
     assert references(orthanc_segs(orthanc_server)[0]) == {study["series_uid"]}
 
 
+def _arrive(service, path: Path) -> None:
+    """One instance as the listener records it, straight into a service ticked by hand in this process."""
+    from segmap.service.store import Arrival
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    stored = service.spool.write(path.read_bytes(), *uids)
+    service.store.record_instance(Arrival("listener", *uids, "CT", path=str(stored)))
+
+
 def test_a_series_that_grows_before_its_job_starts_supersedes_it(images, tmp_path):
     """Completeness is re-checked when the job is claimed: instances that arrived after the series was closed (but
     before its job started) open a new version; the old job is cancelled as superseded, the new one runs."""
     from segmap.service.config import load_config
     from segmap.service.service import Service
-    from segmap.service.store import Arrival
 
     svc_proc = ServiceProcess(tmp_path / "svc", images[0], quiet_period_s=0)
     service = Service(load_config(svc_proc.config_path))  # in this process, ticked by hand; no listener started
     study = phantom(tmp_path / "study", seed=31, slices=12)
-
-    def arrive(path: Path) -> None:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
-        stored = service.spool.write(path.read_bytes(), *uids)
-        service.store.record_instance(Arrival("listener", *uids, "CT", path=str(stored)))
-
     for p in study["dicom_files"][:-1]:
-        arrive(p)
+        _arrive(service, p)
     service.close_due_series()
     (first,) = service.store.list_jobs()
     assert first.state == "queued" and first.instance_count == 11
-    arrive(study["dicom_files"][-1])  # the series grew before the job was claimed
+    _arrive(service, study["dicom_files"][-1])  # the series grew before the job was claimed
     service.claim()
     assert service.store.get_job(first.key).state == "cancelled"
     assert "superseded" in service.store.get_job(first.key).error
@@ -296,3 +298,40 @@ def test_a_series_that_grows_before_its_job_starts_supersedes_it(images, tmp_pat
     done = [j for j in service.store.list_jobs() if j.state == "done"]
     assert len(done) == 1 and done[0].instance_count == 12 and done[0].version == 2
     service.stop()
+
+
+def test_a_run_created_but_never_started_is_started_by_the_next_process(images, tmp_path, monkeypatch):
+    """The service died between creating a job's container and starting it: the next process starts that same
+    container (a 'created' container never starts by itself), and the job finishes with one attempt."""
+    import docker.models.containers
+
+    from segmap.service.config import load_config
+    from segmap.service.service import Service
+
+    config = load_config(ServiceProcess(tmp_path / "svc", images[0], quiet_period_s=0).config_path)
+    first = Service(config)
+    study = phantom(tmp_path / "study", seed=33, slices=12)
+    for p in study["dicom_files"]:
+        _arrive(first, p)
+    first.close_due_series()
+
+    class Died(BaseException):
+        """Stands for kill -9: nothing after it runs, no clean-up."""
+
+    def die(self, *args, **kwargs):
+        raise Died()
+
+    monkeypatch.setattr(docker.models.containers.Container, "start", die)
+    with pytest.raises(Died):
+        first.claim()
+    monkeypatch.undo()
+    (job,) = first.store.list_jobs()
+    assert job.state == "running"
+    assert docker.from_env().containers.get(job.run_name).status == "created"
+
+    second = Service(config)
+    try:
+        wait_for(lambda: (second.tick(), second.store.get_job(job.key).state == "done")[1], 180, "the job done")
+    finally:
+        second.stop()
+    assert second.store.get_job(job.key).attempts == 1

@@ -32,7 +32,7 @@ PROBE_TAG = "segmap-test/runner-probe:ci"
 #: What the probe does: record what it sees, optionally allocate memory, sleep, exit with the chosen code.
 PROBE_SCRIPT = (
     "out=/var/holoscan/output; id -u > $out/uid; ls /sys/class/net > $out/net; "
-    "ls /var/holoscan/input | wc -l > $out/inputs; cat /var/holoscan/input/* > /dev/null && echo yes > $out/readable; "
+    "ls /var/holoscan/input | wc -l > $out/inputs; cat /var/holoscan/input/* > /dev/null 2>&1 && echo yes > $out/readable; "
     "if touch /var/holoscan/input/x 2>$out/input-write; then echo writable >> $out/input-write; fi; "
     "if [ -n \"$ALLOC_MB\" ]; then python3 -c \"b = bytearray($ALLOC_MB * 2**20); import time; time.sleep(5)\"; fi; "
     "echo probe says hello; sleep ${SLEEP_S:-0}; exit ${EXIT_CODE:-0}")
