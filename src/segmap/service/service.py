@@ -315,10 +315,9 @@ class Service:
             self._watching.add(job.key)
             log.info("job %s: adopted container %s (%s) that an earlier service process started", short,
                      job.run_name, status.state)
-            if status.state == "pending":
-                # That process may have died between creating the run and starting it (a Docker container left
-                # 'created' never starts by itself); the runner's start adopts the existing run and finishes that.
-                status = self.runner.start(self._spec(job))
+            # That process may have died between creating the run and starting it (a Docker container left
+            # 'created' never starts by itself): the runner finishes what it left half-done.
+            status = self.runner.adopt(job.run_name)
         if not status.finished:
             return
         self._watching.discard(job.key)

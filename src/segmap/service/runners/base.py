@@ -69,6 +69,10 @@ class Runner(Protocol):
     def status(self, name: str) -> RunStatus:
         """The run's state; ``missing`` when no run of that name exists."""
 
+    def adopt(self, name: str) -> RunStatus:
+        """Take over a run that an earlier process started: finish what that process may have left half-done (a
+        Docker container created but never started), then the run's state."""
+
     def logs(self, name: str, tail: int = 200) -> str:
         """The last ``tail`` lines of the run's output ('' when missing)."""
 

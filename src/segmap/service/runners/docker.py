@@ -235,6 +235,10 @@ class DockerRunner:
                 return container
             time.sleep(0.05)
 
+    def adopt(self, name: str) -> RunStatus:
+        container = self._get(name)
+        return RunStatus("missing") if container is None else self._adopt(container)
+
     def _adopt(self, container) -> RunStatus:
         if container.status == "created":  # the earlier starter died between create and start: finish its work
             try:
