@@ -8,8 +8,8 @@ convolution, which makes the logits), which runs in fp32: see :func:`fp32_head`.
 On the CPU, which variant of a network is fastest depends on its size, not on a rule we could write down: torch's
 frozen, oneDNN-fused TorchScript is 3-6x faster than the plain graph on small networks (32x48x48 patches, <= 256
 features) but about 25 % slower on nnU-Net's default CT network (6 stages, 32..320 features, patch 128^3), where
-bf16 autocast on the plain graph is 2x faster than either fp32 variant yet slower than the fused fp32 graph on small
-networks. So the engine times the allowed candidates on the first network calls of a run and keeps the fastest
+bf16 autocast on the plain graph is 2x faster than either fp32 variant (with AMX, bf16 also beat the fused graph
+on the small networks measured). So the engine times the allowed candidates on the first network calls of a run and keeps the fastest
 for the rest. A call is one network on one tile (one mirrored copy of it, with mirroring), so with mirroring the
 choice is made inside the first tile. Each candidate's first call on each fold's network is a warm-up (TorchScript
 profiles its graph on it) and is not compared; the next call is timed. A candidate whose warm-up call already took
@@ -303,8 +303,8 @@ class FastestCandidate:
     #: Calls each candidate ran.
     calls: dict[str, int] = field(default_factory=dict)
     chosen: Candidate | None = None
-    _timed: set = field(default_factory=set)
-    _warm: set = field(default_factory=set)
+    _timed: set = field(default_factory=set, init=False, repr=False)  # candidates with a timed call
+    _warm: set = field(default_factory=set, init=False, repr=False)  # (candidate, fold) pairs called at least once
 
     def __post_init__(self) -> None:
         if len(self.candidates) == 1:
@@ -323,7 +323,7 @@ class FastestCandidate:
         if self.chosen is not None:
             return self.chosen
         best = self._best_timed()
-        settled = best >= self.settle and best != float("inf")
+        settled = bool(self._timed) and best >= self.settle
         for c in self.candidates:
             if c.name in self._timed or settled or (c.try_below is not None and best >= c.try_below):
                 continue
