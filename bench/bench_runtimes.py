@@ -124,9 +124,9 @@ def openvino_runners(network, x, threads: int) -> dict:
         warnings.simplefilter("ignore")
         model = ov.convert_model(network, example_input=x)
     out = {}
-    from segmap.engine.openvino_runtime import openvino_bf16
+    from segmap.engine.openvino_runtime import openvino_networks
 
-    segmap_ov = openvino_bf16([network], tuple(x.shape[1:]))
+    segmap_ov = openvino_networks([network], tuple(x.shape[1:]), torch.bfloat16)
     if segmap_ov is not None:  # what segmap's fast path runs where the openvino extra is installed
         out["openvino bf16, fp32 head (segmap)"] = (lambda n: lambda t: n(t).numpy())(segmap_ov[0])
     hints = ["f32"] + (["bf16"] if "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES") else [])

@@ -148,3 +148,22 @@ def test_precision_and_seg_type_settings_reach_the_engine_and_the_writer(dicom_s
     report = json.loads((tmp_path / "o" / "run_report.json").read_text())
     assert report["engine"]["precision"] == "exact" and report["engine"]["arithmetic"] == "fp32"
     assert [o["kind"] for o in report["outputs"]] == ["dicom-seg"]  # --no-overlay
+
+
+def test_openvino_setting_reaches_the_engine(dicom_study, tmp_path):
+    """``--openvino`` with ``--precision fast``: OpenVINO competes (installed) or the log says how to install it."""
+    import importlib.util
+
+    proc = subprocess.run([sys.executable, "-m", "segmap.cli", "run", "-m", str(DEMO_MODEL), "-t", str(SPLEEN_TASK),
+                           "-i", str(dicom_study), "-o", str(tmp_path / "o"), "--device", "cpu", "--no-overlay",
+                           "--precision", "fast", "--openvino", "--mirroring"],  # calls enough to choose a path
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "o" / "run_report.json").read_text())
+    assert report["engine"]["precision"] == "fast"
+    if importlib.util.find_spec("openvino") is None:
+        assert "openvino package is not installed" in proc.stderr
+        assert report["engine"]["network_path"].startswith("torchscript")
+    else:  # first among the candidates, so it is always timed (bf16 or fp32 by the CPU)
+        assert "network path:" in proc.stderr and "openvino " in proc.stderr.split("network path:")[1], \
+            proc.stderr[-3000:]

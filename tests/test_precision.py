@@ -61,7 +61,8 @@ def test_auto_follows_the_cpu():
 def test_fast_path_is_available_on_this_cpu():
     """Makes a missing bf16 path visible: without it the fast-path fidelity checks in test_fidelity do not run."""
     if not cpu_has_fast_bf16():
-        pytest.skip("this CPU has no native bf16 (amx_bf16 / avx512_bf16 flags): fast-path fidelity not checked")
+        pytest.skip("this CPU has no native bf16 (amx_bf16 / avx512_bf16 flags): torch's bf16 fast-path fidelity "
+                    "not checked (OpenVINO fp32's is, where the openvino extra is installed)")
     net = torch.jit.trace(_HeadNet().eval(), torch.zeros(1, 1, 4, 4, 4))
     runner = FastestCandidate(candidates_for([net], CPU, resolve_precision("fast", CPU)))
     assert runner.pin("torchscript bf16 autocast, fp32 head").dtype == torch.bfloat16
@@ -217,7 +218,7 @@ def test_a_network_not_ending_in_a_convolution_runs_whole():
 def test_openvino_is_a_fast_candidate_where_installed():
     pytest.importorskip("openvino", reason="the optional openvino extra is not installed")
     if not cpu_has_fast_bf16():
-        pytest.skip("this CPU has no native bf16: OpenVINO is only a bf16 fast-path candidate")
+        pytest.skip("this CPU has no native bf16: OpenVINO bf16 cannot run here (its fp32 is checked instead)")
     torch.manual_seed(0)
     x = torch.randn(1, 1, 6, 8, 8)
     net = torch.jit.trace(_HeadNet().eval(), x)
@@ -235,9 +236,46 @@ def test_openvino_is_a_fast_candidate_where_installed():
             ov_net(torch.randn(1, 1, 6, 8, 10))
 
 
+def test_openvino_fp32_is_the_fast_path_where_the_cpu_has_no_native_bf16():
+    pytest.importorskip("openvino", reason="the optional openvino extra is not installed")
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 6, 8, 8)
+    net = torch.jit.trace(_HeadNet().eval(), x)
+    candidates = candidates_for([net], CPU, None, tile_shape=(1, 6, 8, 8), openvino_fp32=True)
+    assert [c.name for c in candidates] == ["openvino fp32", "torchscript fp32", "torchscript frozen fp32"]
+    # torch's fp32 lost to it on every network measured: tried only while calls are cheap
+    assert [c.try_below for c in candidates] == [None, 0.1, 0.1]
+    assert [c.name for c in candidates_for([net], CPU, None, tile_shape=(1, 6, 8, 8))] == [
+        "torchscript fp32", "torchscript frozen fp32"]  # not asked for: the exact path
+    runner = FastestCandidate(candidates)
+    assert runner.pin("openvino fp32").precision == "fp32"
+    with torch.inference_mode():
+        out, ref = runner.networks()[0](x), net(x)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert torch.allclose(out, ref, atol=1e-3, rtol=1e-3)  # fp32, summed in another order
+
+
+def test_openvino_fp32_only_on_the_fast_path_of_a_cpu_without_native_bf16(monkeypatch, caplog):
+    pytest.importorskip("openvino", reason="the optional openvino extra is not installed")
+    from pathlib import Path
+
+    from segmap.engine import Segmenter, precision
+    from segmap.model import load_model
+
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda *a: False)  # whatever this CPU has
+    model = load_model(Path(__file__).resolve().parents[1] / "models" / "demo-spleen" / "model.ts")
+    for asked in ("fast", "auto"):
+        with caplog.at_level("INFO", logger="segmap.engine"):
+            seg = Segmenter(model, EngineOptions(precision=asked, openvino=True))
+        assert seg.runner.candidates[0].name == "openvino fp32", asked
+        assert "the fast path is OpenVINO fp32" in caplog.text
+    exact = Segmenter(model, EngineOptions(precision="exact", openvino=True))
+    assert not any("openvino" in c.name for c in exact.runner.candidates)
+    plain = Segmenter(model, EngineOptions(precision="fast"))  # not asked for: exact, with a warning
+    assert not any("openvino" in c.name for c in plain.runner.candidates)
+
+
 def test_openvino_only_when_asked_for_and_installed(monkeypatch, caplog):
-    if not cpu_has_fast_bf16():
-        pytest.skip("this CPU has no native bf16: there is no fast path to add OpenVINO to")
     from pathlib import Path
 
     from segmap.engine import Segmenter, openvino_runtime

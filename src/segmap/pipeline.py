@@ -256,7 +256,8 @@ class Inference:
         check_memory_for(image, self.model)
         if self._segmenter is None:
             self._segmenter = _timed(timings, "load_model", lambda: Segmenter(self.model, EngineOptions(
-                device=self.settings.device, mirroring=self.settings.mirroring, precision=self.settings.precision)))
+                device=self.settings.device, mirroring=self.settings.mirroring, precision=self.settings.precision,
+                openvino=self.settings.openvino)))
         labels = _timed(timings, "inference", lambda: self._segmenter.segment(image.volume))
         for k in ("preprocess", "network", "postprocess"):
             timings[f"inference.{k}"] = self._segmenter.timings.get(k, 0.0)

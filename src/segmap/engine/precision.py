@@ -3,7 +3,8 @@
 ``precision`` is ``"exact"``, ``"fast"`` or ``"auto"`` (fast where the hardware has it, else exact). The fast path
 uses autocast, so normalisation layers, softmax-free logits accumulation and everything outside the network stay
 in fp32; only convolutions and matrix products run in the low precision, except the segmentation head (the last
-convolution, which makes the logits), which runs in fp32: see :func:`fp32_head`.
+convolution, which makes the logits), which runs in fp32: see :func:`fp32_head`. On CPUs without native bf16 the
+fast path is OpenVINO's fp32 where OpenVINO is allowed and installed (:mod:`segmap.engine.openvino_runtime`).
 
 On the CPU, which variant of a network is fastest depends on its size, not on a rule we could write down: torch's
 frozen, oneDNN-fused TorchScript is 3-6x faster than the plain graph on small networks (32x48x48 patches, <= 256
@@ -80,18 +81,22 @@ def fast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+def resolve_precision(precision: str, device: torch.device,
+                      use_openvino: bool = False) -> torch.dtype | None:
     """The autocast dtype to use (None: fp32) for a requested ``precision`` on ``device``.
 
-    ``fast`` where the hardware has no fast path runs exact with a warning: a deployed image may land on an older
-    host, and emulated bf16 would be slower than fp32, never faster.
+    ``fast`` where the hardware has no fast path runs exact with a warning (a deployed image may land on an older
+    host, and emulated bf16 would be slower than fp32, never faster), unless ``use_openvino`` (allowed, installed):
+    its fp32 is then the fast path (:func:`candidates_for`).
     """
     if precision not in PRECISIONS:
         raise SegmapError(f"unknown precision '{precision}' (use exact, fast or auto)")
     if precision == "exact":
         return None
     dtype = fast_dtype(device)
-    if dtype is None and precision == "fast":
+    if dtype is None and device.type == "cpu" and use_openvino:
+        log.info("this CPU has no native bf16 (flags %s): the fast path is OpenVINO fp32", "/".join(BF16_CPU_FLAGS))
+    elif dtype is None and precision == "fast":
         log.warning("precision 'fast' requested but this CPU has no native bf16 (flags %s); running exact fp32",
                     "/".join(BF16_CPU_FLAGS))
     return dtype
@@ -246,14 +251,16 @@ class Candidate:
 
 
 def candidates_for(networks: Sequence, device: torch.device, dtype: torch.dtype | None,
-                   optimize: bool | None = None, tile_shape: Sequence[int] | None = None) -> list[Candidate]:
+                   optimize: bool | None = None, tile_shape: Sequence[int] | None = None,
+                   openvino_fp32: bool = False) -> list[Candidate]:
     """The ways to run ``networks`` on ``device`` that the chosen precision allows.
 
     ``optimize`` picks the CPU's fp32 graph: None both the plain and the frozen/fused one (the faster is kept),
     True only the frozen/fused one (the plain one where torch cannot freeze it), False only the plain one.
-    ``tile_shape`` (``[channels, *patch]``), given on the CPU's bf16 fast path (``EngineOptions.openvino``)
-    where the optional ``openvino`` package is installed, adds OpenVINO bf16
-    (:mod:`segmap.engine.openvino_runtime`) as a candidate.
+    ``tile_shape`` (``[channels, *patch]``), given where OpenVINO is allowed (``EngineOptions.openvino``) and the
+    optional ``openvino`` package is installed, adds OpenVINO (:mod:`segmap.engine.openvino_runtime`) as a
+    candidate of the fast path: bf16 on the CPU's bf16 fast path, and fp32 where ``openvino_fp32`` says the fast
+    path was asked for on a CPU without native bf16 (``dtype`` None). The exact path never runs OpenVINO.
     """
     if device.type != "cpu":
         if dtype is None:
@@ -263,28 +270,34 @@ def candidates_for(networks: Sequence, device: torch.device, dtype: torch.dtype 
     # First the path that is best on large networks: a run too short to time every candidate (a few calls)
     # then loses least in absolute terms (a small network's tiles are cheap whichever path runs them).
     out = []
-    if dtype is not None:
-        if tile_shape is not None and dtype == torch.bfloat16:
-            from .openvino_runtime import openvino_bf16
+    openvino_fp32 = openvino_fp32 and dtype is None and tile_shape is not None
+    if tile_shape is not None and (dtype == torch.bfloat16 or openvino_fp32):
+        from .openvino_runtime import openvino_networks
 
-            # First when asked for: per tile it beat every TorchScript path on the medium and realistic-size
-            # networks (bench/bench_runtimes.py), and a one-tile run never gets to time the others.
-            compiled = openvino_bf16(networks, tile_shape)
-            if compiled is not None:
-                out.append(Candidate("openvino bf16, fp32 head", compiled, dtype))
+        # First when asked for: per tile it beat every TorchScript path of its arithmetic on the medium and
+        # realistic-size networks (bench/bench_runtimes.py), and a one-tile run never gets to time the others.
+        compiled = openvino_networks(networks, tile_shape, dtype)
+        if compiled is not None:
+            out.append(Candidate("openvino bf16, fp32 head", compiled, dtype) if dtype is not None
+                       else Candidate("openvino fp32", compiled))
+    # Next to OpenVINO's fp32, torch's fp32 lost on every network measured (about 2x slower per call, AVX2):
+    # tried only while calls are cheap, as the fused graph is next to bf16 below.
+    torch_fp32_below = 0.1 if out and openvino_fp32 else None
+    if dtype is not None:
         # Plain fp32 never beats bf16 autocast on a CPU with native bf16; the frozen fp32 graph can (small nets).
         fast, suffix = _fast_networks(networks)
         out.append(Candidate(f"torchscript {_DTYPE_NAMES[dtype]} autocast{suffix}", fast, dtype))
     elif not optimize:
-        out.append(Candidate("torchscript fp32", networks))
+        out.append(Candidate("torchscript fp32", networks, try_below=torch_fp32_below))
     fused = [frozen(n) for n in networks] if optimize is not False else [None]
     if all(f is not None for f in fused):
         # Next to bf16 the fused fp32 graph lost on every network measured (demo model 21 against 9 ms a call,
         # medium 590 against 200 ms, 2 threads, AMX); it may still win on a tiny network on a CPU with slower bf16,
         # where trying it costs milliseconds. On larger networks its one warm-up call cost 25 % of a medium run.
-        out.append(Candidate("torchscript frozen fp32", fused, try_below=0.1 if dtype is not None else None))
-    elif not out:
-        out.append(Candidate("torchscript fp32", networks))
+        out.append(Candidate("torchscript frozen fp32", fused,
+                             try_below=0.1 if dtype is not None else torch_fp32_below))
+    elif not any(c.name.startswith("torchscript") for c in out):  # the graph that cannot be frozen runs as it is
+        out.append(Candidate("torchscript fp32", networks, try_below=torch_fp32_below))
     return out
 
 

@@ -44,11 +44,12 @@ class EngineOptions:
     #: copy on the first network calls and keeps the faster (fused: 3-6x faster on small networks, ~25 % slower on
     #: nnU-Net-sized ones; logits within ~1e-6); True only the fused graph, False only the plain one.
     optimize: bool | None = None
-    #: Let OpenVINO bf16 (the optional ``openvino`` extra) compete on the CPU's bf16 fast path. Off by default:
-    #: faster per tile on nnU-Net-sized networks (about 1.4x torch bf16) but further from fp32 than torch's
-    #: autocast (voxel agreement 0.993 against nnU-Net on the realistic-size benchmark where torch bf16 has 0.996),
-    #: and its first tile pays seconds of compilation. See :mod:`segmap.engine.openvino_runtime`.
-    openvino: bool = False
+    #: Let OpenVINO (the optional ``openvino`` extra) compete on the CPU's fast path: bf16 where the CPU has native
+    #: bf16 (about 1.4x torch bf16 per tile on nnU-Net-sized networks, but further from fp32: voxel agreement
+    #: 0.993 against nnU-Net on the realistic-size benchmark where torch bf16 has 0.996), fp32 where it has not
+    #: (the only fast path there). Off by default: its first tile pays seconds of compilation. Never on the exact
+    #: path. See :mod:`segmap.engine.openvino_runtime`.
+    openvino: bool = Settings.openvino
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -129,12 +130,14 @@ class Segmenter:
     def _load(self, device: torch.device) -> None:
         self.device = device
         self.networks = self.model.load_networks(str(device))
-        self.runner = FastestCandidate(candidates_for(self.networks, device,
-                                                      resolve_precision(self.options.precision, device),
-                                                      self.options.optimize,
-                                                      tile_shape=self._openvino_tile_shape()))
+        tile_shape = self._openvino_tile_shape() if device.type == "cpu" and self.options.precision != "exact" \
+            else None
+        dtype = resolve_precision(self.options.precision, device, use_openvino=tile_shape is not None)
+        self.runner = FastestCandidate(candidates_for(self.networks, device, dtype, self.options.optimize,
+                                                      tile_shape=tile_shape, openvino_fp32=tile_shape is not None))
 
     def _openvino_tile_shape(self) -> tuple[int, ...] | None:
+        """``[channels, *patch]`` where OpenVINO may compete (asked for and installed), else None."""
         if not self.options.openvino:
             return None
         from .openvino_runtime import available
