@@ -80,9 +80,9 @@ class Settings:
     mirroring: bool = _setting(False, "nnU-Net test-time mirroring over the model's allowed axes (nnU-Net's "
                                "default; 8x the network time in 3D)")
     precision: str = _setting("exact", "network arithmetic: exact (fp32, matches nnU-Net to Dice >= 0.999), fast "
-                              "(bf16 on CPUs with native bf16, fp16 on CUDA, OpenVINO fp32 on other CPUs where openvino is on; "
-                              "Dice >= 0.99) or auto (fast where the "
-                              "hardware has it); the report records which ran", choices=("exact", "fast", "auto"))
+                              "(bf16 on CPUs with native bf16, fp16 on CUDA, OpenVINO fp32 on other CPUs where "
+                              "openvino is on; Dice >= 0.99) or auto (fast where the hardware has it); the report "
+                              "records which ran", choices=("exact", "fast", "auto"))
     openvino: bool = _setting(False, "let OpenVINO (pip install 'segmap[openvino]') compete on the fast path: bf16 "
                               "on CPUs with native bf16, fp32 on the others (where it is the only fast path: about "
                               "2x torch's fastest fp32 per tile on an AVX2 CPU; not exact, Dice >= 0.99); it "

@@ -19,8 +19,8 @@ Two arithmetics, by what the CPU has:
   path's bar (Dice >= 0.99, agreement >= 99.5 %) and never runs on the exact path.
 
 Converting and compiling the networks costs seconds when the model loads (1.5-3.6 s on the benchmark's
-networks), which a short run does not win back, so it is not on by default. Like every candidate it is timed against the TorchScript paths on the first network calls; the fastest
-is kept.
+networks), which a short run does not win back, so it is not on by default. Like every candidate it is timed
+against the TorchScript paths on the first network calls; the fastest is kept.
 """
 
 from __future__ import annotations

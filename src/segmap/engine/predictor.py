@@ -47,8 +47,8 @@ class EngineOptions:
     #: Let OpenVINO (the optional ``openvino`` extra) compete on the CPU's fast path: bf16 where the CPU has native
     #: bf16 (about 1.4x torch bf16 per tile on nnU-Net-sized networks, but further from fp32: voxel agreement
     #: 0.993 against nnU-Net on the realistic-size benchmark where torch bf16 has 0.996), fp32 where it has not
-    #: (the only fast path there). Off by default: its first tile pays seconds of compilation. Never on the exact
-    #: path. See :mod:`segmap.engine.openvino_runtime`.
+    #: (the only fast path there). Off by default: compiling costs seconds when the model loads. Never on the
+    #: exact path. See :mod:`segmap.engine.openvino_runtime`.
     openvino: bool = Settings.openvino
 
     def __post_init__(self) -> None:
