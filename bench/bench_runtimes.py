@@ -117,15 +117,14 @@ def onnxruntime_runner(network, x, threads: int):
 
 
 def openvino_runners(network, x, threads: int) -> dict:
-    import openvino as ov
+    from segmap.engine.openvino_runtime import openvino_module, openvino_networks
 
+    ov = openvino_module()  # its telemetry declined, as segmap does
     core = ov.Core()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = ov.convert_model(network, example_input=x)
     out = {}
-    from segmap.engine.openvino_runtime import openvino_networks
-
     segmap_ov = openvino_networks([network], tuple(x.shape[1:]), torch.bfloat16)
     if segmap_ov is not None:  # what segmap's fast path runs where the openvino extra is installed
         out["openvino bf16, fp32 head (segmap)"] = (lambda n: lambda t: n(t).numpy())(segmap_ov[0])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from segmap.engine import EngineOptions
+from segmap.engine.openvino_runtime import available as openvino_available
 from segmap.engine.precision import (Candidate, FastestCandidate, candidates_for, cpu_bf16_flags, cpu_has_fast_bf16,
                                      fp32_head, resolve_precision)
 from segmap.engine.sliding_window import sliding_window_logits
@@ -216,7 +217,8 @@ def test_a_network_not_ending_in_a_convolution_runs_whole():
 
 
 def test_openvino_is_a_fast_candidate_where_installed():
-    pytest.importorskip("openvino", reason="the optional openvino extra is not installed")
+    if not openvino_available():  # importorskip would import it, telemetry and all
+        pytest.skip("the optional openvino extra is not installed")
     if not cpu_has_fast_bf16():
         pytest.skip("this CPU has no native bf16: OpenVINO bf16 cannot run here (its fp32 is checked instead)")
     torch.manual_seed(0)
@@ -237,7 +239,8 @@ def test_openvino_is_a_fast_candidate_where_installed():
 
 
 def test_openvino_fp32_is_the_fast_path_where_the_cpu_has_no_native_bf16():
-    pytest.importorskip("openvino", reason="the optional openvino extra is not installed")
+    if not openvino_available():  # importorskip would import it, telemetry and all
+        pytest.skip("the optional openvino extra is not installed")
     torch.manual_seed(0)
     x = torch.randn(1, 1, 6, 8, 8)
     net = torch.jit.trace(_HeadNet().eval(), x)
@@ -256,7 +259,8 @@ def test_openvino_fp32_is_the_fast_path_where_the_cpu_has_no_native_bf16():
 
 
 def test_openvino_fp32_only_on_the_fast_path_of_a_cpu_without_native_bf16(monkeypatch, caplog):
-    pytest.importorskip("openvino", reason="the optional openvino extra is not installed")
+    if not openvino_available():  # importorskip would import it, telemetry and all
+        pytest.skip("the optional openvino extra is not installed")
     from pathlib import Path
 
     from segmap.engine import Segmenter, precision
@@ -273,6 +277,33 @@ def test_openvino_fp32_only_on_the_fast_path_of_a_cpu_without_native_bf16(monkey
     assert not any("openvino" in c.name for c in exact.runner.candidates)
     plain = Segmenter(model, EngineOptions(precision="fast"))  # not asked for: exact, with a warning
     assert not any("openvino" in c.name for c in plain.runner.candidates)
+
+
+def test_openvino_sends_no_telemetry_and_writes_nothing_home(tmp_path):
+    """``import openvino`` alone sends a usage event to Google Analytics and writes a client ID to ~/intel unless
+    the user opted out (openvino 2026.4, checked by hand): segmap's use of it must do neither."""
+    if not openvino_available():  # importorskip would import it, telemetry and all
+        pytest.skip("the optional openvino extra is not installed")
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from segmap.engine.openvino_runtime import openvino_networks
+net = torch.jit.trace(torch.nn.Conv3d(1, 2, 3, padding=1).eval(), torch.zeros(1, 1, 4, 8, 8))
+nets = openvino_networks([net], (1, 4, 8, 8), None)
+assert nets is not None, "OpenVINO not used"
+nets[0](torch.zeros(1, 1, 4, 8, 8))
+import openvino_telemetry
+print("consent", openvino_telemetry.Telemetry().consent)
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")}  # its own opt-outs
+    env["HOME"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "consent False" in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # no ~/intel/openvino_ga_cid, no stats
 
 
 def test_openvino_only_when_asked_for_and_installed(monkeypatch, caplog):

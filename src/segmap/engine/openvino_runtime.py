@@ -21,11 +21,20 @@ Two arithmetics, by what the CPU has:
 Converting and compiling the networks costs seconds when the model loads (1.5-3.6 s on the benchmark's
 networks), which a short run does not win back, so it is not on by default. Like every candidate it is timed
 against the TorchScript paths on the first network calls; the fastest is kept.
+
+OpenVINO's Python package sends anonymous usage events to Google Analytics by default, on ``import openvino``
+and on each model conversion, and keeps a client ID under ``~/intel`` (its ``openvino_telemetry`` package; the
+documented way out is ``opt_in_out --opt_out``, a file in the user's home). An inference server in a hospital
+must not phone out, so segmap imports OpenVINO only through :func:`openvino_module`, which declines that
+telemetry for the process first: nothing is sent and nothing is written. Where that cannot be done (a changed
+telemetry package), OpenVINO is not used.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import sys
 import warnings
 from typing import Sequence
 
@@ -36,18 +45,49 @@ log = logging.getLogger("segmap.engine")
 
 
 def available() -> bool:
+    """Whether the optional ``openvino`` package is installed (without importing it: see the module's note)."""
+    return importlib.util.find_spec("openvino") is not None
+
+
+class TelemetryError(RuntimeError):
+    """OpenVINO's telemetry could not be declined: OpenVINO is then not used."""
+
+
+def _decline_telemetry() -> None:
+    """Make ``openvino_telemetry`` find the user's consent declined in this process, before OpenVINO asks it."""
+    if importlib.util.find_spec("openvino_telemetry") is None:
+        return  # OpenVINO then uses its own stub, which sends nothing
     try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
+    except ImportError as e:
+        raise TelemetryError(f"openvino_telemetry changed ({e})") from e
+    if not callable(getattr(OptInChecker, "check", None)) or not hasattr(ConsentCheckResult, "DECLINED"):
+        raise TelemetryError("openvino_telemetry changed (no OptInChecker.check)")
+    OptInChecker.check = lambda self, *args, **kwargs: ConsentCheckResult.DECLINED
+
+
+def openvino_module():
+    """``import openvino``, with its telemetry declined (raises :class:`TelemetryError` where it cannot be)."""
+    _decline_telemetry()
+    import openvino
+
+    if "openvino_telemetry" in sys.modules:
+        import openvino_telemetry
+
+        try:
+            consent = openvino_telemetry.Telemetry().consent
+        except RuntimeError:  # never configured: nothing was sent
+            consent = False
+        if consent:
+            raise TelemetryError("its telemetry was switched on by an earlier import in this process")
+    return openvino
 
 
 class OpenVinoNetwork:
     """A TorchScript network converted and compiled by OpenVINO for one input shape; called like the network."""
 
     def __init__(self, network, example: torch.Tensor, hint: str, threads: int):
-        import openvino as ov
+        ov = openvino_module()
 
         core = ov.Core()
         with warnings.catch_warnings():
@@ -69,7 +109,7 @@ class OpenVinoNetwork:
 
 
 def bf16_capable() -> bool:
-    import openvino as ov
+    ov = openvino_module()
 
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
@@ -104,6 +144,10 @@ def openvino_networks(networks: Sequence, tile_shape: Sequence[int], dtype: torc
             log.info("OpenVINO reports no bf16 on this CPU: not a fast-path candidate")
             return None
         return _compiled(networks, tile_shape, hint)
+    except TelemetryError as e:
+        log.warning("OpenVINO not used: its telemetry (usage data sent to Google Analytics) could not be declined: "
+                    "%s; running TorchScript only", e)
+        return None
     except Exception as e:
         log.warning("OpenVINO could not compile the network (%s: %s); running TorchScript only", type(e).__name__,
                     str(e).splitlines()[0][:200] if str(e) else "")
