@@ -215,9 +215,8 @@ def main(argv=None) -> int:
         print("note: openvino is not installed (pip install segmap[openvino]): fast+openvino skipped")
         precisions.remove("fast+openvino")
     if "fast" in precisions and args.device == "cpu" and not cpu_has_fast_bf16():
-        print("note: this CPU has no native bf16 (amx_bf16/avx512_bf16): fast would run exact; skipped"
-              + ("" if "fast+openvino" in precisions else " (fast+openvino runs OpenVINO fp32 here)"
-                 if openvino_available() else ""))
+        hint = " (fast+openvino runs OpenVINO fp32 here)" if openvino_available() else ""
+        print(f"note: this CPU has no native bf16 (amx_bf16/avx512_bf16): fast would run exact; skipped{hint}")
         precisions.remove("fast")
     mirrorings = {"off": [False], "on": [True], "both": [False, True]}[args.mirroring]
 

@@ -15,6 +15,8 @@ from segmap.engine.sliding_window import sliding_window_logits
 from segmap.errors import SegmapError
 
 CPU = torch.device("cpu")
+#: The optional openvino extra (pytest.importorskip would import it, and its telemetry with it).
+needs_openvino = pytest.mark.skipif(not openvino_available(), reason="the optional openvino extra is not installed")
 
 
 def _cpuinfo(tmp_path, flags: str):
@@ -216,9 +218,8 @@ def test_a_network_not_ending_in_a_convolution_runs_whole():
     assert fp32_head(Sleepy(0, 1.0)) is None  # not TorchScript at all
 
 
+@needs_openvino
 def test_openvino_is_a_fast_candidate_where_installed():
-    if not openvino_available():  # importorskip would import it, telemetry and all
-        pytest.skip("the optional openvino extra is not installed")
     if not cpu_has_fast_bf16():
         pytest.skip("this CPU has no native bf16: OpenVINO bf16 cannot run here (its fp32 is checked instead)")
     torch.manual_seed(0)
@@ -238,9 +239,8 @@ def test_openvino_is_a_fast_candidate_where_installed():
             ov_net(torch.randn(1, 1, 6, 8, 10))
 
 
+@needs_openvino
 def test_openvino_fp32_is_the_fast_path_where_the_cpu_has_no_native_bf16():
-    if not openvino_available():  # importorskip would import it, telemetry and all
-        pytest.skip("the optional openvino extra is not installed")
     torch.manual_seed(0)
     x = torch.randn(1, 1, 6, 8, 8)
     net = torch.jit.trace(_HeadNet().eval(), x)
@@ -258,9 +258,8 @@ def test_openvino_fp32_is_the_fast_path_where_the_cpu_has_no_native_bf16():
     assert torch.allclose(out, ref, atol=1e-3, rtol=1e-3)  # fp32, summed in another order
 
 
+@needs_openvino
 def test_openvino_fp32_only_on_the_fast_path_of_a_cpu_without_native_bf16(monkeypatch, caplog):
-    if not openvino_available():  # importorskip would import it, telemetry and all
-        pytest.skip("the optional openvino extra is not installed")
     from pathlib import Path
 
     from segmap.engine import Segmenter, precision
@@ -279,11 +278,10 @@ def test_openvino_fp32_only_on_the_fast_path_of_a_cpu_without_native_bf16(monkey
     assert not any("openvino" in c.name for c in plain.runner.candidates)
 
 
+@needs_openvino
 def test_openvino_sends_no_telemetry_and_writes_nothing_home(tmp_path):
     """``import openvino`` alone sends a usage event to Google Analytics and writes a client ID to ~/intel unless
     the user opted out (openvino 2026.4, checked by hand): segmap's use of it must do neither."""
-    if not openvino_available():  # importorskip would import it, telemetry and all
-        pytest.skip("the optional openvino extra is not installed")
     import os
     import subprocess
     import sys

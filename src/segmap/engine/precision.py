@@ -94,7 +94,7 @@ def resolve_precision(precision: str, device: torch.device,
     if precision == "exact":
         return None
     dtype = fast_dtype(device)
-    if dtype is None and device.type == "cpu" and use_openvino:
+    if dtype is None and use_openvino:
         log.info("this CPU has no native bf16 (flags %s): the fast path is OpenVINO fp32", "/".join(BF16_CPU_FLAGS))
     elif dtype is None and precision == "fast":
         log.warning("precision 'fast' requested but this CPU has no native bf16 (flags %s); running exact fp32",
