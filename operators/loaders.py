@@ -5,27 +5,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from segmap.pipeline import Study, choose_series, load_nifti, load_series, scan_study
+from segmap.run import Study, choose_series, load_nifti, load_series
 from segmap.tasks import SegmentationTask
 
 from .base import StepOperator
 
 
 class DicomScanOperator(StepOperator):
-    """Source: scans the input folder recursively (unreadable and non-DICOM files skipped with a warning).
+    """Source: emits ``study``, the headers of every DICOM file of one study, grouped by series.
 
-    Emits ``study`` (the headers of every DICOM file, grouped by series).
+    The input folder is scanned, and split by study, before the graph runs (:func:`segmap.run.run_input`): the
+    graph takes one study of the input through, and the next study gets a graph of its own.
     """
 
     output = "study"
 
-    def __init__(self, fragment, *args: Any, input_path: Path, study: Study | None = None, **kwargs: Any) -> None:
-        self.input_path = Path(input_path)
-        self.study = study  # one study of an input already scanned and split by study (app._run_studies)
+    def __init__(self, fragment, *args: Any, study: Study, **kwargs: Any) -> None:
+        self.study = study
         super().__init__(fragment, *args, **kwargs)
 
     def step(self):
-        return self.study if self.study is not None else scan_study(self.input_path)
+        return self.study
 
 
 class SeriesSelectorOperator(StepOperator):

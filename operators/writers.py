@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from segmap.pipeline import ResultWriter
+from segmap.run import ResultWriter
 
 from .base import StepOperator
 

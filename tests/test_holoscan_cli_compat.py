@@ -329,7 +329,7 @@ def test_staged_app_carries_operators_segmap_and_its_task(packaged):
     image = {"/opt/holoscan/app": ctx / "app", "/var/holoscan/app.yaml": ctx / "app.config"}
     app = image["/opt/holoscan/app"]
     for rel in ("__main__.py", "app.py", "config.py", "task.yaml", "requirements.txt",
-                "operators/__init__.py", "segmap/__init__.py", "segmap/pipeline.py"):
+                "operators/__init__.py", "segmap/__init__.py", "segmap/run/orchestration.py"):
         assert (app / rel).is_file(), rel
     assert not list(app.rglob("__pycache__"))
     # The config the image reads (HOLOSCAN_CONFIG_PATH): ours, with the task file where the image has it.

@@ -112,13 +112,12 @@ def test_compose_shows_named_ports(kind, tmp_path):
     os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "ERROR")
     from app.app import SegmapApp
     from operators import Outcome
-    from segmap.pipeline import ResultWriter, prepare
+    from segmap.run import start
     from segmap.settings import Settings
 
-    settings = Settings(models=DEMO_MODEL, task_file=SPLEEN_TASK, input=tmp_path, output=tmp_path / "out")
-    model, task = prepare(settings)
-    app = SegmapApp(settings=settings, kind=kind, model=model, task=task, outcome=Outcome(),
-                    writer=ResultWriter(settings, model, task, kind))
+    context = start(Settings(models=DEMO_MODEL, task_file=SPLEEN_TASK, input=tmp_path, output=tmp_path / "out",
+                             input_kind=kind))
+    app = SegmapApp(context=context, writer=context.writer, outcome=Outcome())
     app.compose_graph()
     graph = app.graph
     flows = {(a.name, b.name): {k: sorted(v) for k, v in graph.get_port_map(a, b).items()}

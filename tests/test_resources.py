@@ -189,7 +189,7 @@ def test_full_disk_while_writing_is_one_line_and_leaves_nothing(tmp_path):
 
 def test_a_run_writes_its_outputs_0640_and_leaves_the_process_umask_alone(tmp_path):
     from segmap.demo.phantom import make_phantom, write_nifti
-    from segmap.pipeline import run
+    from segmap.run import run
     from segmap.settings import Settings
 
     write_nifti(make_phantom((24, 64, 64), (3.0, 1.6, 1.6), seed=2), tmp_path / "in" / "image.nii.gz")

@@ -1,6 +1,6 @@
 """The output formats segmap can write, keyed by name, separate from the kind of input.
 
-Adding a format is one module with a writer class (``write(labels, image, folder) -> Path``, see
+Adding a format is one module with a writer class (``write(labels, image, folder, provenance) -> Path``, see
 :class:`Writer`) plus one line in :data:`FORMATS`. The writer's module is imported only when the format is used,
 so listing formats (settings, ``--help``, the packager) stays cheap.
 
@@ -13,25 +13,44 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from ..errors import SegmapError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..pipeline import InputImage
-    from ..settings import Settings
-    from ..tasks import SegmentationTask
-    from ..volume import Volume
+from ..tasks import SegmentationTask
+from ..volume import Volume
 
 #: Media type of each input kind (a MAP's app.json ``input.formats``).
 INPUT_MEDIA_TYPES = {"dicom": "application/dicom", "nifti": "application/x-nifti"}
 REPORT_MEDIA_TYPE = "application/json"
 
 
+@dataclass(frozen=True)
+class Provenance:
+    """What made a result, for the formats that record it (a DICOM SEG's Software Versions)."""
+
+    segmap_version: str
+    #: SHA-256 of the model's files (:func:`segmap.outputs.report.model_digest`).
+    model_sha256: str
+
+    @property
+    def software_versions(self) -> list[str]:
+        """segmap's version, then the model's short digest (the SEG names the model it came from)."""
+        return [self.segmap_version, f"model sha256:{self.model_sha256[:16]}"]
+
+
+class SourceImage(Protocol):
+    """What a writer reads of the image a label map was computed from (:class:`segmap.run.values.InputImage`)."""
+
+    #: ``[c, z, y, x]`` on the label map's grid; ``meta`` may hold a NIfTI input's header.
+    volume: Volume
+    #: DICOM input: the reference series' headers in the volume's z order; None for NIfTI input.
+    reference_datasets: list | None
+
+
 class Writer(Protocol):
     """Writes one run's label map in one format into a (staging) folder."""
 
-    def write(self, labels: "Volume", image: "InputImage", folder: Path) -> Path: ...
+    def write(self, labels: Volume, image: SourceImage, folder: Path, provenance: Provenance) -> Path: ...
 
 
 @dataclass(frozen=True)
@@ -43,10 +62,11 @@ class OutputFormat:
     inputs: tuple[str, ...]
     #: Input kinds for which this is the format written when the output format is ``auto``.
     default_for: tuple[str, ...]
-    #: ``module:Class`` of the writer; the class is built with ``(task, settings)``.
+    #: ``module:Class`` of the writer; the class is built with ``(task, settings)`` (settings: the run's
+    #: :class:`segmap.settings.Settings`, read by attribute; outputs sit below the settings and never import them).
     writer: str
 
-    def make_writer(self, task: "SegmentationTask", settings: "Settings") -> Writer:
+    def make_writer(self, task: SegmentationTask, settings: Any) -> Writer:
         module, _, cls = self.writer.partition(":")
         return getattr(importlib.import_module(module), cls)(task, settings)
 
