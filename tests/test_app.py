@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import DEMO_MODEL, ROOT, SAMPLE_CT, SPLEEN_TASK
+
 from segmap.demo.phantom import make_phantom, write_dicom_series, write_nifti
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_MODEL = ROOT / "models" / "demo-spleen" / "model.ts"
-SPLEEN_TASK = ROOT / "tasks" / "spleen.yaml"
-SAMPLE_DICOM = ROOT.parent / "shared" / "data" / "sample-ct" / "ct_dicom"
+SAMPLE_DICOM = SAMPLE_CT / "ct_dicom"
+
 
 pytestmark = pytest.mark.skipif(not DEMO_MODEL.exists(), reason=f"demo model missing at {DEMO_MODEL}")
 

@@ -18,6 +18,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import DEMO_MODEL, ROOT, SPLEEN_TASK
+
 from segmap.demo.phantom import make_phantom, write_dicom_series, write_nifti
 from segmap.errors import InputError
 from segmap.outputs.atomic import STAGING_PREFIX
@@ -26,9 +28,6 @@ from segmap.run import run
 from segmap.run.studies import study_folder_name
 from segmap.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_MODEL = ROOT / "models" / "demo-spleen" / "model.ts"
-SPLEEN_TASK = ROOT / "tasks" / "spleen.yaml"
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
 
 pytestmark = pytest.mark.skipif(not DEMO_MODEL.exists(), reason=f"demo model missing at {DEMO_MODEL}")

@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import DEMO_MODEL, ROOT, SPLEEN_TASK
+
 from segmap.demo.phantom import make_phantom, write_dicom_series
 from segmap.errors import SegmapError
 from segmap.outputs.formats import FORMATS, output_format, variants
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_MODEL = ROOT / "models" / "demo-spleen" / "model.ts"
-SPLEEN_TASK = ROOT / "tasks" / "spleen.yaml"
 
 
 @pytest.fixture(scope="module")

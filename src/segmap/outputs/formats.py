@@ -22,6 +22,12 @@ from ..volume import Volume
 #: Media type of each input kind (a MAP's app.json ``input.formats``).
 INPUT_MEDIA_TYPES = {"dicom": "application/dicom", "nifti": "application/x-nifti"}
 REPORT_MEDIA_TYPE = "application/json"
+#: DICOM SEG types, the default first: binary (one frame per segment and slice) is what every viewer reads; labelmap
+#: (one frame per slice, DICOM 2024) only newer ones. Declared here, below the settings that offer the choice.
+SEG_TYPES = ("binary", "labelmap")
+#: Whether a DICOM SEG leaves out frames without segmented voxels unless told otherwise (kept: smaller files are
+#: not worth the viewers that misplace the remaining frames).
+OMIT_EMPTY_FRAMES = False
 
 
 @dataclass(frozen=True)

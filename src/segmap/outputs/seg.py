@@ -46,7 +46,7 @@ from .. import __version__
 from ..errors import InputError, OutputError
 from ..tasks import Code, Segment
 from ..uids import seeded_uid
-from .formats import Provenance, SourceImage
+from .formats import OMIT_EMPTY_FRAMES, SEG_TYPES, Provenance, SourceImage
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ _TYPE2_PATIENT_STUDY = (
 #: Identifiers every source instance must carry for the SEG's references to mean anything.
 _REQUIRED_SOURCE_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
                          "FrameOfReferenceUID")
-_SEGMENTATION_TYPES = ("BINARY", "LABELMAP")
+_SEGMENTATION_TYPES = tuple(t.upper() for t in SEG_TYPES)
 _LO_MAX = 64  # DICOM LO value length
 
 
@@ -79,7 +79,7 @@ def write_seg(
     segments: Sequence[Segment],
     path: str | Path,
     *,
-    omit_empty_frames: bool = False,
+    omit_empty_frames: bool = OMIT_EMPTY_FRAMES,
     series_description: str | None = None,
     series_number: int = 900,
     manufacturer: str = MANUFACTURER,
@@ -87,7 +87,7 @@ def write_seg(
     software_version: str | Sequence[str] = __version__,
     device_serial: str = "segmap",
     content_creator: str | None = None,
-    segmentation_type: str = "binary",
+    segmentation_type: str = SEG_TYPES[0],
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
 ) -> Path:
