@@ -16,7 +16,6 @@ from .errors import SegmapError
 from .flags import MODEL_AND_TASK, add_setting
 from .logs import configure_logging
 from .model import load_model, parse_folds
-from .run import prepare, run
 from .settings import declared, resolve, setting
 from .summary import describe_model
 
@@ -41,6 +40,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from .run import prepare  # here: see _cmd_run
+
     settings = resolve({name: getattr(args, name) for name in MODEL_AND_TASK}, env={})
     model, task = prepare(settings)
     print(f"OK: task '{task.name}' ({settings.task_file}) agrees with model {settings.model_path}: "
@@ -49,6 +50,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    # Here, not at the top: the run layer imports numpy and scipy, whose thread pools must start after main() has
+    # blocked SIGTERM/SIGINT (segmap.shutdown), or a signal can land on one of their threads and kill the process.
+    from .run import run
+
     flags = {d.name: getattr(args, d.name, None) for d in _run_settings()}
     flags["log_level"] = args.log_level
     settings = resolve(flags, config=Path(args.config) if args.config else None)

@@ -13,11 +13,14 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import SegmapError
-from ..tasks import SegmentationTask
-from ..volume import Volume
+
+if TYPE_CHECKING:  # pragma: no cover - types only: `segmap.settings` imports this module, and the `segmap` command
+    # imports the settings before segmap.shutdown blocks SIGTERM; numpy (volume) must not start its threads before.
+    from ..tasks import SegmentationTask
+    from ..volume import Volume
 
 #: Media type of each input kind (a MAP's app.json ``input.formats``).
 INPUT_MEDIA_TYPES = {"dicom": "application/dicom", "nifti": "application/x-nifti"}
@@ -48,7 +51,7 @@ class SourceImage(Protocol):
     """What a writer reads of the image a label map was computed from (:class:`segmap.run.values.InputImage`)."""
 
     #: ``[c, z, y, x]`` on the label map's grid; ``meta`` may hold a NIfTI input's header.
-    volume: Volume
+    volume: "Volume"
     #: DICOM input: the reference series' headers in the volume's z order; None for NIfTI input.
     reference_datasets: list | None
 
@@ -56,7 +59,7 @@ class SourceImage(Protocol):
 class Writer(Protocol):
     """Writes one run's label map in one format into a (staging) folder."""
 
-    def write(self, labels: Volume, image: SourceImage, folder: Path, provenance: Provenance) -> Path: ...
+    def write(self, labels: "Volume", image: SourceImage, folder: Path, provenance: Provenance) -> Path: ...
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ class OutputFormat:
     #: :class:`segmap.settings.Settings`, read by attribute; outputs sit below the settings and never import them).
     writer: str
 
-    def make_writer(self, task: SegmentationTask, settings: Any) -> Writer:
+    def make_writer(self, task: "SegmentationTask", settings: Any) -> Writer:
         module, _, cls = self.writer.partition(":")
         return getattr(importlib.import_module(module), cls)(task, settings)
 
