@@ -21,7 +21,7 @@ sys.path.insert(0, str(_here.parent))
 
 # Before anything heavy (torch, OpenMP and Holoscan start threads when imported): stop cleanly on docker stop at any
 # moment (segmap.shutdown), size the thread pools to the container's CPU quota and set the file-mode mask; the
-# app.yaml values of threads/umask apply once the settings are read (segmap.pipeline.prepare).
+# app.yaml values of threads/umask apply once the settings are read (segmap.run.start).
 from segmap import shutdown  # noqa: E402
 
 shutdown.install()

@@ -1,6 +1,6 @@
 """Holoscan operators of the segmap application: thin shells over the plain, tested functions in ``segmap``.
 
-Each operator receives on named ports, calls one function of :mod:`segmap.pipeline`, and emits on a named port.
+Each operator receives on named ports, calls one function of :mod:`segmap.run`, and emits on a named port.
 Settings, the task and the model reach an operator through its constructor. A user-fixable
 :class:`segmap.errors.SegmapError` goes to the run's :class:`Outcome` and the operator emits nothing, so the graph
 stops quietly and the application prints one line and exits non-zero.

@@ -33,12 +33,17 @@ class Outcome:
 
 class StepOperator(Operator):
     """Receives :attr:`inputs`, calls :meth:`step` with them as keyword arguments, emits the result on
-    :attr:`output` (nothing for a sink)."""
+    :attr:`output` (nothing for a sink); the constructor keeps the keyword arguments named in :attr:`bound`."""
 
     inputs: tuple[str, ...] = ()
     output: str | None = None
+    #: Keyword arguments of the constructor kept as attributes of the same name: what the step needs besides its
+    #: inputs (the task, the run's inference or writer), given when the graph is composed.
+    bound: tuple[str, ...] = ()
 
     def __init__(self, fragment: Fragment, *args: Any, outcome: Outcome, **kwargs: Any) -> None:
+        for name in self.bound:
+            setattr(self, name, kwargs.pop(name))
         self.outcome = outcome
         self.log = logging.getLogger(f"segmap.app.{type(self).__name__}")
         super().__init__(fragment, *args, **kwargs)

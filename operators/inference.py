@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from segmap.model import MonetModel
-from segmap.pipeline import Inference
-from segmap.settings import Settings
+from segmap.run import Inference
 
 from .base import StepOperator
 
 
 class NnunetInferenceOperator(StepOperator):
-    """Emits ``labels``: the label map on the image's grid; device and mirroring come from the settings."""
+    """Emits ``labels``: the label map on the image's grid. Its ``inference`` is the run's own, shared by the
+    graphs of every study of the input, so the networks are loaded once."""
 
     inputs = ("image",)
     output = "labels"
-
-    def __init__(self, fragment, *args: Any, model: MonetModel, settings: Settings, **kwargs: Any) -> None:
-        self.inference = Inference(model, settings)
-        super().__init__(fragment, *args, **kwargs)
+    bound = ("inference",)
+    inference: Inference
 
     def step(self, image):
         return self.inference.segment(image)

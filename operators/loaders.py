@@ -1,31 +1,28 @@
-"""Input operators: DICOM scan -> series selection -> image, and NIfTI loading by File_Pattern."""
+"""Input operators: DICOM study -> series selection -> image, and NIfTI loading by File_Pattern."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from segmap.pipeline import Study, choose_series, load_nifti, load_series, scan_study
+from segmap.run import Study, choose_series, load_nifti, load_series
 from segmap.tasks import SegmentationTask
 
 from .base import StepOperator
 
 
 class DicomScanOperator(StepOperator):
-    """Source: scans the input folder recursively (unreadable and non-DICOM files skipped with a warning).
+    """Source: emits ``study``, the headers of every DICOM file of one study, grouped by series.
 
-    Emits ``study`` (the headers of every DICOM file, grouped by series).
+    The input folder is scanned, and split by study, before the graph runs (:func:`segmap.run.run_input`): the
+    graph takes one study of the input through, and the next study gets a graph of its own.
     """
 
     output = "study"
-
-    def __init__(self, fragment, *args: Any, input_path: Path, study: Study | None = None, **kwargs: Any) -> None:
-        self.input_path = Path(input_path)
-        self.study = study  # one study of an input already scanned and split by study (app._run_studies)
-        super().__init__(fragment, *args, **kwargs)
+    bound = ("study",)
+    study: Study
 
     def step(self):
-        return self.study if self.study is not None else scan_study(self.input_path)
+        return self.study
 
 
 class SeriesSelectorOperator(StepOperator):
@@ -33,10 +30,8 @@ class SeriesSelectorOperator(StepOperator):
 
     inputs = ("study",)
     output = "series"
-
-    def __init__(self, fragment, *args: Any, task: SegmentationTask, **kwargs: Any) -> None:
-        self.task = task
-        super().__init__(fragment, *args, **kwargs)
+    bound = ("task",)
+    task: SegmentationTask
 
     def step(self, study):
         return choose_series(study, self.task)
@@ -47,10 +42,8 @@ class SeriesToVolumeOperator(StepOperator):
 
     inputs = ("series",)
     output = "image"
-
-    def __init__(self, fragment, *args: Any, task: SegmentationTask, **kwargs: Any) -> None:
-        self.task = task
-        super().__init__(fragment, *args, **kwargs)
+    bound = ("task",)
+    task: SegmentationTask
 
     def step(self, series):
         return load_series(series, self.task)
@@ -60,11 +53,9 @@ class NiftiLoaderOperator(StepOperator):
     """Source: finds each modality's NIfTI file by File_Pattern and emits ``image`` (with the files' affine)."""
 
     output = "image"
-
-    def __init__(self, fragment, *args: Any, input_path: Path, task: SegmentationTask, **kwargs: Any) -> None:
-        self.input_path = Path(input_path)
-        self.task = task
-        super().__init__(fragment, *args, **kwargs)
+    bound = ("input_path", "task")
+    input_path: Path
+    task: SegmentationTask
 
     def step(self):
         return load_nifti(self.input_path, self.task)

@@ -9,8 +9,15 @@ from pathlib import Path
 
 import pytest
 
+#: The repository's root, the bundled demo model and its task file (test modules import them from here).
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_MODEL = ROOT / "models" / "demo-spleen" / "model.ts"
+SPLEEN_TASK = ROOT / "tasks" / "spleen.yaml"
+#: The shared sample CT beside the repository (``ct.nii.gz`` and the same scan as ``ct_dicom/``); tests skip without it.
+SAMPLE_CT = ROOT.parent / "shared" / "data" / "sample-ct"
+
 sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))  # segmap_tools: plans, demo training
+sys.path.insert(0, str(ROOT / "tools"))  # segmap_tools: plans, demo training
 
 
 @pytest.fixture(scope="session")
@@ -97,7 +104,7 @@ def engine():
     from segmap.packager.baseimage import CPU_BASE_IMAGE
     from segmap.packager.docker_engine import DockerEngineError, connect, image_exists
 
-    setup = Path(__file__).resolve().parents[1] / ".ci" / "docker-setup.sh"
+    setup = ROOT / ".ci" / "docker-setup.sh"
     try:
         api = connect()
     except DockerEngineError as e:
@@ -170,10 +177,9 @@ def images(engine):
 
     if shutil.which("docker") is None:
         pytest.fail("the docker command-line client is missing although an engine runs")
-    root = Path(__file__).resolve().parents[1]
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "segmap.cli", "package", "--model",
-                           str(root / "models" / "demo-spleen" / "model.ts"), "--task", str(root / "tasks" / "spleen.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "segmap.cli", "package", "--model", str(DEMO_MODEL), "--task",
+                           str(SPLEEN_TASK),
                            "--tag", MAP_TAG, "--cpu"], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-4000:]
     record_figure(f"segmap package (both variants) took {time.perf_counter() - t:.0f} s")

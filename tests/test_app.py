@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import DEMO_MODEL, ROOT, SAMPLE_CT, SPLEEN_TASK
+
 from segmap.demo.phantom import make_phantom, write_dicom_series, write_nifti
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_MODEL = ROOT / "models" / "demo-spleen" / "model.ts"
-SPLEEN_TASK = ROOT / "tasks" / "spleen.yaml"
-SAMPLE_DICOM = ROOT.parent / "shared" / "data" / "sample-ct" / "ct_dicom"
+SAMPLE_DICOM = SAMPLE_CT / "ct_dicom"
+
 
 pytestmark = pytest.mark.skipif(not DEMO_MODEL.exists(), reason=f"demo model missing at {DEMO_MODEL}")
 
@@ -239,3 +239,37 @@ def test_unwritable_output_folder(phantom_study, tmp_path, runner):
     blocker.write_text("a file where a folder should be")
     proc = runner(root / "nifti", blocker / "out")
     assert_failed_cleanly(proc, blocker / "out", str(blocker))
+
+
+def test_two_studies_through_the_application_load_the_networks_once(tmp_path, monkeypatch):
+    """The application and ``segmap run`` share one orchestration (segmap.run): one Inference serves every study
+    of an input, so the networks are loaded once, not once per study (issue 19)."""
+    pytest.importorskip("holoscan")
+    import json
+
+    from segmap.model import MonetModel
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("HOLOSCAN_LOG_LEVEL", "ERROR")
+    from app.app import main
+
+    loads = []
+    load_networks = MonetModel.load_networks
+
+    def counted(self, device):
+        loads.append(device)
+        return load_networks(self, device)
+
+    monkeypatch.setattr(MonetModel, "load_networks", counted)
+    write_dicom_series(make_phantom((24, 80, 80), (3.0, 1.8, 1.8), seed=8), tmp_path / "in" / "today",
+                       study_uid="1.2.826.7.1", patient_id="PAT-A")
+    write_dicom_series(make_phantom((30, 80, 80), (3.0, 1.8, 1.8), seed=2), tmp_path / "in" / "prior",
+                       study_uid="1.2.826.7.2", patient_id="PAT-B")
+    monkeypatch.setenv("SEGMAP_TASK_FILE", str(SPLEEN_TASK))
+    monkeypatch.setenv("SEGMAP_DEVICE", "cpu")
+    out = tmp_path / "out"
+    assert main(["-i", str(tmp_path / "in"), "-o", str(out), "-m", str(DEMO_MODEL)]) == 0
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert (summary["status"], summary["studies_total"]) == ("succeeded", 2)
+    assert all((out / s["folder"] / "segmentation.dcm").is_file() for s in summary["studies"])
+    assert loads == ["cpu"]  # once for the input, not once per study

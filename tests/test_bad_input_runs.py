@@ -1,6 +1,6 @@
 """Hostile-but-realistic inputs through whole runs (issue 8): the right mask, or one clear line and exit code 2.
 
-Each test builds its input here with nibabel/pydicom from a small phantom and runs ``segmap.pipeline.run`` or the
+Each test builds its input here with nibabel/pydicom from a small phantom and runs ``segmap.run.run`` or the
 ``segmap`` command with the bundled demo model.
 """
 
@@ -18,17 +18,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from conftest import DEMO_MODEL, ROOT, SPLEEN_TASK
+
 from segmap.demo.phantom import make_phantom, write_dicom_series, write_nifti
-from segmap.dicom.studies import study_folder_name
 from segmap.errors import InputError
 from segmap.outputs.atomic import STAGING_PREFIX
 from segmap.outputs.nifti import read_label_nifti
-from segmap.pipeline import run
+from segmap.run import run
+from segmap.run.studies import study_folder_name
 from segmap.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_MODEL = ROOT / "models" / "demo-spleen" / "model.ts"
-SPLEEN_TASK = ROOT / "tasks" / "spleen.yaml"
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
 
 pytestmark = pytest.mark.skipif(not DEMO_MODEL.exists(), reason=f"demo model missing at {DEMO_MODEL}")

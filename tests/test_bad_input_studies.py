@@ -1,5 +1,5 @@
 """Issue 8 item 3: one patient, one study, one frame of reference per result; several studies are processed one by
-one into their own output folders (plain logic of segmap.dicom.studies, with real DICOM files)."""
+one into their own output folders (plain logic of segmap.dicom.studies and segmap.run.studies, with real DICOM files)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import pytest
 
 from dicom_factory import write_series
 from segmap.dicom import scan_dicom_folder, select_for_task, series_to_volume
-from segmap.dicom.studies import (StudiesFailed, check_one_study, passed_over, process_studies, raise_if_any_failed,
-                                  split_by_study, study_folder_name, write_summary)
-from segmap.errors import InputError
+from segmap.dicom.selection import passed_over
+from segmap.dicom.studies import check_one_study, split_by_study
+from segmap.errors import InputError, StudiesFailed
+from segmap.run.studies import process_studies, raise_if_any_failed, study_folder_name, write_summary
 
 CT = {"selections": [{"name": "CT", "conditions": {"Modality": "CT", "ImageType": ["!LOCALIZER"]}}]}
 T1 = {"selections": [{"name": "T1", "conditions": {"SeriesDescription": "^T1$"}}]}

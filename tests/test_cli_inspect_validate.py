@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import ROOT, SPLEEN_TASK
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("dynamic_network_architectures", reason="dynamic-network-architectures builds the test network")
 
@@ -21,8 +23,6 @@ from segmap.model import export_monet  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning",
                                         "ignore:.*torch.jit.* is deprecated:DeprecationWarning")
 
-REPO = Path(__file__).resolve().parents[1]
-SPLEEN_TASK = REPO / "tasks" / "spleen.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def spleen_model(tmp_path_factory) -> Path:
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "segmap.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=120, cwd=REPO)
+                          timeout=120, cwd=ROOT)
 
 
 def assert_one_error_line(stderr: str) -> str:
@@ -88,7 +88,7 @@ def test_validate_segment_mismatch_is_one_line_exit_2(tmp_path, spleen_model):
 
 
 def test_validate_modality_mismatch_exit_2(capsys, spleen_model):
-    code = main(["validate", "--task", str(REPO / "tasks" / "brain_tumour.yaml"), "--model", str(spleen_model)])
+    code = main(["validate", "--task", str(ROOT / "tasks" / "brain_tumour.yaml"), "--model", str(spleen_model)])
     assert code == 2
     err = assert_one_error_line(capsys.readouterr().err)
     assert "has 4 modalities but model" in err and "[1: T1C | image]" in err

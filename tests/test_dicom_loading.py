@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -13,10 +12,12 @@ import pytest
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from dicom_factory import default_pixels, write_report, write_segmentation_object, write_series
+from conftest import SAMPLE_CT
 from segmap.dicom import scan_dicom_folder, series_to_volume
 from segmap.errors import InputError
 
-SAMPLE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sample-ct" / "ct_dicom"
+SAMPLE = SAMPLE_CT / "ct_dicom"
+
 needs_sample = pytest.mark.skipif(not SAMPLE.is_dir(), reason=f"sample CT not present at {SAMPLE}")
 
 

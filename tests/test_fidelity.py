@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import SAMPLE_CT
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("nnunetv2")
 pytest.importorskip("dynamic_network_architectures")
@@ -27,7 +29,7 @@ from segmap.engine import EngineOptions, Segmenter  # noqa: E402
 from segmap.engine.precision import cpu_has_fast_bf16  # noqa: E402
 from segmap.model import load_model  # noqa: E402
 
-SAMPLE_CT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sample-ct" / "ct.nii.gz"
+SAMPLE_CT_NIFTI = SAMPLE_CT / "ct.nii.gz"
 
 CT_PROPS = {"mean": 80.0, "std": 250.0, "percentile_00_5": -150.0, "percentile_99_5": 1000.0}
 LABELS = {"background": 0, "spleen": 1, "liver": 2, "bone": 3}
@@ -180,25 +182,25 @@ def test_region_based_model(tmp_path, trained):
     compare(tmp_path, trained, image, spacing, plans=_plans(), dataset_json=ds)
 
 
-@pytest.mark.skipif(not SAMPLE_CT.exists(), reason=f"shared sample CT not found at {SAMPLE_CT}")
+@pytest.mark.skipif(not SAMPLE_CT_NIFTI.exists(), reason=f"shared sample CT not found at {SAMPLE_CT_NIFTI}")
 def test_sample_ct_nifti(tmp_path, trained):
     import nibabel as nib
 
-    img = nib.load(str(SAMPLE_CT))
+    img = nib.load(str(SAMPLE_CT_NIFTI))
     image = np.asarray(img.dataobj, dtype=np.float32).transpose(2, 1, 0)[None]  # (x, y, z) -> (z, y, x)
     spacing = tuple(float(s) for s in img.header.get_zooms()[:3][::-1])
     compare(tmp_path, trained, image, spacing, plans=_plans(spacing=(3.0, 3.0, 3.0), patch_size=(32, 48, 48)),
             min_labels=1)
 
 
-@pytest.mark.skipif(not SAMPLE_CT.exists(), reason=f"shared sample CT not found at {SAMPLE_CT}")
+@pytest.mark.skipif(not SAMPLE_CT_NIFTI.exists(), reason=f"shared sample CT not found at {SAMPLE_CT_NIFTI}")
 def test_nibabel_axis_order_matches_simpleitk():
     """segmap reads NIfTI with nibabel; nnU-Net with SimpleITK. Both must give the same (z, y, x) array."""
     sitk = pytest.importorskip("SimpleITK")
     import nibabel as nib
 
-    ref = sitk.ReadImage(str(SAMPLE_CT))
-    img = nib.load(str(SAMPLE_CT))
+    ref = sitk.ReadImage(str(SAMPLE_CT_NIFTI))
+    img = nib.load(str(SAMPLE_CT_NIFTI))
     ours = np.asarray(img.dataobj).transpose(2, 1, 0)
     assert np.array_equal(sitk.GetArrayFromImage(ref), ours)
     assert np.allclose(ref.GetSpacing()[::-1], img.header.get_zooms()[:3][::-1])

@@ -29,8 +29,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-DOC = REPO / "docs" / "monai-deploy-package.md"
+from conftest import ROOT
+
+DOC = ROOT / "docs" / "monai-deploy-package.md"
 CLI_REQUIREMENT = "holoscan-cli==4.2.0"
 HOLOSCAN_VERSION = "4.2.0"  # the only Holoscan version holoscan-cli 4.2.0's manifest lists
 BASE_IMAGE = "nvcr.io/nvidia/cuda:13.0.0-runtime-ubuntu24.04"  # its dgpu base image
@@ -205,7 +206,7 @@ def workspace(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mdp") / "repo"
     junk = shutil.ignore_patterns("__pycache__", "*.pyc")
     for rel in ("app", "operators", "src/segmap", "models/demo-spleen"):
-        shutil.copytree(REPO / rel, root / rel, ignore=junk)
+        shutil.copytree(ROOT / rel, root / rel, ignore=junk)
     staged = subprocess.run(["bash", "-euo", "pipefail", "-c", _doc_block("staging")], cwd=root,
                             capture_output=True, text=True, timeout=120)
     assert staged.returncode == 0, f"the doc's staging steps failed:\n{staged.stderr}"
@@ -277,7 +278,7 @@ def test_app_json_carries_our_command_formats_and_sdk(packaged, workspace):
 
 
 def test_pkg_json_carries_our_resources_and_model(packaged):
-    repo_config = yaml.safe_load((REPO / "app" / "app.yaml").read_text())
+    repo_config = yaml.safe_load((ROOT / "app" / "app.yaml").read_text())
     pkg = _json(packaged["documented"] / "context" / "map" / "pkg.json")
     assert pkg["resources"] == repo_config["resources"]
     assert pkg["resources"]["gpu"] == 1 and pkg["resources"]["gpuMemory"]
@@ -292,7 +293,7 @@ def test_our_requirements_are_installed_by_the_image(packaged):
     assert Path(platform["requirements_file"]).name == "requirements.txt"
     assert Path(platform["requirements_file"]).parent.name == "app"
     merged = _requirement_lines(ctx / "pip" / "requirements.txt")
-    ours = _requirement_lines(REPO / "app" / "requirements.txt")
+    ours = _requirement_lines(ROOT / "app" / "requirements.txt")
     assert ours and merged == ours
     assert "monai-deploy-app-sdk==4.0.0" in merged
     dockerfile = (ctx / "Dockerfile").read_text()
@@ -321,7 +322,7 @@ def test_dockerfile_and_image_layout(packaged):
     assert platform["build_args"] == {"UID": "1000", "GID": "1000", "UNAME": "holoscan"}
     assert platform["sdk"] == "monai-deploy" and platform["holoscan_sdk_version"] == HOLOSCAN_VERSION
     assert (ctx / "models" / "demo-spleen" / "model.ts").read_bytes() == \
-        (REPO / "models" / "demo-spleen" / "model.ts").read_bytes()
+        (ROOT / "models" / "demo-spleen" / "model.ts").read_bytes()
 
 
 def test_staged_app_carries_operators_segmap_and_its_task(packaged):
@@ -329,22 +330,22 @@ def test_staged_app_carries_operators_segmap_and_its_task(packaged):
     image = {"/opt/holoscan/app": ctx / "app", "/var/holoscan/app.yaml": ctx / "app.config"}
     app = image["/opt/holoscan/app"]
     for rel in ("__main__.py", "app.py", "config.py", "task.yaml", "requirements.txt",
-                "operators/__init__.py", "segmap/__init__.py", "segmap/pipeline.py"):
+                "operators/__init__.py", "segmap/__init__.py", "segmap/run/orchestration.py"):
         assert (app / rel).is_file(), rel
     assert not list(app.rglob("__pycache__"))
     # The config the image reads (HOLOSCAN_CONFIG_PATH): ours, with the task file where the image has it.
     config = yaml.safe_load(image["/var/holoscan/app.yaml"].read_text())
-    repo_config = yaml.safe_load((REPO / "app" / "app.yaml").read_text())
+    repo_config = yaml.safe_load((ROOT / "app" / "app.yaml").read_text())
     assert config["application"] == repo_config["application"]
     assert config["resources"] == repo_config["resources"]
     task_file = config["segmap"].pop("task_file")
     assert {k: v for k, v in repo_config["segmap"].items() if k != "task_file"} == config["segmap"]
     assert task_file == "/opt/holoscan/app/task.yaml"
     assert (app / Path(task_file).relative_to("/opt/holoscan/app")).read_text() == \
-        (REPO / "app" / "task.yaml").read_text()
+        (ROOT / "app" / "task.yaml").read_text()
     # Comments survive the staging edit (only the task_file line changes).
     staged = (ctx / "app.config").read_text().splitlines()
-    original = (REPO / "app" / "app.yaml").read_text().splitlines()
+    original = (ROOT / "app" / "app.yaml").read_text().splitlines()
     assert len(staged) == len(original)
     assert [a for a, b in zip(staged, original) if a != b] == ["  task_file: /opt/holoscan/app/task.yaml"]
 
@@ -354,11 +355,11 @@ def test_staged_app_carries_operators_segmap_and_its_task(packaged):
 def test_plain_app_folder_is_valid_input_and_add_puts_folders_under_opt_holoscan_lib(packaged):
     ctx = packaged["add-lib"] / "context"
     app = _json(ctx / "map" / "app.json")
-    repo_config = yaml.safe_load((REPO / "app" / "app.yaml").read_text())
+    repo_config = yaml.safe_load((ROOT / "app" / "app.yaml").read_text())
     assert json.loads(app["command"]) == ["python3", "/opt/holoscan/app"]
     assert app["input"]["formats"] == repo_config["application"]["input-formats"]
     assert _json(ctx / "map" / "pkg.json")["resources"] == repo_config["resources"]
-    assert (ctx / "app.config").read_text() == (REPO / "app" / "app.yaml").read_text()
+    assert (ctx / "app.config").read_text() == (ROOT / "app" / "app.yaml").read_text()
     # --add DIR copies DIR's contents to /opt/holoscan/lib and puts it, and every folder below it, on PYTHONPATH.
     assert (ctx / "lib" / "operators" / "__init__.py").is_file()
     dockerfile = (ctx / "Dockerfile").read_text()

@@ -17,17 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import record_figure
+from conftest import DEMO_MODEL, ROOT, SAMPLE_CT, SPLEEN_TASK, record_figure
 
 from segmap.demo.phantom import make_phantom, write_dicom_series, write_nifti
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "models" / "demo-spleen" / "model.ts"
-TASK = ROOT / "tasks" / "spleen.yaml"
 HARDENED = ["--user", "4242:4242", "--read-only", "--network", "none", "--cap-drop", "ALL", "--security-opt",
             "no-new-privileges", "--pids-limit", "256"]
 STOP_LINE = "segmap: terminated (SIGTERM)"
-SAMPLE_CT = ROOT.parent / "shared" / "data" / "sample-ct" / "ct_dicom"
+SAMPLE_DICOM = SAMPLE_CT / "ct_dicom"
 
 
 
@@ -86,7 +83,7 @@ def test_image_is_slim_and_labelled(images):
     assert size < 1.0e9, f"{size / 1e9:.2f} GB"
 
     labels = info["Config"]["Labels"]
-    assert labels["io.segmap.model.sha256"] == hashlib.sha256(MODEL.read_bytes()).hexdigest()
+    assert labels["io.segmap.model.sha256"] == hashlib.sha256(DEMO_MODEL.read_bytes()).hexdigest()
     assert labels["io.segmap.task"] == "Spleen" and labels["io.segmap.variant"] == "dicom"
     assert labels["org.opencontainers.image.version"] == images[0].rsplit(":", 1)[1]
     for key in ("created", "revision", "source"):
@@ -138,7 +135,7 @@ def test_report_and_seg_carry_provenance(images, study, tmp_path):
     report = json.loads((out / "run_report.json").read_text())
     labels = json.loads(subprocess.run(["docker", "image", "inspect", "-f", "{{json .Config.Labels}}", images[0]],
                                        capture_output=True, text=True, check=True).stdout)
-    digest = hashlib.sha256(MODEL.read_bytes()).hexdigest()
+    digest = hashlib.sha256(DEMO_MODEL.read_bytes()).hexdigest()
     assert report["model"]["sha256"] == digest == labels["io.segmap.model.sha256"]
     assert report["image"]["ref"] == images[0]
     assert report["image"]["revision"] == labels["org.opencontainers.image.revision"]
@@ -314,7 +311,7 @@ def test_extract_refuses_an_unmounted_target_and_env_validates(images, tmp_path)
 
 def test_hardened_runs_cold_and_warm(images, study, tmp_path):
     """The hospital's hardened settings on the phantom and, where present, the sample CT; timings in the log."""
-    inputs = [("phantom", study / "dicom")] + ([("sample CT", SAMPLE_CT)] if SAMPLE_CT.is_dir() else [])
+    inputs = [("phantom", study / "dicom")] + ([("sample CT", SAMPLE_DICOM)] if SAMPLE_DICOM.is_dir() else [])
     for name, inp in inputs:
         times = []
         for attempt in ("cold", "warm"):

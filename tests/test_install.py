@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
+
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +53,8 @@ def test_image_wheel_holds_only_what_runs(tmp_path):
     names = zipfile.ZipFile(build_segmap_wheel(ROOT, tmp_path)).namelist()
     for sub in NOT_IN_IMAGE:
         assert not [n for n in names if n.startswith(sub + "/")], sub
-    for runtime in ("segmap/pipeline.py", "segmap/settings.py", "segmap/engine/predictor.py", "segmap/outputs/seg.py",
-                    "segmap/dicom/loading.py", "segmap/cli.py"):
+    for runtime in ("segmap/run/orchestration.py", "segmap/settings.py", "segmap/engine/predictor.py",
+                    "segmap/outputs/seg.py", "segmap/dicom/loading.py", "segmap/cli.py"):
         assert runtime in names
 
 

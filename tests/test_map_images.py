@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import DEMO_MODEL, ROOT, SPLEEN_TASK
+
 from segmap.demo.phantom import make_phantom, write_dicom_series, write_nifti
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "models" / "demo-spleen" / "model.ts"
-TASK = ROOT / "tasks" / "spleen.yaml"
 
 
 
@@ -47,8 +46,8 @@ def docker_run(image: str, inp: Path, out: Path, *args: str) -> subprocess.Compl
 
 
 def segmap_run(inp: Path, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "segmap.cli", "run", "--model", str(MODEL), "--task", str(TASK),
-                           "-i", str(inp), "-o", str(out), "--device", "cpu"], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "segmap.cli", "run", "--model", str(DEMO_MODEL), "--task",
+                           str(SPLEEN_TASK), "-i", str(inp), "-o", str(out), "--device", "cpu"], capture_output=True, text=True,
                           timeout=900)
 
 

@@ -14,7 +14,7 @@ pytest.importorskip("dynamic_network_architectures")
 from segmap.demo.phantom import make_phantom, write_dicom_series, write_nifti  # noqa: E402
 from segmap_tools.plans import build_network, make_dataset_json, make_plans  # noqa: E402
 from segmap.model import default_metadata, export_monet, load_model  # noqa: E402
-from segmap.pipeline import run  # noqa: E402
+from segmap.run import run  # noqa: E402
 from segmap.settings import Settings  # noqa: E402
 
 RULES = '{"selections": [{"name": "%s", "conditions": {"Modality": "(?i)MR", "SeriesDescription": "(?i)%s"}}]}'

@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import DEMO_MODEL, ROOT, SPLEEN_TASK
+
 from segmap.demo.phantom import make_phantom, write_dicom_series
 from segmap.errors import SegmapError
 from segmap.outputs.formats import FORMATS, output_format, variants
 
-ROOT = Path(__file__).resolve().parents[1]
-DEMO_MODEL = ROOT / "models" / "demo-spleen" / "model.ts"
-SPLEEN_TASK = ROOT / "tasks" / "spleen.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +111,12 @@ def test_compose_shows_named_ports(kind, tmp_path):
     os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "ERROR")
     from app.app import SegmapApp
     from operators import Outcome
-    from segmap.pipeline import ResultWriter, prepare
+    from segmap.run import start
     from segmap.settings import Settings
 
-    settings = Settings(models=DEMO_MODEL, task_file=SPLEEN_TASK, input=tmp_path, output=tmp_path / "out")
-    model, task = prepare(settings)
-    app = SegmapApp(settings=settings, kind=kind, model=model, task=task, outcome=Outcome(),
-                    writer=ResultWriter(settings, model, task, kind))
+    context = start(Settings(models=DEMO_MODEL, task_file=SPLEEN_TASK, input=tmp_path, output=tmp_path / "out",
+                             input_kind=kind))
+    app = SegmapApp(context=context, writer=context.writer, outcome=Outcome())
     app.compose_graph()
     graph = app.graph
     flows = {(a.name, b.name): {k: sorted(v) for k, v in graph.get_port_map(a, b).items()}

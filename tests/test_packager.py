@@ -19,13 +19,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import ROOT
+
 from segmap.errors import SegmapError
 from segmap.packager.baseimage import CPU_BASE_IMAGE, debian_mirror
 from segmap.packager.context import ContextError, ImageName, context_files, render_dockerfile, write_context
 from segmap.packager.docker_engine import DockerEngineError, connect, follow
 from segmap.packager.wheelhouse import build_segmap_wheel, platform_tags, requirement_sets, wheel_requirements
 
-REPO = Path(__file__).resolve().parents[1]
 
 TASK_YAML = """\
 tasks:
@@ -84,9 +85,9 @@ def inputs(tmp_path_factory):
     # A snapshot of the segmap source: others may edit the working tree while these tests run.
     (root / "source").mkdir()
     for name in ("pyproject.toml", "README.md"):
-        if (REPO / name).is_file():
-            shutil.copy2(REPO / name, root / "source" / name)
-    shutil.copytree(REPO / "src", root / "source" / "src",
+        if (ROOT / name).is_file():
+            shutil.copy2(ROOT / name, root / "source" / name)
+    shutil.copytree(ROOT / "src", root / "source" / "src",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
     shutil.copytree(root / "app", root / "source" / "app", ignore=shutil.ignore_patterns("__pycache__"))
     return root
@@ -214,7 +215,7 @@ def test_dockerfile_layout_and_user(dicom_context):
 
 
 def test_top_level_dockerfile_is_the_rendered_template():
-    assert (REPO / "Dockerfile").read_text() == render_dockerfile(base_image=CPU_BASE_IMAGE), (
+    assert (ROOT / "Dockerfile").read_text() == render_dockerfile(base_image=CPU_BASE_IMAGE), (
         "regenerate it: python -c \"from segmap.packager.context import render_dockerfile as r; "
         "open('Dockerfile', 'w').write(r(base_image='segmap/base-cpu:bookworm-tini'))\"")
 
@@ -393,7 +394,7 @@ def tools_env(dicom_context, tmp_path):
                HOLOSCAN_CONFIG_PATH=str(dicom_context / "app.yaml"),
                HOLOSCAN_APP_MANIFEST_PATH=str(dicom_context / "app.json"),
                HOLOSCAN_PKG_MANIFEST_PATH=str(dicom_context / "pkg.json"), SEGMAP_DEVICE="cpu",
-               PYTHONPATH=str(REPO / "src"))
+               PYTHONPATH=str(ROOT / "src"))
     return env, out
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import RLELossless
+
+from conftest import DEMO_MODEL
 
 from segmap.demo.phantom import EXTRA_LABELS, HU, LABELS, make_phantom, write_dicom_series, write_nifti, \
     write_phantom_study
@@ -170,10 +171,9 @@ def test_phantom_study(tmp_path):
 
 # The bundled demo model and the script that makes it.
 
-MODEL = Path(__file__).resolve().parents[1] / "models" / "demo-spleen" / "model.ts"
 
 
-@pytest.mark.skipif(not MODEL.is_file(), reason="models/demo-spleen/model.ts not present")
+@pytest.mark.skipif(not DEMO_MODEL.is_file(), reason="models/demo-spleen/model.ts not present")
 def test_bundled_demo_model_segments_a_held_out_phantom():
     import torch
 
@@ -181,8 +181,8 @@ def test_bundled_demo_model_segments_a_held_out_phantom():
     from segmap.engine import EngineOptions, Segmenter
     from segmap.model import load_model
 
-    model = load_model(MODEL)
-    assert MODEL.stat().st_size < 10 * 2**20
+    model = load_model(DEMO_MODEL)
+    assert DEMO_MODEL.stat().st_size < 10 * 2**20
     assert "not for clinical use" in model.spec.metadata["description"].lower()
     assert list(model.spec.metadata["network_data_format"]["inputs"]) == ["image"]
     assert dict(model.spec.labels) == LABELS

@@ -7,6 +7,8 @@ import time
 import pytest
 import torch
 
+from conftest import DEMO_MODEL
+
 from segmap.engine import EngineOptions
 from segmap.engine.openvino_runtime import available as openvino_available
 from segmap.engine.precision import (Candidate, FastestCandidate, candidates_for, cpu_bf16_flags, cpu_has_fast_bf16,
@@ -266,7 +268,7 @@ def test_openvino_fp32_only_on_the_fast_path_of_a_cpu_without_native_bf16(monkey
     from segmap.model import load_model
 
     monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda *a: False)  # whatever this CPU has
-    model = load_model(Path(__file__).resolve().parents[1] / "models" / "demo-spleen" / "model.ts")
+    model = load_model(DEMO_MODEL)
     for asked in ("fast", "auto"):
         with caplog.at_level("INFO", logger="segmap.engine"):
             seg = Segmenter(model, EngineOptions(precision=asked, openvino=True))
@@ -310,7 +312,7 @@ def test_openvino_only_when_asked_for_and_installed(monkeypatch, caplog):
     from segmap.engine import Segmenter, openvino_runtime
     from segmap.model import load_model
 
-    model = load_model(Path(__file__).resolve().parents[1] / "models" / "demo-spleen" / "model.ts")
+    model = load_model(DEMO_MODEL)
     default = Segmenter(model, EngineOptions(precision="fast"))
     assert not any("openvino" in c.name for c in default.runner.candidates)  # opt-in, installed or not
     monkeypatch.setattr(openvino_runtime, "available", lambda: False)

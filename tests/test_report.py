@@ -165,7 +165,7 @@ def listing(folder: Path) -> set[str]:
 
 def test_outputs_appear_only_on_success(tmp_path):
     out = tmp_path / "out"
-    with atomic_outputs(out) as staging:
+    with atomic_outputs(out, commit_last=("run_report.json",)) as staging:
         (staging.dir / "run_report.json").write_text("{}")
         (staging.dir / "seg.dcm").write_bytes(b"seg")
         (staging.dir / "nifti").mkdir()

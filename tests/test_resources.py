@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from conftest import DEMO_MODEL, ROOT, SPLEEN_TASK
+
 from segmap.errors import SegmapError
 from segmap.resources import (MemoryLimitError, apply_threads, apply_umask, check_memory, cpu_budget, cpu_quota,
                               estimate_peak_memory, memory_limit, resolve_threads, validate_settings)
 from segmap.settings import Settings, SettingsError
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tree(tmp_path: Path, files: dict[str, str], proc: str = "0::/\n") -> dict:
@@ -174,7 +175,7 @@ def test_full_disk_while_writing_is_one_line_and_leaves_nothing(tmp_path):
     try:
         write_dicom_series(make_phantom((40, 112, 112), (3.0, 1.6, 1.6), seed=314), tmp_path / "in" / "series")
         proc = subprocess.run([sys.executable, "-m", "segmap.cli", "run", "--model",
-                               str(ROOT / "models/demo-spleen/model.ts"), "--task", str(ROOT / "tasks/spleen.yaml"),
+                               str(DEMO_MODEL), "--task", str(SPLEEN_TASK),
                                "-i", str(tmp_path / "in"), "-o", str(out), "--device", "cpu"],
                               capture_output=True, text=True, timeout=600,
                               env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"})
@@ -189,14 +190,14 @@ def test_full_disk_while_writing_is_one_line_and_leaves_nothing(tmp_path):
 
 def test_a_run_writes_its_outputs_0640_and_leaves_the_process_umask_alone(tmp_path):
     from segmap.demo.phantom import make_phantom, write_nifti
-    from segmap.pipeline import run
+    from segmap.run import run
     from segmap.settings import Settings
 
     write_nifti(make_phantom((24, 64, 64), (3.0, 1.6, 1.6), seed=2), tmp_path / "in" / "image.nii.gz")
     before = os.umask(0o022)
     try:
-        run(Settings(input=tmp_path / "in", output=tmp_path / "out", models=ROOT / "models/demo-spleen/model.ts",
-                     task_file=ROOT / "tasks/spleen.yaml", device="cpu"))
+        run(Settings(input=tmp_path / "in", output=tmp_path / "out", models=DEMO_MODEL,
+                     task_file=SPLEEN_TASK, device="cpu"))
         assert os.umask(0o022) == 0o022
     finally:
         os.umask(before)

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import ROOT
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("dynamic_network_architectures")
 
@@ -236,9 +238,8 @@ def test_package_takes_a_results_folder(tmp_path, results):
     checkpoints, and they read back as the results folder's model."""
     from segmap.packager.context import write_context
 
-    root = Path(__file__).resolve().parents[1]
     ctx = write_context(tmp_path / "ctx", model=results, task=task_file(tmp_path / "task.yaml"), task_name=None,
-                        variant="nifti", app_dir=root / "app", package_source=root, tag="segmap/organs:1.0",
+                        variant="nifti", app_dir=ROOT / "app", package_source=ROOT, tag="segmap/organs:1.0",
                         requirements=([], []), folds="1", checkpoint="final")
     packaged = load_model(ctx / "models" / "organs")
     assert [f.parent.name for f in packaged.fold_files] == ["fold_1"]

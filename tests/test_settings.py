@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import DEMO_MODEL, ROOT, SPLEEN_TASK
+
 from segmap import __version__
 from segmap.errors import SegmapError
 from segmap.settings import Settings, SettingsError, declared, resolve, runtime_defaults
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 
@@ -139,10 +140,10 @@ def test_effective_settings_printout(tmp_path):
 
 def test_validate_reports_a_bad_rule_with_file_task_modality_and_selection(tmp_path):
     task = tmp_path / "task.yaml"
-    task.write_text((ROOT / "tasks" / "spleen.yaml").read_text().replace('"Modality": "(?i)CT"',
-                                                                       '"Modality": "(?i)CT", "BodyPartExamined": "[abd"'))
+    task.write_text(SPLEEN_TASK.read_text().replace('"Modality": "(?i)CT"',
+                                                    '"Modality": "(?i)CT", "BodyPartExamined": "[abd"'))
     proc = subprocess.run([sys.executable, "-m", "segmap.cli", "validate", "--task", str(task), "--model",
-                           str(ROOT / "models" / "demo-spleen" / "model.ts")], capture_output=True, text=True,
+                           str(DEMO_MODEL)], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2
     line = proc.stderr.strip().splitlines()[-1]

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import ROOT
+
 from segmap.errors import SegmapError, TaskFileError
 from segmap.tasks import Code, Modality, Segment, SegmentationTask, list_tasks, load_task
 
-REPO = Path(__file__).resolve().parents[1]
 RULES = {"selections": [{"name": "CT Series", "conditions": {"Modality": "(?i)CT", "SeriesDescription": "(.*?)"}}]}
 CATEGORY = {"code": "123037004", "scheme": "SCT", "meaning": "Anatomical Structure"}
 
@@ -49,7 +50,7 @@ def task_error(path: Path, task_name: str | None = None) -> str:
 
 
 def test_spleen_example_loads_as_the_demo_models_task():
-    task = load_task(REPO / "tasks" / "spleen.yaml")
+    task = load_task(ROOT / "tasks" / "spleen.yaml")
     assert task.name == "Spleen"
     assert task.modality_keys == ("image",)
     assert task.reference_modality == "image"
@@ -65,7 +66,7 @@ def test_spleen_example_loads_as_the_demo_models_task():
 
 
 def test_brain_tumour_example_has_four_mr_modalities_in_channel_order():
-    task = load_task(REPO / "tasks" / "brain_tumour.yaml")
+    task = load_task(ROOT / "tasks" / "brain_tumour.yaml")
     assert task.modality_keys == ("T1C", "T1N", "T2F", "T2W")
     assert task.reference_modality == "T1C"
     assert all(m.file_pattern and m.rules for m in task.modalities)
@@ -78,7 +79,7 @@ def test_brain_tumour_example_has_four_mr_modalities_in_channel_order():
 def test_brain_tumour_rules_pick_each_series_description_once():
     import re
 
-    task = load_task(REPO / "tasks" / "brain_tumour.yaml")
+    task = load_task(ROOT / "tasks" / "brain_tumour.yaml")
     patterns = {m.key: m.rules["selections"][0]["conditions"]["SeriesDescription"] for m in task.modalities}
     expected = {"T1 POST GD": "T1C", "t1_mprage": "T1N", "AX FLAIR": "T2F", "T2 TSE AX": "T2W", "t1ce": "T1C",
                 "t2f": "T2F", "t2w": "T2W"}

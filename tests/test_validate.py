@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
+
 from segmap_tools.plans import make_dataset_json, make_plans
 from segmap.errors import MismatchError, SegmapError
 from segmap.model import default_metadata, parse_spec
 from segmap.tasks import Code, Modality, Segment, SegmentationTask, load_task
 from segmap.validate import check_agreement, modality_mismatch, segment_mismatch, side_by_side
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def spec_for(labels, channels=("CT",), input_names=None, regions=None):
@@ -50,7 +51,7 @@ def agrees(task, spec) -> bool:
 
 
 def test_shipped_spleen_task_agrees_with_a_spleen_model():
-    task = load_task(REPO / "tasks" / "spleen.yaml")
+    task = load_task(ROOT / "tasks" / "spleen.yaml")
     assert agrees(task, spec_for({"background": 0, "spleen": 1}))
     assert not agrees(task, spec_for({"background": 0, "spleen": 1, "liver": 2}))
 
@@ -58,7 +59,7 @@ def test_shipped_spleen_task_agrees_with_a_spleen_model():
 def test_shipped_brain_tumour_task_agrees_with_a_four_channel_model():
     spec = spec_for({"background": 0, "necrosis": 1, "edema": 2, "enhancing": 3}, channels=("MR",) * 4,
                     input_names=["T1C", "T1N", "T2F", "T2W"])
-    task = load_task(REPO / "tasks" / "brain_tumour.yaml")
+    task = load_task(ROOT / "tasks" / "brain_tumour.yaml")
     assert agrees(task, spec)
     swapped = spec_for({"background": 0, "necrosis": 1, "edema": 2, "enhancing": 3}, channels=("MR",) * 4,
                        input_names=["T1N", "T1C", "T2F", "T2W"])

@@ -11,9 +11,13 @@ from pathlib import Path
 
 from . import __version__
 from . import shutdown, signals
+from .convert import add_convert_parser
 from .errors import SegmapError
+from .flags import MODEL_AND_TASK, add_setting
 from .logs import configure_logging
-from .settings import setting
+from .model import load_model, parse_folds
+from .settings import declared, resolve, setting
+from .summary import describe_model
 
 EPILOG = """\
 examples:
@@ -31,16 +35,12 @@ ensemble), or an nnU-Net results folder (plans.json, dataset.json, fold_K/checkp
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .model import load_model, parse_folds
-    from .summary import describe_model
-
     print(describe_model(load_model(args.model, folds=parse_folds(args.folds), checkpoint=args.checkpoint)))
     return 0
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from .pipeline import prepare
-    from .settings import resolve
+    from .run import prepare  # here: see _cmd_run
 
     settings = resolve({name: getattr(args, name) for name in MODEL_AND_TASK}, env={})
     model, task = prepare(settings)
@@ -50,8 +50,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline import run
-    from .settings import resolve
+    # Here, not at the top: the run layer imports numpy and scipy, whose thread pools must start after main() has
+    # blocked SIGTERM/SIGINT (segmap.shutdown), or a signal can land on one of their threads and kill the process.
+    from .run import run
 
     flags = {d.name: getattr(args, d.name, None) for d in _run_settings()}
     flags["log_level"] = args.log_level
@@ -74,25 +75,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _run_settings():
     """The settings ``segmap run`` takes as flags: every declared setting that has a flag (log level: global)."""
-    from .settings import declared
-
     return [d for d in declared() if d.flags and d.name != "log_level"]
-
-
-def _add_setting(p: argparse.ArgumentParser, d, **overrides) -> None:
-    """One flag of :mod:`segmap.settings`; the default stays None so that environment and config can apply."""
-    default = "none" if d.default is None else (str(d.default).lower() if d.type == "bool" else d.default)
-    kwargs: dict = {"dest": d.name, "default": None, "help": f"{d.help} [{d.env}; default: {default}]"}
-    if d.type == "bool":
-        kwargs["action"] = argparse.BooleanOptionalAction
-    else:
-        kwargs.update(metavar=d.metavar, choices=d.choices)
-    kwargs.update(overrides)
-    p.add_argument(*d.flags, **kwargs)
-
-
-#: The settings that name a model and a task (``segmap validate``).
-MODEL_AND_TASK = ("models", "task_file", "task_name", "folds", "checkpoint")
 
 
 def _not_installed(command: str, what: str):
@@ -115,12 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print a readable summary of a model (plans, channels, labels, folds)")
     p.add_argument("model", help="model.ts, folder of fold_K/model.ts, or nnU-Net results folder")
     for name in ("folds", "checkpoint"):
-        _add_setting(p, setting(name))
+        add_setting(p, setting(name))
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("validate", help="check that a task file agrees with a model (modalities and segments)")
     for name in MODEL_AND_TASK:
-        _add_setting(p, setting(name), **({"required": True} if name in ("models", "task_file") else {}))
+        add_setting(p, setting(name), **({"required": True} if name in ("models", "task_file") else {}))
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("run", help="segment a local input: a NIfTI file/folder or a DICOM folder",
@@ -130,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "Each flag's environment variable applies when the flag is not given; -c reads the "
                               "segmap: section of an app.yaml.")
     for d in _run_settings():
-        _add_setting(p, d)
+        add_setting(p, d)
     p.add_argument("-c", "--config", default=None, help="app.yaml whose segmap: section supplies defaults")
     p.set_defaults(func=_cmd_run)
 
@@ -156,13 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_service_parsers(sub)
 
-    from .convert import add_convert_parser
-
     add_convert_parser(sub)
 
     p = sub.add_parser("demo", help="run both variants on a freshly generated phantom study with the bundled demo model")
     p.add_argument("--out", default="out/demo", help="where to write the phantom study and the results")
-    _add_setting(p, setting("device"))
+    add_setting(p, setting("device"))
     p.add_argument("--model", default=None, help="model to use instead of the bundled models/demo-spleen/model.ts")
     p.add_argument("--task", default=None, help="task file to use instead of tasks/spleen.yaml")
     p.set_defaults(func=_cmd_demo)

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping
 import yaml
 
 from .errors import SegmapError, SettingsError
-from .outputs.formats import FORMATS, INPUT_MEDIA_TYPES
+from .outputs.formats import FORMATS, INPUT_MEDIA_TYPES, OMIT_EMPTY_FRAMES, SEG_TYPES
 
 INPUT_KINDS = tuple(INPUT_MEDIA_TYPES)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -87,11 +87,11 @@ class Settings:
                               "on CPUs with native bf16, fp32 on the others (where it is the only fast path: about "
                               "2x torch's fastest fp32 per tile on an AVX2 CPU; not exact, Dice >= 0.99); it "
                               "compiles for seconds when the model loads; never used by precision exact")
-    segmentation_type: str = _setting("binary", "DICOM SEG type: binary (one frame per segment and slice; every "
-                                      "viewer) or labelmap (one frame per slice; newer viewers only)",
-                                      choices=("binary", "labelmap"))
-    omit_empty_frames: bool = _setting(False, "DICOM SEG: leave out frames without segmented voxels (smaller "
-                                       "files; some viewers misplace them)")
+    segmentation_type: str = _setting(SEG_TYPES[0], "DICOM SEG type: binary (one frame per segment and slice; "
+                                      "every viewer) or labelmap (one frame per slice; newer viewers only)",
+                                      choices=SEG_TYPES)
+    omit_empty_frames: bool = _setting(OMIT_EMPTY_FRAMES, "DICOM SEG: leave out frames without segmented voxels "
+                                       "(smaller files; some viewers misplace them)")
     overlay: bool = _setting(True, "write overlay.png beside the outputs: axial and coronal slices through the "
                              "segments, in the task's colours, with volumes in mL (no patient data)")
     log_level: str = _setting("INFO", "log detail", short="-l", choices=LOG_LEVELS)

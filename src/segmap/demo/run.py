@@ -1,6 +1,6 @@
 """``segmap demo``: a fresh phantom study through both variants with the bundled demo model.
 
-Runs the same pipeline steps as the application's operators (DICOM: scan -> select -> volume -> inference ->
+Runs the same steps as the application's operators (:mod:`segmap.run`) (DICOM: scan -> select -> volume -> inference ->
 DICOM SEG; NIfTI: load -> inference -> NIfTI), then says where the outputs are and what they contain.
 """
 
@@ -11,8 +11,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pydicom
 
 from ..errors import SegmapError
+from ..outputs.nifti import read_label_nifti
+from ..outputs.seg import read_seg_labels
+from ..run import run
+from ..settings import Settings
+from .phantom import write_phantom_study
 
 #: The bundled demo model and its task file, shipped inside the package (the repository's models/demo-spleen and
 #: tasks/spleen.yaml point here), so `segmap demo` works from an installed wheel.
@@ -27,12 +33,6 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def run_demo(out: Path, *, device: str | None = None, model: Path = DEMO_MODEL, task: Path = DEMO_TASK,
              seed: int = 2024) -> dict:
-    from ..outputs.nifti import read_label_nifti
-    from ..outputs.seg import read_seg_labels
-    from ..pipeline import run
-    from ..settings import Settings
-    from .phantom import write_phantom_study
-
     for path, what in ((model, "demo model"), (task, "demo task file")):
         if not Path(path).exists():
             raise SegmapError(f"{what} not found at {path} (a segmap installation without its demo; pass --model/--task)")
@@ -72,7 +72,5 @@ def run_demo(out: Path, *, device: str | None = None, model: Path = DEMO_MODEL, 
 
 
 def _sorted_slices(files):
-    import pydicom
-
     datasets = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in files]
     return sorted(datasets, key=lambda d: float(d.ImagePositionPatient[2]))

@@ -43,7 +43,9 @@ How the defects of the original are fixed:
   series matching one selection is refused with the condition that would pick one (:mod:`segmap.dicom.stacks`).
 - Candidates in several studies are refused, and the series chosen for one task must share one study, one patient
   and one frame of reference (:mod:`segmap.dicom.studies`); a run splits a multi-study input by study first.
-- :attr:`SeriesSelection.passed_over` lists every other series with the reason it was not chosen (logged too).
+- :attr:`SeriesSelection.passed_over` lists every other series with the reason it was not chosen (logged too,
+  :func:`passed_over`); the reason a matching series lost is told by the same ranking that chose
+  (:func:`_preference`).
 
 Several modalities (:func:`select_for_task`): each modality gets its own series. Among all the ways of giving the
 modalities distinct series, the one that prefers the modalities in task order is taken: the first modality gets its
@@ -68,7 +70,7 @@ from pydicom.multival import MultiValue
 from ..errors import InputError, TaskFileError
 from .loading import DicomScan, DicomSeries
 from .stacks import refuse_ambiguous_stacks
-from .studies import check_one_study, passed_over, refuse_several_studies
+from .studies import check_one_study, refuse_several_studies
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,8 @@ _COMPARISONS: dict[str, Callable[[float, float], bool]] = {
 }
 #: Series listed in a no-match message before the rest are only counted.
 MAX_LISTED_SERIES = 20
+#: Candidates listed per modality in the report before the rest are only counted.
+MAX_PASSED_OVER = 50
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,7 @@ class SeriesSelection:
     #: True when this series also serves another modality because nothing else matched (see :func:`select_for_task`).
     shared: bool = False
     #: The other series of the scan, each with why it was not chosen for this modality (see
-    #: :func:`segmap.dicom.studies.passed_over`); filled by :func:`select_for_task`.
+    #: :func:`passed_over`); filled by :func:`select_for_task`.
     passed_over: tuple[dict, ...] = ()
 
 
@@ -366,10 +370,25 @@ def _values(ds: Dataset, keyword: str, numeric: bool) -> tuple:
 # ---- choosing
 
 
+def _images(series: DicomSeries) -> int:
+    return sum(inst.number_of_frames for inst in series.instances)
+
+
 def _preference(series: DicomSeries) -> tuple:
-    frames = sum(inst.number_of_frames for inst in series.instances)
+    """The ranking among series matching one selection (smaller first): the most images, then the lowest Series
+    Number (a missing number counts last), then the smallest Series Instance UID."""
     number = series.series_number
-    return (-frames, 0 if number is not None else 1, number or 0, series.series_instance_uid)
+    return (-_images(series), 0 if number is not None else 1, number or 0, series.series_instance_uid)
+
+
+def _why_preferred(chosen: DicomSeries, other: DicomSeries) -> str:
+    """Which criterion of :func:`_preference` put ``chosen`` before ``other``."""
+    mine, theirs = _preference(chosen), _preference(other)
+    if mine[0] != theirs[0]:
+        return f"the chosen series has more images ({_images(chosen)} > {_images(other)})"
+    if mine[1:3] != theirs[1:3]:
+        return f"the chosen series has the lower Series Number ({chosen.series_number} < {other.series_number})"
+    return "the chosen series has the smaller Series Instance UID"
 
 
 def _ranked_matches(scan: DicomScan, selections: list[_Selection], modality_key: str) -> list[tuple[DicomSeries, int]]:
@@ -421,6 +440,53 @@ def _make_selection(key: str, sel: _Selection, series: DicomSeries, ranked: list
                  "the lowest Series Number, then the smallest UID", key, len(alternatives), sel.name,
                  "; ".join(s.summary() for s in alternatives[:5]))
     return SeriesSelection(key, series, sel.name, sel.index, dict(sel.rule), alternatives, shared)
+
+
+def passed_over(scan: DicomScan, selections: Mapping[str, SeriesSelection]) -> dict[str, list[dict]]:
+    """For each modality key, the series of ``scan`` not chosen for it and why (for the run report and the log).
+
+    Each entry: ``series_instance_uid``, ``summary`` (modality, number, description, stack, instance count; never
+    patient data) and ``reason``: chosen for another modality, not an image series, matched too but another was
+    preferred (and by which rule), or the first condition it fails. At most :data:`MAX_PASSED_OVER` per modality,
+    then one entry counting the rest.
+    """
+    chosen_for = {id(sel.series): key for key, sel in selections.items()}
+    out: dict[str, list[dict]] = {}
+    for key, sel in selections.items():
+        entries = []
+        for series in scan.series:
+            if series is sel.series:
+                continue
+            if id(series) in chosen_for:
+                reason = f"chosen for modality '{chosen_for[id(series)]}'"
+            else:
+                reason = _why_not(series, sel)
+            entries.append({"series_instance_uid": series.series_instance_uid, "summary": series.summary(),
+                            "reason": reason})
+            log.info("modality '%s': passed over %s: %s", key, series.summary(), reason)
+        if len(entries) > MAX_PASSED_OVER:
+            entries = entries[:MAX_PASSED_OVER] + [{"more": len(entries) - MAX_PASSED_OVER}]
+        out[key] = entries
+    return out
+
+
+def _why_not(series: DicomSeries, sel: SeriesSelection) -> str:
+    if not series.is_image:
+        return "not an image series"
+    if any(a is series for a in sel.alternatives):
+        return f"matched '{sel.selection_name}' too, but {_why_preferred(sel.series, series)}"
+    failing = _failing_condition(series, sel.conditions)
+    return failing or f"matches only a selection tried after '{sel.selection_name}'"
+
+
+def _failing_condition(series: DicomSeries, conditions: Mapping[str, Any]) -> str | None:
+    for keyword, rule in conditions.items():
+        try:
+            if not _compile_condition(str(keyword), rule).matches(series):
+                return f"does not match {keyword}={rule!r}"
+        except ValueError:
+            return None
+    return None
 
 
 def _no_match_message(scan: DicomScan, selections: list[_Selection], key: str) -> str:

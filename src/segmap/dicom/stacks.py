@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from pydicom.dataset import Dataset
@@ -66,9 +66,8 @@ class Stack:
 
 
 def split_stacks(series) -> list:
-    """``[series]``, or one :class:`DicomSeries` per stack when ``series`` holds several (see the module docstring)."""
-    from .loading import DicomSeries
-
+    """``[series]`` (a :class:`~segmap.dicom.loading.DicomSeries`), or one copy of it per stack when it holds several
+    (see the module docstring)."""
     instances = series.instances
     positions = [_position_key(inst.dataset) for inst in instances]
     if any(p is None for p in positions) or len(set(positions)) == len(positions):
@@ -82,9 +81,8 @@ def split_stacks(series) -> list:
         if any(len({positions[i] for i in g}) != len(g) for g in groups.values()):
             continue
         values = tuple(sorted(groups, key=_value_order))
-        stacks = [DicomSeries(series.series_instance_uid, series.study_instance_uid,
-                              [instances[i] for i in groups[v]], series.generated_uids,
-                              stack=Stack(keyword, v, values)) for v in values]
+        stacks = [replace(series, instances=[instances[i] for i in groups[v]], stack=Stack(keyword, v, values))
+                  for v in values]
         log.info("series %s %r holds %d stacks at the same slice positions, told apart by %s (%s); each is a "
                  "candidate of its own", series.series_instance_uid, series.description, len(stacks), keyword,
                  ", ".join(v or "(none)" for v in values))

@@ -4,7 +4,7 @@ Usage::
 
     out = ensure_writable(output_folder)          # early, before inference: fail fast on a bad output folder
     ...
-    with atomic_outputs(out) as staging:
+    with atomic_outputs(out, commit_last=("run_report.json",)) as staging:
         write_seg(..., staging.dir / "seg.dcm")
         report.write(staging.dir / "run_report.json")
     # here every file is in `out`; staging.committed lists their final paths
@@ -12,8 +12,8 @@ Usage::
 The staging folder is a hidden ``.segmap-staging-*`` directory created *inside* the output folder, so the final
 ``os.replace`` of each file is a rename on one file system: atomic per file, no copy, and no extra space needed.
 If the ``with`` block raises (including KeyboardInterrupt), the staging folder is deleted and the output folder is
-left exactly as it was. On success, files are moved in sorted path order with ``run_report.json`` last, so a
-consumer that waits for the report sees every other file already in place; same-named files from an earlier run
+left exactly as it was. On success, files are moved in sorted path order with the names in ``commit_last`` (the run
+report) last, so a consumer that waits for the report sees every other file already in place; same-named files from an earlier run
 are replaced. Sub-folders are recreated in the output folder.
 
 One run per output folder. :func:`claim_output_folder` (called once at the start of a run) takes an exclusive
@@ -40,15 +40,12 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import InputError, OutputError
-from .report import REPORT_NAME
 
 log = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".segmap-staging-"
 #: Lock file, only where the output folder itself cannot be locked (see :func:`claim_output_folder`).
 LOCK_FILE = ".segmap-lock"
-#: Files moved into place after all others.
-COMMIT_LAST = (REPORT_NAME,)
 
 
 def ensure_writable(folder: str | Path) -> Path:
@@ -179,8 +176,9 @@ class Staging:
 
 
 @contextmanager
-def atomic_outputs(out_dir: str | Path) -> Iterator[Staging]:
-    """Stage outputs in a temporary folder inside ``out_dir`` and move them into place only on success.
+def atomic_outputs(out_dir: str | Path, *, commit_last: tuple[str, ...] = ()) -> Iterator[Staging]:
+    """Stage outputs in a temporary folder inside ``out_dir`` and move them into place only on success; files named
+    in ``commit_last`` (the run report) are moved after all others.
 
     Raises :class:`~segmap.errors.OutputError` when ``out_dir`` is not writable or a file cannot be moved into
     place. On any exception inside the block nothing is moved and the staging folder is removed.
@@ -192,14 +190,14 @@ def atomic_outputs(out_dir: str | Path) -> Iterator[Staging]:
         raise OutputError(f"{final_dir}: cannot create a staging folder ({e.strerror or e})") from e
     try:
         yield staging
-        _commit(staging)
+        _commit(staging, commit_last)
     finally:
         shutil.rmtree(staging.dir, ignore_errors=True)
 
 
-def _commit(staging: Staging) -> None:
+def _commit(staging: Staging, commit_last: tuple[str, ...]) -> None:
     files = sorted((p for p in staging.dir.rglob("*") if not p.is_dir()),
-                   key=lambda p: (p.name in COMMIT_LAST, str(p.relative_to(staging.dir))))
+                   key=lambda p: (p.name in commit_last, str(p.relative_to(staging.dir))))
     for staged in files:
         final = staging.final_path(staged)
         try:

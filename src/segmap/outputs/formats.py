@@ -1,6 +1,6 @@
 """The output formats segmap can write, keyed by name, separate from the kind of input.
 
-Adding a format is one module with a writer class (``write(labels, image, folder) -> Path``, see
+Adding a format is one module with a writer class (``write(labels, image, folder, provenance) -> Path``, see
 :class:`Writer`) plus one line in :data:`FORMATS`. The writer's module is imported only when the format is used,
 so listing formats (settings, ``--help``, the packager) stays cheap.
 
@@ -17,21 +17,49 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import SegmapError
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..pipeline import InputImage
-    from ..settings import Settings
+if TYPE_CHECKING:  # pragma: no cover - types only: `segmap.settings` imports this module, and the `segmap` command
+    # imports the settings before segmap.shutdown blocks SIGTERM; numpy (volume) must not start its threads before.
     from ..tasks import SegmentationTask
     from ..volume import Volume
 
 #: Media type of each input kind (a MAP's app.json ``input.formats``).
 INPUT_MEDIA_TYPES = {"dicom": "application/dicom", "nifti": "application/x-nifti"}
 REPORT_MEDIA_TYPE = "application/json"
+#: DICOM SEG types, the default first: binary (one frame per segment and slice) is what every viewer reads; labelmap
+#: (one frame per slice, DICOM 2024) only newer ones. Declared here, below the settings that offer the choice.
+SEG_TYPES = ("binary", "labelmap")
+#: Whether a DICOM SEG leaves out frames without segmented voxels unless told otherwise (kept: smaller files are
+#: not worth the viewers that misplace the remaining frames).
+OMIT_EMPTY_FRAMES = False
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What made a result, for the formats that record it (a DICOM SEG's Software Versions)."""
+
+    segmap_version: str
+    #: SHA-256 of the model's files (:func:`segmap.outputs.report.model_digest`).
+    model_sha256: str
+
+    @property
+    def software_versions(self) -> list[str]:
+        """segmap's version, then the model's short digest (the SEG names the model it came from)."""
+        return [self.segmap_version, f"model sha256:{self.model_sha256[:16]}"]
+
+
+class SourceImage(Protocol):
+    """What a writer reads of the image a label map was computed from (:class:`segmap.run.values.InputImage`)."""
+
+    #: ``[c, z, y, x]`` on the label map's grid; ``meta`` may hold a NIfTI input's header.
+    volume: "Volume"
+    #: DICOM input: the reference series' headers in the volume's z order; None for NIfTI input.
+    reference_datasets: list | None
 
 
 class Writer(Protocol):
     """Writes one run's label map in one format into a (staging) folder."""
 
-    def write(self, labels: "Volume", image: "InputImage", folder: Path) -> Path: ...
+    def write(self, labels: "Volume", image: SourceImage, folder: Path, provenance: Provenance) -> Path: ...
 
 
 @dataclass(frozen=True)
@@ -43,10 +71,11 @@ class OutputFormat:
     inputs: tuple[str, ...]
     #: Input kinds for which this is the format written when the output format is ``auto``.
     default_for: tuple[str, ...]
-    #: ``module:Class`` of the writer; the class is built with ``(task, settings)``.
+    #: ``module:Class`` of the writer; the class is built with ``(task, settings)`` (settings: the run's
+    #: :class:`segmap.settings.Settings`, read by attribute; outputs sit below the settings and never import them).
     writer: str
 
-    def make_writer(self, task: "SegmentationTask", settings: "Settings") -> Writer:
+    def make_writer(self, task: "SegmentationTask", settings: Any) -> Writer:
         module, _, cls = self.writer.partition(":")
         return getattr(importlib.import_module(module), cls)(task, settings)
 

@@ -25,6 +25,7 @@ import nibabel as nib
 import numpy as np
 
 from ..errors import OutputError
+from .formats import Provenance, SourceImage
 
 _SUFFIXES = (".nii", ".nii.gz")
 
@@ -123,7 +124,7 @@ class NiftiWriter:
     def __init__(self, task, settings) -> None:
         pass
 
-    def write(self, labels, image, folder: Path) -> Path:
+    def write(self, labels, image: SourceImage, folder: Path, provenance: Provenance) -> Path:
         # A NIfTI input's header travels in the volume's meta: its spatial fields are copied exactly (see above).
         header = labels.meta.get("nifti_header") or image.volume.meta.get("nifti_header")
         return write_label_nifti(labels.array[0], labels.affine, Path(folder) / self.filename, source_header=header)

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..volume import Volume
+from .report import segment_statistics
 
 #: Colours for segments without ``recommended_display_rgb_value`` (distinct on grey and for common colour
 #: blindness: Okabe-Ito, then a few more).
@@ -145,8 +146,6 @@ def render_overlay(image: Volume, labels: Volume, segments: Sequence[Any], *,
     (default: soft tissue for CT, else the 1st-99th percentile of the image's nonzero values).
     """
     from PIL import Image, ImageDraw, ImageFont
-
-    from .report import segment_statistics
 
     if labels.shape_zyx != image.shape_zyx:
         raise ValueError(f"labels grid {labels.shape_zyx} differs from the image grid {image.shape_zyx}")

@@ -25,6 +25,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import OutputError
+from .atomic import STAGING_PREFIX
 
 REPORT_NAME = "run_report.json"
 #: Series-level attributes copied into the report for each DICOM input.
@@ -290,8 +291,6 @@ class RunReport:
         Written into a staging folder of :func:`~segmap.outputs.atomic.atomic_outputs` (the usual case), the output
         paths are relative to the output folder and the sizes those of the staged files that will be moved there.
         """
-        from .atomic import STAGING_PREFIX  # here: atomic names the report to commit it last
-
         path = Path(path)
         staging = path.parent if path.parent.name.startswith(STAGING_PREFIX) else None
         doc = self.to_dict(relative_to=staging.parent if staging is not None else path.parent, staged_in=staging)

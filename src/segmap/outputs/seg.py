@@ -45,9 +45,13 @@ from pydicom.sr.codedict import codes
 from .. import __version__
 from ..errors import InputError, OutputError
 from ..tasks import Code, Segment
-from ..settings import Settings
+from ..uids import seeded_uid
+from .formats import OMIT_EMPTY_FRAMES, SEG_TYPES, Provenance, SourceImage
 
 log = logging.getLogger(__name__)
+
+#: Manufacturer (0008,0070) of every SEG segmap writes: how a receiver (the job service's routing) recognises them.
+MANUFACTURER = "segmap"
 
 #: Type 2 attributes of the Patient and General Study modules: present (possibly empty) in every valid SEG, even
 #: when the source lacked them (anonymised or repaired sample data).
@@ -65,7 +69,7 @@ _TYPE2_PATIENT_STUDY = (
 #: Identifiers every source instance must carry for the SEG's references to mean anything.
 _REQUIRED_SOURCE_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
                          "FrameOfReferenceUID")
-_SEGMENTATION_TYPES = ("BINARY", "LABELMAP")
+_SEGMENTATION_TYPES = tuple(t.upper() for t in SEG_TYPES)
 _LO_MAX = 64  # DICOM LO value length
 
 
@@ -75,15 +79,15 @@ def write_seg(
     segments: Sequence[Segment],
     path: str | Path,
     *,
-    omit_empty_frames: bool = Settings.omit_empty_frames,
+    omit_empty_frames: bool = OMIT_EMPTY_FRAMES,
     series_description: str | None = None,
     series_number: int = 900,
-    manufacturer: str = "segmap",
+    manufacturer: str = MANUFACTURER,
     manufacturer_model_name: str = "segmap",
     software_version: str | Sequence[str] = __version__,
     device_serial: str = "segmap",
     content_creator: str | None = None,
-    segmentation_type: str = Settings.segmentation_type,
+    segmentation_type: str = SEG_TYPES[0],
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
 ) -> Path:
@@ -304,16 +308,12 @@ class DicomSegWriter:
         self.segmentation_type = settings.segmentation_type
         #: The job service's seed: the same job writes the same UIDs, so a re-sent SEG replaces rather than adds.
         self.uid_seed = settings.uid_seed
-        #: Software Versions (0018,1020): segmap's version; the run adds the model's short sha256 as a second value.
-        self.software_versions: list[str] = [__version__]
 
-    def write(self, labels, image, folder: Path) -> Path:
+    def write(self, labels, image: SourceImage, folder: Path, provenance: Provenance) -> Path:
         uids = {}
         if self.uid_seed:
-            from ..uids import seeded_uid
-
             uids = {"series_instance_uid": seeded_uid(self.uid_seed, "series"),
                     "sop_instance_uid": seeded_uid(self.uid_seed, "sop")}
         return write_seg(labels.array[0], image.reference_datasets, self.segments, Path(folder) / self.filename,
-                         omit_empty_frames=self.omit_empty_frames, software_version=list(self.software_versions),
+                         omit_empty_frames=self.omit_empty_frames, software_version=provenance.software_versions,
                          segmentation_type=self.segmentation_type, **uids)

@@ -49,11 +49,11 @@ def add_package_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Build MONAI Application Packages: one image per variant, DICOM (study in, DICOM SEG out) "
                     "and NIfTI (image in, label map out), each holding the model, the task and the application.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from ..cli import MODEL_AND_TASK, _add_setting
+    from ..flags import MODEL_AND_TASK, add_setting
     from ..settings import setting
 
     for name in MODEL_AND_TASK:
-        _add_setting(p, setting(name), **({"required": True} if name in ("models", "task_file") else {}))
+        add_setting(p, setting(name), **({"required": True} if name in ("models", "task_file") else {}))
     p.add_argument("--tag", required=True, metavar="NAME:VERSION",
                    help="image name and version; the NIfTI variant is tagged NAME:VERSION-nifti")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
@@ -105,7 +105,7 @@ def package(args: argparse.Namespace) -> int:
     source = Path(args.source) if args.source else find_source_root()
     if not (source / "app").is_dir():
         raise ContextError(f"{source}: no app/ folder (the application that goes into the image)")
-    from ..pipeline import prepare
+    from ..run import prepare
     from ..settings import Settings
 
     # the model and the task must agree before anything is built
