@@ -28,7 +28,7 @@ def _cmd_portal(args: argparse.Namespace) -> int:
         config = _replace(config, port=args.port)
     try:
         import fastapi  # noqa: F401
-        import multipart  # noqa: F401
+        import python_multipart  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
         raise SegmapError(f"segmap portal needs the portal extra ({e.name} is missing): pip install "

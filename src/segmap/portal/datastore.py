@@ -94,7 +94,7 @@ class LocalDatastore:
                 raise InputError(f"image {image_id} is being segmented; upload it under another ID or retry later")
             shutil.rmtree(folder, ignore_errors=True)
             staging.rename(folder)
-        self.clean()
+        self.clean(keep=image_id)
         return image_id
 
     def _path(self, image_id: str) -> Path | None:
@@ -139,8 +139,9 @@ class LocalDatastore:
                 continue
         return sorted(entries)
 
-    def clean(self) -> list[str]:
-        """Remove expired, then least recently used images until count and size fit; the removed IDs."""
+    def clean(self, keep: str | None = None) -> list[str]:
+        """Remove expired, then least recently used images until count and size fit (never one in use, nor
+        ``keep``: the image just added); the removed IDs."""
         removed = []
         with self._mutex:
             entries = self._entries()
@@ -151,7 +152,7 @@ class LocalDatastore:
             total = sum(size for _, size, _ in entries)
             for mtime, size, folder in entries:
                 name = folder.name
-                if self._pins.get(name):
+                if self._pins.get(name) or name == keep:
                     continue
                 stale_staging = name.startswith(".") and now - mtime > 3600
                 if not stale_staging and not name.startswith(".") and (
