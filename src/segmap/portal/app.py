@@ -332,7 +332,6 @@ async def _infer_steps(request: Request, portal: Portal, model_name: str, reques
         loop = asyncio.get_running_loop()
         cached = None
         if upload is not None:
-            nifti_suffix(upload.filename or "")  # refuse a non-NIfTI upload before it is written
             source, kind = await _save_upload(upload, work / "input"), "nifti"
         elif session_id or (image_id and portal.uploads._path(_checked(image_id)) is not None):
             cached = portal.uploads.use(_checked(session_id or image_id))
