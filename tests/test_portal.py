@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -125,8 +124,8 @@ def data(tmp_path_factory):
     mr = write_dicom_series(make_phantom((6, 48, 48), SPACING, seed=2), root / "study" / "mr", modality="MR",
                             study_uid="1.2.826.0.1.3680043.10.543.1", series_uid="1.2.826.0.1.3680043.10.543.1.2",
                             series_number=2, series_description="MR localizer")
-    return {"root": root, "nifti": root / "image.nii.gz", "ct": ct, "mr": mr, "study_uid": "1.2.826.0.1.3680043.10.543.1",
-            "ct_uid": "1.2.826.0.1.3680043.10.543.1.1", "mr_uid": "1.2.826.0.1.3680043.10.543.1.2"}
+    return {"root": root, "nifti": root / "image.nii.gz", "ct": ct, "mr": mr,
+            "study_uid": "1.2.826.0.1.3680043.10.543.1", "ct_uid": "1.2.826.0.1.3680043.10.543.1.1", "mr_uid": "1.2.826.0.1.3680043.10.543.1.2"}
 
 
 @pytest.fixture(scope="module")
@@ -400,6 +399,7 @@ def test_twenty_concurrent_requests_with_a_queue_of_four(portal, tmp_path):
                      str(out), "--device", "cpu", "--no-overlay"]) == 0
         expected, affine = read_nifti(out / "segmentation.nii.gz")
         labels, got_affine = read_nifti(got)
+        assert "inference;dur=" in answers[i].headers["Server-Timing"]
         assert labels.shape == expected.shape and np.array_equal(labels, expected), i
         assert np.array_equal(got_affine, affine)
     assert portal.metric("segmap_portal_slot_requests", slot="cpu") == 0

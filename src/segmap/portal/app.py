@@ -333,7 +333,7 @@ async def _infer_steps(request: Request, portal: Portal, model_name: str, reques
         cached = None
         if upload is not None:
             source, kind = await _save_upload(upload, work / "input"), "nifti"
-        elif session_id or (image_id and portal.uploads._path(_checked(image_id)) is not None):
+        elif session_id or (image_id and portal.uploads.has(_checked(image_id))):
             cached = portal.uploads.use(_checked(session_id or image_id))
             source, kind = _enter(cached).path, "nifti"
         elif portal.dicomweb is not None:
@@ -369,7 +369,10 @@ async def _infer_steps(request: Request, portal: Portal, model_name: str, reques
         answer = {"request_id": request_id, "model": model.name, "label_names": model.info()["labels"],
                   "segments": result.segments, "series": result.series, "stored_seg_series": stored,
                   "latencies": {k: round(v, 4) for k, v in timings.items()}}
-        return _respond(output, result, answer, request_id)
+        response = _respond(output, result, answer, request_id)
+        # The stages in the standard Server-Timing header too (milliseconds), whatever the answer's form.
+        response.headers["Server-Timing"] = ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in timings.items())
+        return response
 
 
 def _dicom_formats(output: str, portal: Portal) -> list[str]:

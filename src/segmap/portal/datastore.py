@@ -97,6 +97,9 @@ class LocalDatastore:
         self.clean(keep=image_id)
         return image_id
 
+    def has(self, image_id: str) -> bool:
+        return self._path(check_image_id(image_id)) is not None
+
     def _path(self, image_id: str) -> Path | None:
         folder = self.root / image_id
         found = [p for p in folder.glob("image.nii*")] if folder.is_dir() else []
