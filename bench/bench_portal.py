@@ -46,7 +46,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def start_portal(folder: Path, device: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     config = {"portal": {"port": port, "warm_up": False, "datastore": {"cache_dir": str(folder / "cache")}},
-              "models": {"spleen": {"model": str(MODEL), "task": str(TASK), "settings": {"device": device}}}}
+              "models": {"spleen": {"model": str(MODEL), "task": str(TASK),
+                                    "settings": {"device": device, "overlay": False}}}}
     (folder / "portal.yaml").write_text(json.dumps(config))
     log = open(folder / "portal.log", "ab")
     proc = subprocess.Popen([sys.executable, "-m", "segmap.cli", "portal", "-c", str(folder / "portal.yaml")],

@@ -125,7 +125,8 @@ def data(tmp_path_factory):
                             study_uid="1.2.826.0.1.3680043.10.543.1", series_uid="1.2.826.0.1.3680043.10.543.1.2",
                             series_number=2, series_description="MR localizer")
     return {"root": root, "nifti": root / "image.nii.gz", "ct": ct, "mr": mr,
-            "study_uid": "1.2.826.0.1.3680043.10.543.1", "ct_uid": "1.2.826.0.1.3680043.10.543.1.1", "mr_uid": "1.2.826.0.1.3680043.10.543.1.2"}
+            "study_uid": "1.2.826.0.1.3680043.10.543.1", "ct_uid": "1.2.826.0.1.3680043.10.543.1.1",
+            "mr_uid": "1.2.826.0.1.3680043.10.543.1.2"}
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,7 @@ def orthanc(tmp_path_factory, data):
 @pytest.fixture(scope="module")
 def portal(tmp_path_factory, orthanc):
     folder = tmp_path_factory.mktemp("portal")
-    model = {"model": str(DEMO_MODEL), "task": str(SPLEEN_TASK), "settings": {"device": "cpu"}}
+    model = {"model": str(DEMO_MODEL), "task": str(SPLEEN_TASK), "settings": {"device": "cpu", "overlay": False}}
     config = {"portal": {"host": "127.0.0.1", "queue_length": QUEUE, "max_upload_mb": MAX_UPLOAD_MB,
                          "auth": {"required": True},
                          "datastore": {"kind": "dicomweb", "dicomweb_url": orthanc.dicomweb_url, "store_seg": True,

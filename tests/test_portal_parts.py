@@ -115,7 +115,7 @@ def test_cli_example_is_a_valid_configuration(tmp_path, capsys):
 
     assert main(["portal", "--example"]) == 0
     cfg = load_config(write(tmp_path, capsys.readouterr().out))
-    assert [m.name for m in cfg.models] == ["spleen"] and cfg.models[0].settings == {"device": "cpu"}
+    assert [m.name for m in cfg.models] == ["spleen"] and cfg.models[0].settings == {"device": "cpu", "overlay": False}
 
 
 # ------------------------------------------------------------------------------------------------ upload cache

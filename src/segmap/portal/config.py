@@ -45,7 +45,9 @@ models:
     model: models/demo-spleen/model.ts
     task: tasks/spleen.yaml
     description: Demo spleen segmentation (not for clinical use)
-    settings: {device: cpu}  # any `segmap run` setting (settings.py), e.g. mirroring, precision, folds
+    settings:                # any `segmap run` setting (settings.py), e.g. mirroring, precision, folds
+      device: cpu
+      overlay: false         # nobody receives overlay.png from the portal: do not spend time drawing it
 """
 
 
@@ -82,7 +84,7 @@ class ModelConfig:
     task: Path
     task_name: str | None = None
     description: str = ""
-    #: ``segmap run`` settings by name (segmap.settings), e.g. ``{"device": "cpu", "mirroring": True}``.
+    #: ``segmap run`` settings by name (segmap.settings): device, mirroring, precision, folds, overlay, ...
     settings: Mapping[str, Any] = field(default_factory=dict)
 
 

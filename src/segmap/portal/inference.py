@@ -134,7 +134,8 @@ class WarmModel:
         segments: list[dict[str, Any]] = []
         for fmt in formats:
             out = work_dir / fmt
-            settings = self.settings.with_values(input=source, output=out, output_format=fmt, overlay=False)
+            # The model's own settings otherwise (overlay.png too, when the configuration leaves it on).
+            settings = self.settings.with_values(input=source, output=out, output_format=fmt)
             writer = ResultWriter(settings, self.model, self.task, image.kind)
             try:
                 writer.write(labels, image)
