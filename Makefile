@@ -2,14 +2,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-model test test-fast generate bench bench-service clean
+.PHONY: venv demo demo-model test test-fast generate bench bench-service bench-portal clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[app,package,service,test]"
+	$(PY) -m pip install -q -e ".[app,package,service,portal,test]"
+	$(PY) -m pip install -q --no-deps monailabel==0.8.5 monet-bundle==1.3  # their clients only (portal tests)
 	touch $(STAMP)
 
 # Runs both variants on a freshly generated phantom study with the bundled demo model.
@@ -43,6 +44,10 @@ bench: $(STAMP)
 	$(PY) bench/bench_engine.py --scenario medium-net
 	$(PY) bench/bench_engine.py --scenario realistic $(if $(BENCH_FULL),,--tiles 2)
 	$(PY) bench/bench_engine.py --scenario many-class --mirroring off $(if $(BENCH_FULL),,--shape 60 320 320)
+
+# The portal's warm latencies beside the network time, a cold `segmap run` and a cold `docker run` of the MAP.
+bench-portal: $(STAMP)
+	$(PY) bench/bench_portal.py
 
 # The job service's overhead and throughput (real segmap serve, MAP image, Orthanc; PostgreSQL for the workers).
 bench-service: $(STAMP)

@@ -27,6 +27,7 @@ examples:
   segmap demo
   segmap package --model models/demo-spleen/model.ts --task tasks/spleen.yaml --tag segmap/spleen:0.1 --cpu
   segmap serve -c service.yaml     (the PACS job service; `segmap serve --example` prints a configuration)
+  segmap portal -c portal.yaml     (MONAI Label's API for 3D Slicer, OHIF, scripts; `--example` prints one)
 
 A model is a MONet model.ts (TorchScript with nnU-Net plans embedded), a folder of fold_K/model.ts files (an
 ensemble), or an nnU-Net results folder (plans.json, dataset.json, fold_K/checkpoint_final.pth). A task file is a MAIA Segmentation Task YAML; one that holds a single task needs no
@@ -138,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(func=_not_installed(f"segmap {name}", "the job service"))
     else:
         add_service_parsers(sub)
+
+    try:
+        from .portal.cli import add_portal_parser
+    except ImportError:  # a MAP image's segmap holds only what runs
+        pass
+    else:
+        add_portal_parser(sub)
 
     add_convert_parser(sub)
 
