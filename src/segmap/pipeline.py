@@ -29,7 +29,7 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 
 from .errors import InputError
-from .model import MonetModel, load_model
+from .model import MonetModel, load_model, model_digest
 from .settings import Settings
 from .tasks import SegmentationTask, load_task
 from .validate import check_agreement
@@ -210,7 +210,7 @@ def combine_modalities(volumes: dict[str, Volume], task: SegmentationTask) -> Vo
 def resolve_model_path(path: Path) -> Path:
     """A model file, fold folder or results folder; a folder holding exactly one of those (a MAP's models/<name>/)
     is entered."""
-    from .nnunet_results import is_results_folder
+    from .model import is_results_folder
 
     def is_model(d: Path) -> bool:
         return (d / "model.ts").exists() or any(d.glob("fold_*/model.ts")) or is_results_folder(d)
@@ -225,7 +225,7 @@ def resolve_model_path(path: Path) -> Path:
 
 def prepare(settings: Settings) -> tuple[MonetModel, SegmentationTask]:
     """Load and cross-check the model and the task (fails before any input is read)."""
-    from .resources import validate_settings
+    from .settings import validate_settings
 
     validate_settings(settings)
     task = load_task(settings.task_file, settings.task_name)
@@ -268,19 +268,14 @@ class Inference:
 
 
 def check_memory_for(image: InputImage, model: MonetModel) -> int:
-    """Estimate the run's peak memory (:func:`segmap.resources.estimate_peak_memory`), log it, and refuse the run
+    """Estimate the run's peak memory (:func:`segmap.engine.memory.peak_memory_for`), log it, and refuse the run
     with :class:`~segmap.errors.MemoryLimitError` when it exceeds the container's memory limit."""
-    from .resources import check_memory, estimate_peak_memory
+    from .engine.memory import peak_memory_for
+    from .resources import check_memory
 
-    spec = model.spec
     shape = image.volume.array.shape
-    spacing = image.volume.spacing_zyx
-    order = spec.transpose_forward  # the engine transposes zyx into the network's axis order first
-    estimate = estimate_peak_memory(
-        input_shape_czyx=[shape[0], *(shape[1 + i] for i in order)],
-        input_spacing_zyx=[spacing[i] for i in order], target_spacing_zyx=spec.target_spacing,
-        patch_size=spec.patch_size, num_outputs=spec.num_outputs,
-        model_bytes=sum(f.stat().st_size for f in model.fold_files))
+    estimate = peak_memory_for(model.spec, shape, image.volume.spacing_zyx,
+                               model_bytes=sum(f.stat().st_size for f in model.fold_files))
     check_memory(estimate, what=f"segmenting a {' x '.join(str(v) for v in shape[1:])} volume")
     return estimate
 
@@ -310,9 +305,10 @@ class ResultWriter:
         self.report = RunReport(task_name=task.name, task_file=settings.task_file)
         self.report.set_model(model.fold_files, path=settings.model_path, configuration=model.spec.configuration,
                               folds=[f.parent.name for f in model.fold_files])
-        from .outputs.report import image_provenance, model_digest
+        from .outputs.report import image_provenance
 
-        self.report.model["sha256"] = digest = model_digest(self.report.model["files"])
+        files = self.report.model["files"]
+        self.report.model["sha256"] = digest = model_digest([f["path"] for f in files], [f["sha256"] for f in files])
         self.report.extra["image"] = image_provenance()
         if hasattr(self.writer, "software_versions"):  # the SEG names the model it came from
             self.writer.software_versions = [self.writer.software_versions[0], f"model sha256:{digest[:16]}"]
