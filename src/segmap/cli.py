@@ -13,7 +13,7 @@ from . import __version__
 from . import shutdown, signals
 from .errors import SegmapError
 from .logs import configure_logging
-from .settings import MODEL_AND_TASK, add_flag, setting
+from .settings import setting
 
 EPILOG = """\
 examples:
@@ -79,6 +79,22 @@ def _run_settings():
     return [d for d in declared() if d.flags and d.name != "log_level"]
 
 
+def _add_setting(p: argparse.ArgumentParser, d, **overrides) -> None:
+    """One flag of :mod:`segmap.settings`; the default stays None so that environment and config can apply."""
+    default = "none" if d.default is None else (str(d.default).lower() if d.type == "bool" else d.default)
+    kwargs: dict = {"dest": d.name, "default": None, "help": f"{d.help} [{d.env}; default: {default}]"}
+    if d.type == "bool":
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        kwargs.update(metavar=d.metavar, choices=d.choices)
+    kwargs.update(overrides)
+    p.add_argument(*d.flags, **kwargs)
+
+
+#: The settings that name a model and a task (``segmap validate``).
+MODEL_AND_TASK = ("models", "task_file", "task_name", "folds", "checkpoint")
+
+
 def _not_installed(command: str, what: str):
     def fail(_args: argparse.Namespace) -> int:
         raise SegmapError(f"{command}: {what} is not part of this installation (a MAP image holds only what runs); "
@@ -99,12 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print a readable summary of a model (plans, channels, labels, folds)")
     p.add_argument("model", help="model.ts, folder of fold_K/model.ts, or nnU-Net results folder")
     for name in ("folds", "checkpoint"):
-        add_flag(p, setting(name))
+        _add_setting(p, setting(name))
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("validate", help="check that a task file agrees with a model (modalities and segments)")
     for name in MODEL_AND_TASK:
-        add_flag(p, setting(name), **({"required": True} if name in ("models", "task_file") else {}))
+        _add_setting(p, setting(name), **({"required": True} if name in ("models", "task_file") else {}))
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("run", help="segment a local input: a NIfTI file/folder or a DICOM folder",
@@ -114,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "Each flag's environment variable applies when the flag is not given; -c reads the "
                               "segmap: section of an app.yaml.")
     for d in _run_settings():
-        add_flag(p, d)
+        _add_setting(p, d)
     p.add_argument("-c", "--config", default=None, help="app.yaml whose segmap: section supplies defaults")
     p.set_defaults(func=_cmd_run)
 
@@ -146,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run both variants on a freshly generated phantom study with the bundled demo model")
     p.add_argument("--out", default="out/demo", help="where to write the phantom study and the results")
-    add_flag(p, setting("device"))
+    _add_setting(p, setting("device"))
     p.add_argument("--model", default=None, help="model to use instead of the bundled models/demo-spleen/model.ts")
     p.add_argument("--task", default=None, help="task file to use instead of tasks/spleen.yaml")
     p.set_defaults(func=_cmd_demo)

@@ -17,7 +17,6 @@ Where a value comes from, first match wins:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -291,22 +290,6 @@ def markdown_table() -> str:
         default = "none" if d.default is None else f"`{_plain(d.default) if d.type != 'bool' else str(d.default).lower()}`"
         rows.append(f"| {key} | {flags} | `{d.env}` | {default} | {d.help} |")
     return "\n".join(rows) + "\n"
-
-
-#: The settings that name a model and a task (``segmap validate``, ``segmap package``).
-MODEL_AND_TASK = ("models", "task_file", "task_name", "folds", "checkpoint")
-
-
-def add_flag(parser: argparse.ArgumentParser, d: Declared, **overrides: Any) -> None:
-    """The command-line flag of setting ``d``; its default stays None so that environment and config can apply."""
-    default = "none" if d.default is None else (str(d.default).lower() if d.type == "bool" else d.default)
-    kwargs: dict = {"dest": d.name, "default": None, "help": f"{d.help} [{d.env}; default: {default}]"}
-    if d.type == "bool":
-        kwargs["action"] = argparse.BooleanOptionalAction
-    else:
-        kwargs.update(metavar=d.metavar, choices=d.choices)
-    kwargs.update(overrides)
-    parser.add_argument(*d.flags, **kwargs)
 
 
 def iter_env_lines(settings: Settings, env: Mapping[str, str] | None = None) -> Iterator[str]:

@@ -7,13 +7,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..pipeline import prepare
-from ..settings import MODEL_AND_TASK, Settings, add_flag, setting
 from .baseimage import CPU_BASE_IMAGE, GPU_BASE_IMAGE
-from .build import build_image, image_labels
 from .context import (DEFAULT_GID, DEFAULT_UID, DEFAULT_VARIANTS, VARIANTS, ContextError, ImageName,
                       context_model_digest, prepare_wheelhouse, resolve_python, write_context)
-from .docker_engine import connect, image_exists
 
 
 EPILOG = f"""\
@@ -53,8 +49,11 @@ def add_package_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Build MONAI Application Packages: one image per variant, DICOM (study in, DICOM SEG out) "
                     "and NIfTI (image in, label map out), each holding the model, the task and the application.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from ..cli import MODEL_AND_TASK, _add_setting
+    from ..settings import setting
+
     for name in MODEL_AND_TASK:
-        add_flag(p, setting(name), **({"required": True} if name in ("models", "task_file") else {}))
+        _add_setting(p, setting(name), **({"required": True} if name in ("models", "task_file") else {}))
     p.add_argument("--tag", required=True, metavar="NAME:VERSION",
                    help="image name and version; the NIfTI variant is tagged NAME:VERSION-nifti")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
@@ -106,12 +105,17 @@ def package(args: argparse.Namespace) -> int:
     source = Path(args.source) if args.source else find_source_root()
     if not (source / "app").is_dir():
         raise ContextError(f"{source}: no app/ folder (the application that goes into the image)")
+    from ..pipeline import prepare
+    from ..settings import Settings
+
     # the model and the task must agree before anything is built
     _, loaded_task = prepare(Settings(models=model, task_file=task, task_name=args.task_name, folds=args.folds,
                                       checkpoint=args.checkpoint))
 
     api = None
     if args.dry_run is None:
+        from .docker_engine import connect, image_exists
+
         api = connect()  # fail before the slow steps when the engine is down
         if base_image == CPU_BASE_IMAGE and not image_exists(api, base_image):
             raise ContextError(f"base image {base_image} not found: make it with `python -m segmap.packager.baseimage` "
@@ -134,6 +138,8 @@ def package(args: argparse.Namespace) -> int:
             for variant, ctx in contexts.items():
                 print(f"{variant}: build context {ctx} -> docker build -t {name.for_variant(variant)} {ctx}")
             return 0
+
+        from .build import build_image, image_labels
 
         task_name = loaded_task.name
         for variant, ctx in contexts.items():
