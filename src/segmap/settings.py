@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -307,8 +308,6 @@ def iter_env_lines(settings: Settings, env: Mapping[str, str] | None = None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m segmap.settings [CONFIG]``: print the effective settings (environment over configuration)."""
-    import sys
-
     args = sys.argv[1:] if argv is None else argv
     config = Path(args[0]) if args else (Path(os.environ[CONFIG_ENV]) if CONFIG_ENV in os.environ else None)
     try:

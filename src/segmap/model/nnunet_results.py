@@ -24,9 +24,11 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import pickle
 import pydoc
-import re
+import warnings
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -72,8 +74,6 @@ def read_json_object(path: Path, what: str = "") -> dict:
 
 def read_checkpoint(path: Path, *, map_location: str = "cpu") -> dict:
     """An nnU-Net checkpoint, memory-mapped (reading its metadata does not read its weights)."""
-    import pickle
-
     import torch
 
     def load(weights_only: bool):
@@ -221,8 +221,6 @@ def _locate(dotted: str, problems: list[str]):
 
 
 def _dna_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("dynamic_network_architectures")
     except PackageNotFoundError:
@@ -289,8 +287,6 @@ def rebuild_network(checkpoint: Path, plans: Mapping, spec: ModelSpec, device: s
 def trace_network(network, spec: ModelSpec, device: str):
     """``network`` traced on one ``[1, C, *patch]`` tile of zeros (nnU-Net networks have no data-dependent
     control flow with deep supervision off, so the trace is the network)."""
-    import warnings
-
     import torch
 
     example = torch.zeros(1, spec.num_channels, *spec.patch_size, device=device)
