@@ -153,3 +153,10 @@ def test_settings_and_engine_options_do_not_import_torch():
             "print(sorted(m for m in ('torch', 'segmap.engine.predictor') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_ground_floor_imports_nothing_of_segmap():
+    """errors, volume, uids and text sit below everything: every layer may use them, they use none."""
+    graph = import_graph()
+    ground = ("segmap.errors", "segmap.volume", "segmap.uids", "segmap.text")
+    assert {m: sorted(graph[m]) for m in ground if graph[m]} == {}
