@@ -178,7 +178,7 @@ def test_region_based_model(tmp_path, trained):
     ds = make_dataset_json(labels, regions_class_order=[1, 2, 3])
     image, spacing = ct_image(seed=13)
     # A region is "logit > 0" and this head's logits are differences of two class logits, so many voxels sit
-    # close to the threshold: with the head in bf16 too, region 1 reached only Dice 0.989 (see precision.Fp32Head).
+    # close to the threshold: with the head in bf16 too, region 1 reached only Dice 0.989 (see engine.head.Fp32Head).
     compare(tmp_path, trained, image, spacing, plans=_plans(), dataset_json=ds)
 
 

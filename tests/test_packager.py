@@ -23,7 +23,8 @@ from conftest import ROOT
 
 from segmap.errors import SegmapError
 from segmap.packager.baseimage import CPU_BASE_IMAGE, debian_mirror
-from segmap.packager.context import ContextError, ImageName, context_files, render_dockerfile, write_context
+from segmap.packager.context import (ContextError, ImageName, context_files, context_model_digest, render_dockerfile,
+                                     write_context)
 from segmap.packager.docker_engine import DockerEngineError, connect, follow
 from segmap.packager.wheelhouse import build_segmap_wheel, platform_tags, requirement_sets, wheel_requirements
 
@@ -243,6 +244,29 @@ def test_single_model_file_and_custom_ids(inputs, tmp_path):
     plain.mkdir()
     shutil.copy(inputs / "model" / "fold_0" / "model.ts", plain / "model.ts")
     assert "models/spleen/model.ts" in context_files(_write(inputs, tmp_path / "two", model=plain / "model.ts"))
+
+
+@pytest.mark.parametrize("folds", [None, "1"], ids=["ensemble", "one-fold"])
+def test_image_label_and_run_report_name_the_model_alike(inputs, tmp_path, folds):
+    """The image's ``io.segmap.model.sha256`` label is the digest a run of the same model and folds reports (from
+    the report's file list), here and inside the image: one ``model_digest`` for both."""
+    import hashlib
+
+    from segmap.model import find_fold_files, model_digest, parse_folds
+    from segmap.outputs.report import RunReport
+
+    label = context_model_digest(_write(inputs, tmp_path / "ctx", folds=folds))
+    report = RunReport(task_name="Spleen")
+    report.set_model(find_fold_files(inputs / "model", parse_folds(folds)))
+    files = report.model["files"]
+    assert label == model_digest([f["path"] for f in files], [f["sha256"] for f in files])
+    assert label == model_digest(find_fold_files(tmp_path / "ctx" / "models" / "spleen"))  # the run in the image
+    sums = {k: hashlib.sha256((inputs / "model" / f"fold_{k}" / "model.ts").read_bytes()).hexdigest() for k in (0, 1)}
+    if folds == "1":  # one file: its own sha256, as sha256sum prints it
+        assert label == sums[1]
+    else:
+        lines = "".join(f"fold_{k}/model.ts\0{sums[k]}\n" for k in (0, 1))
+        assert label == hashlib.sha256(lines.encode()).hexdigest()
 
 
 @pytest.mark.parametrize("change, message", [

@@ -16,10 +16,11 @@ import pytest
 
 from conftest import DEMO_MODEL, ROOT, SPLEEN_TASK
 
+from segmap.engine.memory import estimate_peak_memory
 from segmap.errors import SegmapError
 from segmap.resources import (MemoryLimitError, apply_threads, apply_umask, check_memory, cpu_budget, cpu_quota,
-                              estimate_peak_memory, memory_limit, resolve_threads, validate_settings)
-from segmap.settings import Settings, SettingsError
+                              memory_limit, resolve_threads)
+from segmap.settings import Settings, SettingsError, validate_settings
 
 
 

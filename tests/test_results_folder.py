@@ -26,7 +26,7 @@ from segmap_tools.plans import make_dataset_json, make_plans, write_nnunet_resul
 from segmap.engine import EngineOptions, Segmenter  # noqa: E402
 from segmap.errors import ModelError  # noqa: E402
 from segmap.model import load_model  # noqa: E402
-from segmap.nnunet_results import ResultsFolderModel, rebuild_network  # noqa: E402
+from segmap.model.nnunet_results import ResultsFolderModel, rebuild_network  # noqa: E402
 from segmap.summary import describe_model  # noqa: E402
 
 # The module's results folder holds the fidelity network (trained once per machine and cached): the fidelity tier.

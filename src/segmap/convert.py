@@ -5,10 +5,10 @@
 This is the step MAIA users run after training (MONet's ``MONet_convert_ckpt_to_ts.py`` through MONAI's
 ``ckpt_export``), done so that both segmap and MONet's own tools accept the result:
 
-- each fold's network is rebuilt from the plans (:mod:`segmap.nnunet_results`; an architecture that cannot be
+- each fold's network is rebuilt from the plans (:mod:`segmap.model.nnunet_results`; an architecture that cannot be
   rebuilt is refused before anything is written), traced (``--script`` scripts it instead, as MONet does, which
   needs a scriptable dynamic-network-architectures such as MONet's fork) and saved as ``fold_K/model.ts``;
-- ``inference.json`` holds what MONet's current format holds (:func:`segmap.model.monet_inference_document`:
+- ``inference.json`` holds what MONet's current format holds (:func:`segmap.model.export.monet_inference_document`:
   ``plans``, ``dataset_json``, ``nnunet_configuration``, ``nnunet_trainer_class_name``, ``nnunet_config_ckpt``,
   ``nnunet_config_dict``, ``network_def``) and ``metadata.json`` the bundle metadata given with ``--metadata``,
   completed with ``network_data_format`` from dataset.json where it lacks it (MONet's inference reads
@@ -43,6 +43,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from .errors import ModelError, OutputError
+from .model import default_metadata, export_monet, is_results_folder, load_model, parse_folds
+from .model.nnunet_results import load_results_folder, read_json_object, trace_network
+from .text import first_line
 
 log = logging.getLogger("segmap.convert")
 
@@ -68,8 +71,6 @@ def read_metadata(path: str | Path | None) -> dict:
     """The ``--metadata`` file (MONAI bundle metadata.json), or an empty document."""
     if path is None:
         return {}
-    from .nnunet_results import read_json_object
-
     return read_json_object(Path(path), "metadata file")
 
 
@@ -77,8 +78,6 @@ def complete_metadata(metadata: Mapping[str, Any], dataset_json: Mapping[str, An
                       source: str = "metadata.json") -> dict:
     """``metadata`` with ``network_data_format`` filled in from dataset.json where it is missing; its inputs must
     be one per dataset.json channel (they become the task file's modality keys)."""
-    from .model import default_metadata
-
     meta = json.loads(json.dumps(metadata))  # a deep, JSON-clean copy
     defaults = default_metadata(dataset_json)
     meta.setdefault("version", defaults["version"])
@@ -107,8 +106,7 @@ def _script(network, path: Path):
     try:
         return torch.jit.script(network)
     except Exception as e:  # TorchScript's frontend raises several error types with multi-line source excerpts
-        first = str(e).strip().splitlines()
-        raise ModelError(f"{path}: the network cannot be scripted ({first[0] if first else type(e).__name__}); "
+        raise ModelError(f"{path}: the network cannot be scripted ({first_line(e)}); "
                          "the stock dynamic-network-architectures is not scriptable: convert without --script "
                          "(traced), or install a scriptable fork such as MONet's") from e
 
@@ -137,9 +135,6 @@ def convert_results_folder(results: str | Path, out: str | Path, *, metadata: Ma
     ``fold_K/model.ts`` files in ``out`` are replaced only with ``force``.
     """
     import torch
-
-    from .model import export_monet, load_model
-    from .nnunet_results import is_results_folder, load_results_folder, trace_network
 
     results, out = Path(results), Path(out)
     if not is_results_folder(results):
@@ -199,8 +194,6 @@ def convert_results_folder(results: str | Path, out: str | Path, *, metadata: Ma
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .model import parse_folds
-
     folds = parse_folds(args.folds)
     converted = convert_results_folder(
         args.results, args.output, metadata=read_metadata(args.metadata),

@@ -1,4 +1,4 @@
-"""What the container (or host) gives a run: CPUs, memory, file mode; and what a run will need of memory.
+"""What the container (or host) gives a run: CPUs, memory, file mode.
 
 A PACS job service runs several MAP containers at once, each with ``--cpus N --memory M``. Two things go wrong
 without this module:
@@ -8,10 +8,10 @@ without this module:
   after another. :func:`cpu_budget` reads the cgroup quota (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` /
   ``cpu.cfs_period_us``) and the CPU affinity; :func:`apply_threads` sets torch's and OpenMP's thread counts to it
   (or to the ``threads`` setting when that is not 0).
-* a run larger than the memory limit is killed by the kernel (exit 137, no message). :func:`estimate_peak_memory`
-  predicts the peak from the volume and model, :func:`memory_limit` reads the cgroup limit (v2 ``memory.max``, v1
-  ``memory.limit_in_bytes``) and :func:`check_memory` refuses a run that cannot fit, before inference, with one line
-  naming both figures.
+* a run larger than the memory limit is killed by the kernel (exit 137, no message). The engine predicts the
+  peak from the volume and model (:func:`segmap.engine.memory.estimate_peak_memory`), :func:`memory_limit` reads
+  the cgroup limit (v2 ``memory.max``, v1 ``memory.limit_in_bytes``) and :func:`check_memory` refuses a run that
+  cannot fit, before inference, with one line naming both figures.
 
 Everything takes the cgroup and proc roots as arguments so that tests can point them at fake files.
 """
@@ -23,7 +23,6 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
 
 from .errors import MemoryLimitError, SegmapError
 
@@ -182,43 +181,6 @@ def memory_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_SELF_CGROUP)
     return min(found) if found else None
 
 
-#: Resident memory of the application (torch, numpy, scipy, pydicom, Holoscan imported, network loaded) before
-#: the data, with margin. Calibration (peak RSS measured in the CPU image / this estimate): phantom 40x112x112
-#: 506 MiB / 0.59 GiB, sample CT 20x512x512 585 MiB / 0.71 GiB, 300x512x512 1896 MiB / 2.37 GiB.
-BASE_BYTES = 560 * 2**20
-#: Working memory per voxel of the sliding window's tile, per output channel, beyond the logits: the network's
-#: activations for one tile (a 3D U-Net keeps about 30 float32 feature maps of the tile's size alive at its
-#: widest stage).
-TILE_FACTOR = 48
-
-
-def estimate_peak_memory(*, input_shape_czyx: Sequence[int], input_spacing_zyx: Sequence[float],
-                         target_spacing_zyx: Sequence[float], patch_size: Sequence[int], num_outputs: int,
-                         model_bytes: int = 0, source_bytes: int = 0) -> int:
-    """Upper bound of a run's resident memory in bytes.
-
-    Counted: the process base (:data:`BASE_BYTES`), the model's weights (twice: the file read and the loaded
-    module), the input as decoded (``source_bytes``, e.g. the DICOM pixel data) and as float32, its float32
-    copies through cropping, normalisation and resampling to the network spacing, the logits and weights the
-    sliding window accumulates in network space, one logit channel resampled back at a time plus the argmax and
-    the label map, and the network's working memory for one tile. Each term is a real array of the engine
-    (segmap.engine.predictor); the constants are calibrated on measured runs (:data:`BASE_BYTES`).
-    """
-    c = int(input_shape_czyx[0])
-    n_in = math.prod(int(v) for v in input_shape_czyx[1:])
-    factors = [s / t for s, t in zip(input_spacing_zyx, target_spacing_zyx)]
-    net_shape = [max(int(round(n * f)), int(p)) for n, f, p in zip(input_shape_czyx[1:], factors, patch_size)]
-    n_net = math.prod(net_shape)
-    k = max(int(num_outputs), 1)
-    tile = math.prod(int(v) for v in patch_size)
-    f32 = 4
-    input_side = source_bytes + 3 * c * n_in * f32            # the volume, its transposed and normalised copies
-    network_side = 2 * c * n_net * f32 + (k + 1) * n_net * f32  # resampled input + copy; logits + weights
-    back = 2 * n_in * f32 + 2 * n_in * 2                       # one channel back + running max; labels and full map
-    tiles = TILE_FACTOR * k * tile * f32 + 4 * c * tile * f32
-    return int(BASE_BYTES + 2 * model_bytes + input_side + network_side + back + tiles)
-
-
 def gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -234,27 +196,3 @@ def check_memory(estimate: int, limit: int | None = None, *, what: str = "this r
         raise MemoryLimitError(f"{what} needs an estimated {gib(estimate)} of memory but the container's memory "
                                f"limit is {gib(limit)}: raise the limit (docker run --memory) to at least "
                                f"{math.ceil(estimate / 2**30 * 10) / 10:.1f}g")
-
-
-def validate_settings(settings) -> None:
-    """Check the ``threads`` and ``umask`` settings (one line naming the variable when wrong)."""
-    from .settings import SettingsError, setting
-
-    for name, check in (("threads", _check_threads), ("umask", _check_umask)):
-        try:
-            check(getattr(settings, name))
-        except SegmapError as e:
-            raise SettingsError(f"{setting(name).env}: {e}") from None
-
-
-def _check_threads(value) -> None:
-    if value in (None, "", "auto"):
-        return
-    if not str(value).strip().isdigit():
-        raise SegmapError(f"threads must be auto, 0 or a positive whole number, got {value!r}")
-
-
-def _check_umask(value) -> None:
-    text = str(value).strip()
-    if not (text and all(ch in "01234567" for ch in text) and int(text, 8) <= 0o777):
-        raise SegmapError(f"umask must be an octal mode such as 027, got {value!r}")

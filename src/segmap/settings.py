@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import yaml
 
+from .engine.options import PRECISIONS, EngineOptions
 from .errors import SegmapError, SettingsError
 from .outputs.formats import FORMATS, INPUT_MEDIA_TYPES, OMIT_EMPTY_FRAMES, SEG_TYPES
 
@@ -76,22 +78,22 @@ class Settings:
     output_format: str = _setting("auto", "what to write: dicom-seg, nifti, or auto (DICOM SEG for DICOM input, "
                                   "a NIfTI label map for NIfTI input)", choices=("auto",) + tuple(FORMATS))
     # --- how it runs ------------------------------------------------------------------------------------------
-    device: str = _setting("auto", "auto (CUDA when available), cpu, cuda or cuda:N")
-    mirroring: bool = _setting(False, "nnU-Net test-time mirroring over the model's allowed axes (nnU-Net's "
-                               "default; 8x the network time in 3D)")
-    precision: str = _setting("exact", "network arithmetic: exact (fp32, matches nnU-Net to Dice >= 0.999), fast "
-                              "(bf16 on CPUs with native bf16, fp16 on CUDA, OpenVINO fp32 on other CPUs where "
-                              "openvino is on; Dice >= 0.99) or auto (fast where the hardware has it); the report "
-                              "records which ran", choices=("exact", "fast", "auto"))
-    openvino: bool = _setting(False, "let OpenVINO (pip install 'segmap[openvino]') compete on the fast path: bf16 "
-                              "on CPUs with native bf16, fp32 on the others (where it is the only fast path: about "
-                              "2x torch's fastest fp32 per tile on an AVX2 CPU; not exact, Dice >= 0.99); it "
-                              "compiles for seconds when the model loads; never used by precision exact")
+    device: str = _setting(EngineOptions.device, "auto (CUDA when available), cpu, cuda or cuda:N")
+    mirroring: bool = _setting(EngineOptions.mirroring, "nnU-Net test-time mirroring over the model's allowed axes "
+                               "(nnU-Net's default; 8x the network time in 3D)")
+    precision: str = _setting(EngineOptions.precision, "network arithmetic: exact (fp32, matches nnU-Net to Dice >= "
+                              "0.999), fast (bf16 on CPUs with native bf16, fp16 on CUDA, OpenVINO fp32 on other CPUs "
+                              "where openvino is on; Dice >= 0.99) or auto (fast where the hardware has it); the "
+                              "report records which ran", choices=PRECISIONS)
+    openvino: bool = _setting(EngineOptions.openvino, "let OpenVINO (pip install 'segmap[openvino]') compete on the "
+                              "fast path: bf16 on CPUs with native bf16, fp32 on the others (where it is the only fast "
+                              "path: about 2x torch's fastest fp32 per tile on an AVX2 CPU; not exact, Dice >= 0.99); "
+                              "it compiles for seconds when the model loads; never used by precision exact")
     segmentation_type: str = _setting(SEG_TYPES[0], "DICOM SEG type: binary (one frame per segment and slice; "
                                       "every viewer) or labelmap (one frame per slice; newer viewers only)",
                                       choices=SEG_TYPES)
-    omit_empty_frames: bool = _setting(OMIT_EMPTY_FRAMES, "DICOM SEG: leave out frames without segmented voxels "
-                                       "(smaller files; some viewers misplace them)")
+    omit_empty_frames: bool = _setting(OMIT_EMPTY_FRAMES, "DICOM SEG: leave out frames without segmented voxels (smaller "
+                                       "files; some viewers misplace them)")
     overlay: bool = _setting(True, "write overlay.png beside the outputs: axial and coronal slices through the "
                              "segments, in the task's colours, with volumes in mL (no patient data)")
     log_level: str = _setting("INFO", "log detail", short="-l", choices=LOG_LEVELS)
@@ -250,6 +252,28 @@ def resolve(flags: Mapping[str, Any] | None = None, *, env: Mapping[str, str] | 
     return Settings(**values)
 
 
+def validate_settings(settings) -> None:
+    """Check the ``threads`` and ``umask`` settings (one line naming the variable when wrong)."""
+    for name, check in (("threads", _check_threads), ("umask", _check_umask)):
+        try:
+            check(getattr(settings, name))
+        except SegmapError as e:
+            raise SettingsError(f"{setting(name).env}: {e}") from None
+
+
+def _check_threads(value) -> None:
+    if value in (None, "", "auto"):
+        return
+    if not str(value).strip().isdigit():
+        raise SegmapError(f"threads must be auto, 0 or a positive whole number, got {value!r}")
+
+
+def _check_umask(value) -> None:
+    text = str(value).strip()
+    if not (text and all(ch in "01234567" for ch in text) and int(text, 8) <= 0o777):
+        raise SegmapError(f"umask must be an octal mode such as 027, got {value!r}")
+
+
 # --------------------------------------------------------------------------------------------- derived documents
 
 
@@ -284,14 +308,10 @@ def iter_env_lines(settings: Settings, env: Mapping[str, str] | None = None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m segmap.settings [CONFIG]``: print the effective settings (environment over configuration)."""
-    import sys
-
     args = sys.argv[1:] if argv is None else argv
     config = Path(args[0]) if args else (Path(os.environ[CONFIG_ENV]) if CONFIG_ENV in os.environ else None)
     try:
         settings = resolve(config=config if config is not None and config.is_file() else None)
-        from .resources import validate_settings
-
         validate_settings(settings)
     except SegmapError as e:
         print(f"segmap: error: {e}", file=sys.stderr)

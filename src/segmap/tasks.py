@@ -23,13 +23,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
+from pydicom.datadict import tag_for_keyword
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .dicom.selection import SelectionRules
-
+from .dicom.selection import SelectionRules
 from .errors import TaskFileError
 
 TOP_LEVEL_KEYS = ("tasks",)
@@ -79,7 +78,7 @@ class Modality:
     file_pattern: str | None
     #: DICOM input: the ``Rules_Text``, parsed and compiled
     #: (``{"selections": [{"name": ..., "conditions": {...}}, ...]}``, see :mod:`segmap.dicom.selection`).
-    rules: "SelectionRules | None"
+    rules: SelectionRules | None
 
 
 @dataclass(frozen=True)
@@ -273,7 +272,7 @@ class _TaskParser:
         rules = self.rules(rules_doc, f"{where} key 'Rules_Text'", key) if rules_doc is not None else None
         return Modality(key, pattern, rules)
 
-    def rules(self, doc: Any, where: str, key: str) -> "SelectionRules":
+    def rules(self, doc: Any, where: str, key: str) -> SelectionRules:
         # MAIA files carry the rules as a JSON string; a YAML mapping of the same shape is accepted as well.
         if isinstance(doc, str):
             try:
@@ -296,16 +295,12 @@ class _TaskParser:
             if "name" in sel and not isinstance(sel["name"], str):
                 raise self.error(at, f"'name' must be a string, got {_type_name(sel['name'])}")
             self.conditions(sel["conditions"], at)
-        from .dicom.selection import SelectionRules
-
         try:
             return SelectionRules(doc, key)
         except TaskFileError as e:  # names the selection and the condition; this adds the file and the task
             raise self.error(where, str(e)) from None
 
     def conditions(self, conditions: Any, where: str) -> None:
-        from pydicom.datadict import tag_for_keyword
-
         if not isinstance(conditions, dict) or not conditions:
             raise self.error(where, "'conditions' must be a non-empty mapping of DICOM keyword -> value, "
                              f"got {_type_name(conditions)}")

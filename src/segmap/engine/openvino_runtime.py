@@ -41,6 +41,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .head import fp32_head
+
 log = logging.getLogger("segmap.engine")
 
 
@@ -118,11 +120,9 @@ def _compiled(networks: Sequence, tile_shape: Sequence[int], hint: str) -> list:
     example = torch.zeros((1, *tile_shape), dtype=torch.float32)
     if hint == "f32":  # fp32 all through: the head needs no splitting off
         return [OpenVinoNetwork(n, example, hint, torch.get_num_threads()) for n in networks]
-    from .precision import fp32_head
-
     out = []
     for n in networks:
-        # The segmentation head stays in fp32 here too (see precision.Fp32Head): with it in bf16 OpenVINO
+        # The segmentation head stays in fp32 here too (see head.Fp32Head): with it in bf16 OpenVINO
         # gave Dice 0.989 on the region-based fidelity case, the same miss as torch's whole-network bf16.
         split = fp32_head(n)
         if split is None:

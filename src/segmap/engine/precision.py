@@ -3,7 +3,7 @@
 ``precision`` is ``"exact"``, ``"fast"`` or ``"auto"`` (fast where the hardware has it, else exact). The fast path
 uses autocast, so normalisation layers, softmax-free logits accumulation and everything outside the network stay
 in fp32; only convolutions and matrix products run in the low precision, except the segmentation head (the last
-convolution, which makes the logits), which runs in fp32: see :func:`fp32_head`. On CPUs without native bf16 the
+convolution, which makes the logits), which runs in fp32: see :mod:`segmap.engine.head`. On CPUs without native bf16 the
 fast path is OpenVINO's fp32 where OpenVINO is allowed and installed (:mod:`segmap.engine.openvino_runtime`).
 
 On the CPU, which variant of a network is fastest depends on its size, not on a rule we could write down: torch's
@@ -37,12 +37,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..errors import SegmapError
-from ..settings import setting
+from .head import fp32_head
+from .openvino_runtime import openvino_networks
+from .options import check_precision
 
 log = logging.getLogger("segmap.engine")
-
-PRECISIONS = setting("precision").choices
 
 #: CPU flags that mean native bf16 arithmetic (oneDNN uses AMX tiles or AVX512-BF16 dot products). Without them
 #: torch still accepts bf16 but emulates it, which is slower than fp32.
@@ -89,8 +88,7 @@ def resolve_precision(precision: str, device: torch.device,
     host, and emulated bf16 would be slower than fp32, never faster), unless ``use_openvino`` (allowed, installed):
     its fp32 is then the fast path (:func:`candidates_for`).
     """
-    if precision not in PRECISIONS:
-        raise SegmapError(f"unknown precision '{precision}' (use exact, fast or auto)")
+    check_precision(precision)
     if precision == "exact":
         return None
     dtype = fast_dtype(device)
@@ -114,103 +112,6 @@ def frozen(network):
             return torch.jit.optimize_for_inference(torch.jit.freeze(network.eval()))
     except Exception as e:  # an unusual graph: run it as it is
         log.debug("network not frozen for CPU inference: %s", e)
-        return None
-
-
-class Fp32Head:
-    """A network whose last convolution (the segmentation head) runs in fp32 whatever autocast is in force.
-
-    Why: a head's logits are sums of many products of similar size that largely cancel, most of all in
-    region-based models, whose heads are differences of class logits (a region is "logit > 0"). Rounding the
-    head's inputs and weights to bf16 (8-bit mantissa) moved region voxels across 0: on the region-based fidelity
-    case, Dice 0.989 with everything in bf16, 0.996 with the head alone in fp32 (and 0.998 with the last decoder
-    stage too, which costs real time on large networks). The head is a 1x1x1 convolution over the last decoder
-    stage's features, a negligible share of the network's work.
-    """
-
-    def __init__(self, body, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation,
-                 groups: int):
-        self.body, self.weight, self.bias = body, weight, bias
-        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.body(x)
-        with torch.autocast(features.device.type, enabled=False):
-            return torch.convolution(features.float(), self.weight, self.bias, self.stride, self.padding,
-                                     self.dilation, False, [0] * len(self.stride), self.groups)
-
-
-def _attribute_path(value) -> list[str] | None:
-    """``["decoder", "seg_layers", "1", "weight"]`` for a graph value read from module attributes, else None."""
-    names = []
-    while value.node().kind() == "prim::GetAttr":
-        names.append(value.node().s("name"))
-        value = value.node().input()
-    if value.node().kind() != "prim::Param":
-        return None
-    return names[::-1]
-
-
-def _tensor(module, value) -> torch.Tensor | None:
-    """The tensor a graph value holds: a constant (frozen graphs) or a module attribute; else None."""
-    if value.node().kind() == "prim::Constant":
-        v = value.toIValue()
-    else:
-        path = _attribute_path(value)
-        if path is None:
-            return None
-        v = module
-        for name in path:
-            v = getattr(v, name)
-    return v.detach().float() if isinstance(v, torch.Tensor) else None
-
-
-def _int_list(value) -> list | None:
-    """The constant int list a graph value holds (a list constant or a list built from constants), else None."""
-    if value.node().kind() == "prim::Constant":
-        v = value.toIValue()
-        return list(v) if isinstance(v, (list, tuple)) else None
-    if value.node().kind() == "prim::ListConstruct":
-        return [c.toIValue() if c.node().kind() == "prim::Constant" else None for c in value.node().inputs()]
-    return None
-
-
-def fp32_head(network) -> Fp32Head | None:
-    """``network`` split before its last convolution, that convolution to run in fp32 (:class:`Fp32Head`), or
-    None where the graph does not end in one plain convolution of module weights (the network then runs as it is).
-
-    TorchScript graphs cannot be told to leave one operation out of autocast, so a copy of the network's graph is
-    cut to return the head's input, and the head runs from Python with its own weights. The copy is a frozen one
-    (weights as constants, own graph): 0.03 s on a 31 M-parameter network where a save/load copy took 1.4 s, and
-    the same bf16 time per tile.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            body = torch.jit.freeze(network.eval())
-        graph = body.graph
-        torch._C._jit_pass_inline(graph)
-        outputs = list(graph.outputs())
-        if len(outputs) != 1 or outputs[0].node().kind() != "aten::_convolution":
-            return None
-        conv = outputs[0].node()
-        inputs = list(conv.inputs())
-        weight, bias = _tensor(body, inputs[1]), _tensor(body, inputs[2])
-        if weight is None or inputs[6].toIValue() is not False:  # not a plain (non-transposed) convolution
-            return None
-        if bias is None and inputs[2].node().kind() != "prim::Constant":
-            return None  # a bias computed in the graph: not one we can read
-        params = [_int_list(inputs[i]) for i in (3, 4, 5)]
-        groups = inputs[8].toIValue()
-        if any(not p or None in p for p in params) or not isinstance(groups, int):
-            return None
-
-        graph.eraseOutput(0)
-        graph.registerOutput(inputs[0])
-        torch._C._jit_pass_dce(graph)
-        return Fp32Head(body, weight, bias, *params, groups)
-    except Exception as e:  # an unusual graph: the fast path then runs it whole
-        log.debug("segmentation head not split off for fp32: %s", e)
         return None
 
 
@@ -272,8 +173,6 @@ def candidates_for(networks: Sequence, device: torch.device, dtype: torch.dtype 
     out = []
     openvino_fp32 = openvino_fp32 and dtype is None and tile_shape is not None
     if tile_shape is not None and (dtype == torch.bfloat16 or openvino_fp32):
-        from .openvino_runtime import openvino_networks
-
         # First when asked for: per tile it beat every TorchScript path of its arithmetic on the medium and
         # realistic-size networks (bench/bench_runtimes.py), and a one-tile run never gets to time the others.
         compiled = openvino_networks(networks, tile_shape, dtype)

@@ -14,48 +14,19 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from scipy.ndimage import binary_fill_holes
 
 from ..errors import InputError, SegmapError
 from ..model import ModelSpec, MonetModel
-from ..settings import Settings
 from ..volume import Volume
-from . import preprocess
+from . import openvino_runtime, preprocess
+from .options import EngineOptions
+from .precision import FastestCandidate, candidates_for, resolve_precision
 from .resample import iter_resampled, resample
-from .precision import PRECISIONS, FastestCandidate, candidates_for, resolve_precision
 from .progress import TileProgress
 from .sliding_window import sliding_window_logits
 
 log = logging.getLogger("segmap.engine")
-
-
-@dataclass
-class EngineOptions:
-    #: "auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N" (default: segmap.settings).
-    device: str = Settings.device
-    #: Test-time mirroring over the model's allowed axes (nnU-Net's default is on; 8x the network time in 3D).
-    mirroring: bool = Settings.mirroring
-    #: Tile step as a fraction of the patch size, nnU-Net's ``tile_step_size`` (0.5; its predictor's default).
-    #: Larger steps mean fewer, less overlapping tiles: faster, and further from the model's reference output.
-    step: float = 0.5
-    #: "exact" (fp32, matches nnU-Net to Dice >= 0.999), "fast" (bf16 on CPUs with native bf16, fp16 on CUDA;
-    #: Dice >= 0.99) or "auto" (fast where the hardware has it, else exact). See :mod:`segmap.engine.precision`.
-    precision: str = Settings.precision
-    #: The CPU's fp32 graph: None (default) times the plain TorchScript graph and torch's frozen, oneDNN-fused
-    #: copy on the first network calls and keeps the faster (fused: 3-6x faster on small networks, ~25 % slower on
-    #: nnU-Net-sized ones; logits within ~1e-6); True only the fused graph, False only the plain one.
-    optimize: bool | None = None
-    #: Let OpenVINO (the optional ``openvino`` extra) compete on the CPU's fast path: bf16 where the CPU has native
-    #: bf16 (about 1.4x torch bf16 per tile on nnU-Net-sized networks, but further from fp32: voxel agreement
-    #: 0.993 against nnU-Net on the realistic-size benchmark where torch bf16 has 0.996), fp32 where it has not
-    #: (the only fast path there). Off by default: compiling costs seconds when the model loads. Never on the
-    #: exact path. See :mod:`segmap.engine.openvino_runtime`.
-    openvino: bool = Settings.openvino
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise SegmapError(f"unknown precision '{self.precision}' (use exact, fast or auto)")
-        if not 0 < float(self.step) <= 1:
-            raise SegmapError(f"tile step {self.step} must be in (0, 1] (a fraction of the patch size)")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -140,9 +111,7 @@ class Segmenter:
         """``[channels, *patch]`` where OpenVINO may compete (asked for and installed), else None."""
         if not self.options.openvino:
             return None
-        from .openvino_runtime import available
-
-        if not available():
+        if not openvino_runtime.available():
             log.warning("OpenVINO requested but the openvino package is not installed (pip install "
                         "'segmap[openvino]'); running TorchScript only")
             return None
@@ -177,8 +146,6 @@ class Segmenter:
         data = preprocess.crop(data, bbox)
         mask = None
         if needs_mask:
-            from scipy.ndimage import binary_fill_holes
-
             mask = binary_fill_holes(raw_mask)[tuple(slice(lo, hi) for lo, hi in bbox)]
         del raw_mask
         shape_after = data.shape[1:]

@@ -13,14 +13,13 @@ import itertools
 import logging
 import math
 from functools import lru_cache
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
-if TYPE_CHECKING:
-    from .precision import FastestCandidate
+from .precision import Candidate, FastestCandidate
 
 log = logging.getLogger("segmap.engine")
 
@@ -105,7 +104,7 @@ def _zeros(shape, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
-def sliding_window_logits(data: np.ndarray, runner: "FastestCandidate | Sequence[Callable]", tile_size: Sequence[int],
+def sliding_window_logits(data: np.ndarray, runner: FastestCandidate | Sequence[Callable], tile_size: Sequence[int],
                           num_outputs: int, *, device: torch.device, mirror_axes: Sequence[int] = (),
                           step: float = 0.5, accumulate: torch.dtype = torch.float16,
                           progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
@@ -119,8 +118,6 @@ def sliding_window_logits(data: np.ndarray, runner: "FastestCandidate | Sequence
     warning.
     A CUDA out-of-memory error propagates: the caller falls back to the CPU.
     """
-    from .precision import Candidate, FastestCandidate
-
     if not isinstance(runner, FastestCandidate):
         runner = FastestCandidate([Candidate("fp32", list(runner))])
     padded, unpad = pad_to_tile(data, tile_size)

@@ -13,7 +13,6 @@ It never holds patient identity. Inputs are described from a fixed list of serie
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import os
 import time
@@ -26,6 +25,7 @@ import numpy as np
 from .. import __version__
 from ..errors import OutputError
 from .atomic import STAGING_PREFIX
+from ..model.digest import sha256_file
 
 REPORT_NAME = "run_report.json"
 #: Series-level attributes copied into the report for each DICOM input.
@@ -42,7 +42,6 @@ PHI_KEYS = frozenset({
 NOTED_META_KEYS = ("nonfinite_voxels_replaced", "lossy_compression", "stack")
 #: Inputs with at most this many files list each path; larger ones (DICOM series) give the count and folder.
 MAX_LISTED_FILES = 8
-_CHUNK = 1 << 20
 
 
 def segment_statistics(labels_zyx: np.ndarray, affine: np.ndarray, segment_names: Sequence[str]) -> list[dict]:
@@ -90,27 +89,6 @@ def _bincount(labels: np.ndarray, n: int) -> np.ndarray:
 def input_notes(volume_meta: Mapping[str, Any]) -> dict[str, Any]:
     """The :data:`NOTED_META_KEYS` a volume's ``meta`` holds, ready for :meth:`RunReport.add_input` ``**details``."""
     return {k: _plain(volume_meta[k]) for k in NOTED_META_KEYS if volume_meta.get(k) not in (None, 0, "")}
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def model_digest(files: Sequence[Mapping[str, Any]]) -> str:
-    """One sha256 for a model (``files``: the report's ``model.files``, in fold order): a single file's own sha256,
-    for an ensemble the sha256 over ``fold_K/model.ts\\0<sha256>\\n`` lines. ``segmap package`` labels images with
-    the same digest (``io.segmap.model.sha256``)."""
-    if len(files) == 1:
-        return str(files[0]["sha256"])
-    digest = hashlib.sha256()
-    for f in files:
-        p = Path(f["path"])
-        digest.update(f"{p.parent.name}/{p.name}\0{f['sha256']}\n".encode())
-    return digest.hexdigest()
 
 
 #: Image identity a MAP image carries in its environment (set at build time; the digest can only be passed at run

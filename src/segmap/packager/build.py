@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import hashlib
 import logging
 import os
 import shutil
@@ -29,21 +28,6 @@ class BuiltImage:
     image_id: str
     size_bytes: int
     seconds: float
-
-
-def model_digest(model: str | Path) -> str:
-    """sha256 over the model's files (one model.ts: that file's sha256; an ensemble: over ``path\0sha256\n`` lines
-    of its fold files in order), the digest a run report and the image's labels both carry."""
-    from ..outputs.report import sha256_file
-    from .context import model_files
-
-    files = model_files(Path(model))
-    if len(files) == 1:
-        return sha256_file(files[0][1])
-    digest = hashlib.sha256()
-    for rel, path in files:
-        digest.update(f"{rel}\0{sha256_file(path)}\n".encode())
-    return digest.hexdigest()
 
 
 def source_revision(source: str | Path | None) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 
 from .baseimage import CPU_BASE_IMAGE, GPU_BASE_IMAGE
 from .context import (DEFAULT_GID, DEFAULT_UID, DEFAULT_VARIANTS, VARIANTS, ContextError, ImageName,
-                      prepare_wheelhouse, resolve_python, write_context)
+                      context_model_digest, prepare_wheelhouse, resolve_python, write_context)
 
 
 EPILOG = f"""\
@@ -139,13 +139,13 @@ def package(args: argparse.Namespace) -> int:
                 print(f"{variant}: build context {ctx} -> docker build -t {name.for_variant(variant)} {ctx}")
             return 0
 
-        from .build import build_image, image_labels, model_digest
+        from .build import build_image, image_labels
 
         task_name = loaded_task.name
         for variant, ctx in contexts.items():
             tag = name.for_variant(variant)
             labels = image_labels(variant=variant, version=name.version, task_name=task_name,
-                                  model_name=name.short_name, model_sha256=model_digest(model), source=source,
+                                  model_name=name.short_name, model_sha256=context_model_digest(ctx), source=source,
                                   base_image=base_image, ref=tag)
             built = build_image(ctx, tag, api=api, buildargs={
                 "BASE_IMAGE": base_image, "MAP_UID": str(args.uid), "MAP_GID": str(args.gid),

@@ -29,9 +29,12 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 
 from .. import settings as segmap_settings
+from ..convert import convert_results_folder
 from ..errors import ContextError, SegmapError
+from ..model import FOLD_DIR, find_fold_files, is_results_folder, model_digest, parse_folds
 from ..outputs.formats import Variant, variants
-from .baseimage import CPU_BASE_IMAGE, KNOWN_PYTHON
+from ..tasks import load_task
+from .baseimage import CPU_BASE_IMAGE, KNOWN_PYTHON, probe_python
 from .wheelhouse import build_segmap_wheel, copy_wheels, download_wheels, requirement_sets, sdk_version
 
 #: Image variants by name (``dicom``, ``nifti``, ``dicom-nifti``, ...), derived from the output-format registry.
@@ -232,8 +235,6 @@ def _copy_tree(src: Path, dest: Path) -> None:
 
 def model_files(model: Path, folds: str | None = None) -> list[tuple[str, Path]]:
     """``(relative path inside models/<name>/, source file)`` for a model.ts or a folder of fold_K/model.ts."""
-    from ..model import FOLD_DIR, find_fold_files, parse_folds
-
     return [(f"{f.parent.name}/{f.name}" if FOLD_DIR.match(f.parent.name) else f.name, f)
             for f in find_fold_files(Path(model), parse_folds(folds))]
 
@@ -241,12 +242,7 @@ def model_files(model: Path, folds: str | None = None) -> list[tuple[str, Path]]
 def write_model(dest: Path, model: Path, *, folds: str | None, checkpoint: str | None) -> None:
     """The model inside the image: MONet files as they are, an nnU-Net results folder converted to them (each fold
     checked against its checkpoint, as ``segmap convert`` does)."""
-    from ..nnunet_results import is_results_folder
-
     if is_results_folder(model):
-        from ..convert import convert_results_folder
-        from ..model import parse_folds
-
         convert_results_folder(model, dest, folds=parse_folds(folds), checkpoint=checkpoint)
         for f in dest.rglob("*"):
             f.chmod(0o755 if f.is_dir() else 0o644)
@@ -265,8 +261,6 @@ def resolve_python(base_image: str, python_version: str | None) -> str:
         return python_version
     if base_image in KNOWN_PYTHON:
         return KNOWN_PYTHON[base_image]
-    from .baseimage import probe_python
-
     try:
         found = probe_python(base_image)
     except SegmapError:
@@ -313,8 +307,6 @@ def write_context(out_dir: str | Path, *, model: str | Path, task: str | Path, t
     """
     if variant not in VARIANTS:
         raise ContextError(f"variant {variant!r}: expected one of {', '.join(VARIANTS)}")
-    from ..tasks import load_task
-
     for what, value in (("uid", uid), ("gid", gid)):
         if not isinstance(value, int) or value < 0:
             raise ContextError(f"--{what} {value!r}: expected a non-negative integer")
@@ -330,8 +322,6 @@ def write_context(out_dir: str | Path, *, model: str | Path, task: str | Path, t
     if not app_dir.is_dir() or not any(app_dir.glob("*.py")):
         raise ContextError(f"{app_dir}: application folder not found or holds no .py file (expected __main__.py)")
     task_name = load_task(task, task_name).name
-    from ..nnunet_results import is_results_folder
-
     if not is_results_folder(Path(model)):
         model_files(Path(model), folds)  # a missing or malformed model fails before anything is written
 
@@ -378,6 +368,16 @@ def write_context(out_dir: str | Path, *, model: str | Path, task: str | Path, t
 
 def _requirements_text(lines: Iterable[str], how: str) -> str:
     return f"# Python packages of the image, {how}, from wheelhouse/deps.\n" + "".join(f"{ln}\n" for ln in lines)
+
+
+def context_model_digest(context: str | Path) -> str:
+    """The digest (:func:`segmap.model.model_digest`) of the model a written context holds (``models/<name>``):
+    the model files a run in the image loads and reports, so the image's label and the run report agree (also for a
+    converted results folder, or a choice of folds)."""
+    folders = sorted(d for d in (Path(context) / "models").iterdir() if d.is_dir())
+    if len(folders) != 1:
+        raise ContextError(f"{context}: expected one model folder under models/, found {len(folders)}")
+    return model_digest(find_fold_files(folders[0]))
 
 
 def context_files(root: str | Path) -> list[str]:

@@ -12,7 +12,8 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from ..model import MonetModel
-from ..resources import apply_threads, apply_umask, check_memory, estimate_peak_memory
+from ..engine.memory import peak_memory_for
+from ..resources import apply_threads, apply_umask, check_memory
 from .values import InputImage
 
 log = logging.getLogger("segmap")
@@ -26,17 +27,11 @@ def use_threads(threads: int | str | None) -> int:
 
 
 def check_memory_for(image: InputImage, model: MonetModel) -> int:
-    """Estimate the run's peak memory (:func:`segmap.resources.estimate_peak_memory`), log it, and refuse the run
+    """Estimate the run's peak memory (:func:`segmap.engine.memory.peak_memory_for`), log it, and refuse the run
     with :class:`~segmap.errors.MemoryLimitError` when it exceeds the container's memory limit."""
-    spec = model.spec
     shape = image.volume.array.shape
-    spacing = image.volume.spacing_zyx
-    order = spec.transpose_forward  # the engine transposes zyx into the network's axis order first
-    estimate = estimate_peak_memory(
-        input_shape_czyx=[shape[0], *(shape[1 + i] for i in order)],
-        input_spacing_zyx=[spacing[i] for i in order], target_spacing_zyx=spec.target_spacing,
-        patch_size=spec.patch_size, num_outputs=spec.num_outputs,
-        model_bytes=sum(f.stat().st_size for f in model.fold_files))
+    estimate = peak_memory_for(model.spec, shape, image.volume.spacing_zyx,
+                               model_bytes=sum(f.stat().st_size for f in model.fold_files))
     check_memory(estimate, what=f"segmenting a {' x '.join(str(v) for v in shape[1:])} volume")
     return estimate
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..model import MonetModel, load_model, parse_folds
-from ..nnunet_results import is_results_folder
-from ..resources import validate_settings
-from ..settings import Settings
+from ..model import MonetModel, is_results_folder, load_model, parse_folds
+from ..settings import Settings, validate_settings
 from ..tasks import SegmentationTask, load_task
 from ..validate import check_agreement
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import OutputError
-from ..model import MonetModel
+from ..model import MonetModel, model_digest
 from ..outputs.atomic import atomic_outputs, claim_output_folder
 from ..outputs.formats import Provenance, output_format
 from ..outputs.overlay import write_overlay
-from ..outputs.report import REPORT_NAME, RunReport, image_provenance, input_notes, model_digest, output_identity
+from ..outputs.report import REPORT_NAME, RunReport, image_provenance, input_notes, output_identity
 from ..settings import Settings
 from ..tasks import SegmentationTask
 from ..volume import Volume
@@ -44,7 +44,8 @@ class ResultWriter:
         self.report = RunReport(task_name=task.name, task_file=settings.task_file)
         self.report.set_model(model.fold_files, path=settings.model_path, configuration=model.spec.configuration,
                               folds=[f.parent.name for f in model.fold_files])
-        self.report.model["sha256"] = digest = model_digest(self.report.model["files"])
+        files = self.report.model["files"]
+        self.report.model["sha256"] = digest = model_digest([f["path"] for f in files], [f["sha256"] for f in files])
         self.report.extra["image"] = image_provenance()
         self.provenance = Provenance(__version__, digest)
 

@@ -1,7 +1,7 @@
 """nnU-Net results folders as models: ``plans.json``, ``dataset.json`` and ``fold_K/checkpoint_final.pth``.
 
 Most nnU-Net users have only what training left behind. A results folder is opened with the same interface as a
-MONet model.ts (:class:`~segmap.model.MonetModel`), so ``--model RESULTS_DIR`` works wherever a model.ts does:
+MONet model.ts (:class:`~segmap.model.monet.MonetModel`), so ``--model RESULTS_DIR`` works wherever a model.ts does:
 
 - the plans and the labels come from ``plans.json`` and ``dataset.json``; the configuration, the trainer and the
   mirroring axes from the checkpoints (``init_args.configuration``, ``trainer_name``,
@@ -24,36 +24,25 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import pickle
 import pydoc
-import re
+import warnings
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .errors import ModelError
-from .model import (
-    ModelSpec,
-    MonetModel,
-    checked_network,
-    parse_spec,
-    resolved_configuration,
-    select_folds,
-)
+from ..errors import ModelError
+from ..text import first_line
+from .layout import DATASET_JSON, FOLD_DIR, PLANS_JSON, select_folds
+from .monet import MonetModel, checked_network
+from .spec import ModelSpec, parse_spec, resolved_configuration
 
 log = logging.getLogger("segmap.nnunet_results")
 
-PLANS_JSON = "plans.json"
-DATASET_JSON = "dataset.json"
 #: ``--checkpoint`` choices and the file each names (nnU-Net writes both; the predictor defaults to final).
 CHECKPOINTS = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
-_FOLD = re.compile(r"^fold_(\d+|all)$")
 _DNA = "dynamic_network_architectures"
-
-
-def is_results_folder(path: str | Path) -> bool:
-    """Whether ``path`` is a folder with nnU-Net's ``plans.json`` and ``dataset.json``."""
-    path = Path(path)
-    return path.is_dir() and (path / PLANS_JSON).is_file() and (path / DATASET_JSON).is_file()
 
 
 def checkpoint_file_name(choice: str | None) -> str:
@@ -85,8 +74,6 @@ def read_json_object(path: Path, what: str = "") -> dict:
 
 def read_checkpoint(path: Path, *, map_location: str = "cpu") -> dict:
     """An nnU-Net checkpoint, memory-mapped (reading its metadata does not read its weights)."""
-    import pickle
-
     import torch
 
     def load(weights_only: bool):
@@ -100,15 +87,10 @@ def read_checkpoint(path: Path, *, map_location: str = "cpu") -> dict:
     except FileNotFoundError as e:
         raise ModelError(f"{path}: checkpoint not found") from e
     except Exception as e:  # zip/pickle errors come in many types; the user needs the file and the first line
-        raise ModelError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from e
+        raise ModelError(f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from e
     if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
         raise ModelError(f"{path}: not an nnU-Net checkpoint (no 'network_weights')")
     return ckpt
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def _checkpoint_facts(path: Path, ckpt: Mapping) -> tuple[str, str, Any]:
@@ -160,7 +142,7 @@ def load_results_folder(path: str | Path, *, folds: str | Sequence[int | str] | 
     name = checkpoint_file_name(checkpoint)
     plans = read_json_object(path / PLANS_JSON)
     dataset = read_json_object(path / DATASET_JSON)
-    found = {d.name: d / name for d in path.iterdir() if _FOLD.match(d.name) and (d / name).is_file()}
+    found = {d.name: d / name for d in path.iterdir() if FOLD_DIR.match(d.name) and (d / name).is_file()}
     if not found:
         others = sorted({p.name for p in path.glob("fold_*/checkpoint*.pth")})
         hint = f" (it has {', '.join(others)}: choose one with checkpoint/--checkpoint)" if others else ""
@@ -234,13 +216,11 @@ def _locate(dotted: str, problems: list[str]):
     try:
         return pydoc.locate(dotted)
     except pydoc.ErrorDuringImport as e:
-        problems.append(f"importing {e.filename} failed: {_first_line(e.value)}")
+        problems.append(f"importing {e.filename} failed: {first_line(e.value)}")
         return None
 
 
 def _dna_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("dynamic_network_architectures")
     except PackageNotFoundError:
@@ -264,7 +244,7 @@ def build_network(plans: Mapping, configuration: str, num_input_channels: int, n
     try:
         return cls(input_channels=num_input_channels, num_classes=num_outputs, deep_supervision=False, **kwargs)
     except TypeError as e:
-        raise ModelError(f"{path}: {name} cannot be built from the plans' arch_kwargs ({_first_line(e)})") from e
+        raise ModelError(f"{path}: {name} cannot be built from the plans' arch_kwargs ({first_line(e)})") from e
 
 
 def _strip_prefixes(state: Mapping[str, Any]) -> dict:
@@ -307,8 +287,6 @@ def rebuild_network(checkpoint: Path, plans: Mapping, spec: ModelSpec, device: s
 def trace_network(network, spec: ModelSpec, device: str):
     """``network`` traced on one ``[1, C, *patch]`` tile of zeros (nnU-Net networks have no data-dependent
     control flow with deep supervision off, so the trace is the network)."""
-    import warnings
-
     import torch
 
     example = torch.zeros(1, spec.num_channels, *spec.patch_size, device=device)
