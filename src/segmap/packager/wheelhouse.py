@@ -11,7 +11,7 @@ Images are built without network access, so every package is installed from ``wh
   Their declared dependencies add ``holoscan-cli`` (the packaging tool), ``cupy`` (~250 MB installed) and
   ``tritonclient[all]``'s CUDA and aiohttp clients, none of which a MAP imports to run its graph;
 * the segmap wheel itself, built here reproducibly (``SOURCE_DATE_EPOCH``) from the project source, holding only
-  what runs: the packager, the demo and the job service (:data:`NOT_IN_IMAGE`) stay out of the image.
+  what runs: the packager, the demo, the job service and the portal (:data:`NOT_IN_IMAGE`) stay out of the image.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ GLIBC = (2, 35)
 #: A fixed build date for the segmap wheel, so that the same source gives the same bytes (1980-01-01, zip's epoch).
 SOURCE_DATE_EPOCH = "315532800"
 #: Sub-packages of segmap that a MAP never runs, left out of the image's segmap wheel.
-NOT_IN_IMAGE = ("segmap/packager", "segmap/demo", "segmap/service")
+NOT_IN_IMAGE = ("segmap/packager", "segmap/demo", "segmap/service", "segmap/portal")
 _SOURCE_FILES = ("pyproject.toml", "setup.cfg", "setup.py", "README.md", "README.rst", "LICENSE", "MANIFEST.in")
 
 
