@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from . import shutdown, signals
+from . import signals
 from .errors import SegmapError
 from .logs import configure_logging
 from .settings import setting
@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     try:
         from .service.cli import add_service_parsers
+        from .submit import add_submit_parser
     except ImportError:  # a MAP image's segmap holds only what runs
         for name in ("serve", "jobs", "submit"):
             p = sub.add_parser(name, help="the PACS job service (not in this installation)", prefix_chars="\x00",
@@ -155,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(func=_not_installed(f"segmap {name}", "the job service"))
     else:
         add_service_parsers(sub)
+        add_submit_parser(sub)
 
     from .convert import add_convert_parser
 
@@ -172,9 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # docker stop / Kubernetes / Ctrl-C at any moment of a run, also inside torch: clean up, one line, exit 143
-    # (130). Before torch or OpenMP start threads, so that they inherit the blocked signals (segmap.shutdown). Not
+    # (130). Before torch or OpenMP start threads, so that they inherit the blocked signals (segmap.signals.install). Not
     # for `package`: the pip and git processes it starts would inherit them too.
-    if args.command not in ("run", "demo") or not shutdown.install():
+    if args.command not in ("run", "demo") or not signals.install():
         signals.install_sigterm_handler()
     configure_logging(args.log_level or setting("log_level").default)
     try:

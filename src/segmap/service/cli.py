@@ -1,17 +1,23 @@
-"""``segmap serve``, ``segmap jobs`` and ``segmap submit``."""
+"""``segmap serve`` and ``segmap jobs`` (``segmap submit``, a client of the service, is :mod:`segmap.submit`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import signal
 import sys
-import threading
-import time
 from pathlib import Path
 
+from segmap import signals
 from segmap.errors import SegmapError
+
+from . import operations
+from .config import EXAMPLE, load_config
+from .operations import OperationRefused
+from .runners import make_runner
+from .states import State
+from .store import JobStore
+from .web import human_seconds
 
 log = logging.getLogger("segmap.service")
 
@@ -51,37 +57,19 @@ def add_service_parsers(sub) -> None:
     p.add_argument("-c", "--config", required=True, help="the service configuration file (YAML)")
     p.add_argument("action", nargs="?", default="list", choices=("list", "show", "retry", "cancel", "series"))
     p.add_argument("job", nargs="?", help="job key (or a unique prefix of 6+ characters) or id, for show/retry/cancel")
-    p.add_argument("--state", action="append", help="only jobs in this state (repeatable)")
+    p.add_argument("--state", action="append", choices=tuple(State), help="only jobs in this state (repeatable)")
     p.add_argument("--limit", type=int, default=50, help="how many jobs to list (newest first; default 50)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_jobs)
 
-    p = sub.add_parser("submit", help="send a DICOM study to a segmap service or PACS and wait for its SEG",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="examples:\n  segmap submit study/ --to 127.0.0.1:11112/SEGMAP "
-                              "--query orthanc+http://127.0.0.1:8042 --out seg/\n"
-                              "  segmap submit study/ --to pacs:104/PACS --query dicom://pacs:104/PACS --out seg/")
-    p.add_argument("study", help="folder with the DICOM files of one study")
-    p.add_argument("--to", required=True, metavar="HOST:PORT[/AE]", help="where to C-STORE the study")
-    p.add_argument("--query", required=True, metavar="URL",
-                   help="where the SEG will appear: orthanc+http://HOST:PORT or dicom://HOST:PORT/AE")
-    p.add_argument("--out", required=True, help="folder to save the SEG into")
-    p.add_argument("--calling-ae", default="SEGMAP-SUBMIT", help="our AE title (default SEGMAP-SUBMIT)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the SEG (default 600)")
-    p.set_defaults(func=_cmd_submit)
-
 
 def _load(args):
-    from .config import load_config
-
     if not args.config:
         raise SegmapError("give the service configuration with -c FILE (see `segmap serve --example`)")
     return load_config(args.config)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .config import EXAMPLE
-
     if args.example:
         sys.stdout.write(EXAMPLE)
         return 0
@@ -91,16 +79,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
               f"intake: {', '.join(x for x in ('listener' if config.listener else '', config.orthanc.source if config.orthanc else '') if x)}, "
               f"runner {config.runner.kind}, workdir {config.workdir}")
         return 0
+    # Lazy: the intake's network libraries (pynetdicom, requests) load only for `segmap serve`, not for every
+    # segmap command that builds this parser.
     from .service import Service
 
-    stop = threading.Event()
-
-    def on_signal(signum, _frame):
-        log.info("signal %d: stopping (running containers keep running and are adopted at the next start)", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = signals.stop_event("stopping (running containers keep running and are adopted at the next start)")
     service = Service(config)
     service.start()
     try:
@@ -111,9 +94,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_jobs(args: argparse.Namespace) -> int:
-    from .store import JobStore
-    from .web import human_seconds
-
     config = _load(args)
     location = config.store_location
     if isinstance(location, Path) and not location.is_file():
@@ -139,9 +119,7 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
         return 0
     if not args.job:
         raise SegmapError(f"`segmap jobs {args.action}` needs a job key (or prefix) or id")
-    job = store.get_job(args.job)
-    if job is None:
-        raise SegmapError(f"no job matches {args.job!r} (give 6+ characters of its key, or its id)")
+    job = operations.find_job(store, args.job)
     if args.action == "show":
         if args.json:
             print(json.dumps({**job.as_dict(), "events": store.events(job)}, indent=1))
@@ -149,37 +127,18 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
         for k, v in job.as_dict().items():
             print(f"{k}: {v}")
         print()
-        print(store.job_log(job))
+        print(operations.job_log(store, job))
         return 0
     if args.action == "retry":
-        if job.state not in ("failed", "cancelled"):
-            raise SegmapError(f"job {job.key[:12]} is {job.state}: only failed or cancelled jobs can be retried")
-        store.retry(job.key)
+        operations.retry(store, job)
         print(f"job {job.key[:12]} queued again")
         return 0
-    if job.finished:
-        raise SegmapError(f"job {job.key[:12]} is already {job.state}: only queued, running or exporting jobs can be "
-                          f"cancelled")
-    after = store.cancel(job.key)
-    if after is None or after.state != "cancelled":
-        raise SegmapError(f"job {job.key[:12]} changed meanwhile (now {after.state if after else 'gone'}); try again")
-    from .service import make_runner
     try:
-        make_runner(config).cancel(job.run_name)
+        operations.cancel(store, job, lambda: make_runner(config))
+    except OperationRefused:
+        raise
     except SegmapError as e:
         print(f"job {job.key[:12]} cancelled; its container could not be stopped: {e}", file=sys.stderr)
         return 1
     print(f"job {job.key[:12]} cancelled")
-    return 0
-
-
-def _cmd_submit(args: argparse.Namespace) -> int:
-    from .client import submit
-
-    t0 = time.monotonic()
-    paths = submit(Path(args.study), args.to, calling_ae=args.calling_ae, query=args.query, out_dir=Path(args.out),
-                   timeout_s=args.timeout, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    for p in paths:
-        print(p)
-    print(f"segmap submit: {len(paths)} SEG file(s) in {time.monotonic() - t0:.1f} s", file=sys.stderr)
     return 0

@@ -11,10 +11,11 @@ so a receiver that already holds it keeps one copy (Orthanc answers ``AlreadySto
 
 How each kind confirms:
 
-- ``dicom``, ``confirm: store-status`` (the default): by the C-STORE responses this process received for these
-  files (success or warning status for every instance). A generic storage SCP (DCMTK's storescp, many routers)
-  offers no query service, so there is nothing else to ask; after a service restart ``confirm`` is False until the
-  files were sent again (harmless: same UIDs).
+- ``dicom``, ``confirm: store-status`` (the default): by the C-STORE responses this destination object received
+  for these files (success or warning status for every instance). A generic storage SCP (DCMTK's storescp, many
+  routers) offers no query service, so there is nothing else to ask. The service sends and confirms in one step and
+  records the delivery in the job store (the only lasting record); a new destination object confirms nothing it
+  did not send itself (sending again is harmless: same UIDs).
 - ``dicom``, ``confirm: c-find``: a Study Root C-FIND at IMAGE level for each SOP Instance UID, for a PACS that
   answers queries (Orthanc does): what the archive holds, also after a restart.
 - ``orthanc``: ``POST /tools/lookup`` of each SOP Instance UID finds an instance.
@@ -24,15 +25,17 @@ How each kind confirms:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, ClassVar, Mapping, Protocol, Sequence
 
-from ..errors import DestinationUnavailable, ExportError, ServiceConfigError
+from segmap.errors import DestinationUnavailable, ExportError
+from segmap.text import one_line
+
+from . import schema
+from .schema import read_section, setting
 
 log = logging.getLogger(__name__)
-
-KINDS = ("dicom", "orthanc", "stow")
 
 
 class Destination(Protocol):
@@ -49,15 +52,16 @@ class Destination(Protocol):
 
 
 def make_destination(name: str, cfg: Mapping[str, Any]) -> Destination:
-    """The destination ``destinations.<name>`` describes; its keys are checked (:class:`ServiceConfigError`)."""
+    """The destination ``destinations.<name>`` describes; its keys are checked (:class:`ServiceConfigError`, by the
+    one configuration reader, :func:`segmap.service.schema.read_section`)."""
     where = f"destinations.{name}"
+    kinds = ", ".join(DESTINATIONS)
     if not isinstance(cfg, Mapping):
-        raise ServiceConfigError(f"{where}: expected a mapping with a 'kind' key ({', '.join(KINDS)})")
-    kind = cfg.get("kind")
-    if kind not in KINDS:
-        raise ServiceConfigError(f"{where}.kind: must be one of {', '.join(KINDS)}, got {kind!r}")
-    cls = {"dicom": DicomDestination, "orthanc": OrthancDestination, "stow": StowDestination}[kind]
-    return cls.from_config(name, cfg)
+        schema.fail(None, where, f"must be a mapping with a 'kind' ({kinds}), got {cfg!r}")
+    problem = schema.one_of(tuple(DESTINATIONS))(cfg.get("kind"))
+    if problem:
+        schema.fail(None, f"{where}.kind", problem)
+    return read_section(DESTINATIONS[cfg["kind"]], cfg, where, None, ignore=("kind",), name=name)
 
 
 # ------------------------------------------------------------------------------------------------ instances
@@ -88,14 +92,11 @@ def read_instances(files: Sequence[Path]) -> list[Instance]:
             out.append(Instance(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.StudyInstanceUID),
                                 str(ds.SeriesInstanceUID), str(ds.file_meta.TransferSyntaxUID)))
         except (OSError, InvalidDicomError, AttributeError) as e:
-            raise ExportError(f"{path}: not a DICOM instance that can be sent ({_one_line(e)})") from e
+            raise ExportError(f"{path}: not a DICOM instance that can be sent ({one_line(e)})") from e
     return out
 
 
 # ------------------------------------------------------------------------------------------------ DICOM C-STORE
-
-#: (host, port, called AE title) -> SOP Instance UIDs that peer confirmed by a C-STORE status in this process.
-_CSTORE_ANSWERS: dict[tuple[str, int, str], set[str]] = {}
 
 #: DICOM Part 7 C-STORE statuses: 0x0000 success; 0xB000/0xB006/0xB007 warnings (stored, with coercion or
 #: elements discarded). 0xA7xx means "out of resources": the peer may have room later, so it is retried.
@@ -106,30 +107,19 @@ _WARNINGS = (0xB000, 0xB006, 0xB007)
 class DicomDestination:
     """A DICOM storage SCP reached by C-STORE (pynetdicom), one association per ``send``."""
 
+    CONFIRMS: ClassVar[tuple[str, ...]] = ("store-status", "c-find")
+    kind: ClassVar[str] = "dicom"
+
     name: str
-    host: str
-    port: int
-    ae_title: str
-    calling_ae_title: str = "SEGMAP"
-    timeout_s: float = 30.0
-    confirm_by: str = "store-status"
-    kind: str = "dicom"
-
-    KEYS = {"kind", "host", "port", "ae_title", "calling_ae_title", "timeout_s", "confirm"}
-    CONFIRMS = ("store-status", "c-find")
-
-    @classmethod
-    def from_config(cls, name: str, cfg: Mapping[str, Any]) -> "DicomDestination":
-        c = _Checker(name, cfg, cls.KEYS)
-        return cls(name=name, host=c.text("host"), port=c.port("port"), ae_title=c.ae_title("ae_title"),
-                   calling_ae_title=c.ae_title("calling_ae_title", "SEGMAP"),
-                   timeout_s=c.positive("timeout_s", 30.0), confirm_by=c.choice("confirm", cls.CONFIRMS))
-
-    @property
-    def _stored(self) -> set[str]:
-        """SOP Instance UIDs this peer answered success/warning for in this process; kept per peer, not per object,
-        so a destination made again from the configuration still knows what was sent."""
-        return _CSTORE_ANSWERS.setdefault((self.host, self.port, self.ae_title), set())
+    host: str = setting(help="the peer's host name or address", check=schema.text, convert=str.strip)
+    port: int = setting(help="the peer's DICOM port", check=schema.port)
+    ae_title: str = setting(help="the peer's AE title", check=schema.ae_title)
+    calling_ae_title: str = setting("SEGMAP", "our AE title", check=schema.ae_title)
+    timeout_s: float = setting(30.0, "seconds to wait for each answer", check=schema.positive)
+    confirm_by: str = setting("store-status", "store-status (the C-STORE answers) or c-find (ask the archive)",
+                              key="confirm", check=schema.one_of(CONFIRMS))
+    #: SOP Instance UIDs the peer answered success/warning for to this object's sends.
+    _stored: set[str] = field(default_factory=set, init=False, repr=False)
 
     def send(self, files: Sequence[Path]) -> None:
         import pydicom
@@ -174,7 +164,7 @@ class DicomDestination:
         except (DestinationUnavailable, ExportError):
             raise
         except (OSError, ValueError, RuntimeError) as e:  # a transfer syntax no accepted context fits, a socket error
-            raise DestinationUnavailable(f"destination {self.name}: sending to {peer} failed: {_one_line(e)}") from e
+            raise DestinationUnavailable(f"destination {self.name}: sending to {peer} failed: {one_line(e)}") from e
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -264,9 +254,9 @@ def _http_failure(name: str, what: str, error: Exception) -> Exception:
 
     response = getattr(error, "response", None)
     if response is None or not isinstance(error, requests.HTTPError):
-        return DestinationUnavailable(f"destination {name}: {what} failed: {_one_line(error)}")
+        return DestinationUnavailable(f"destination {name}: {what} failed: {one_line(error)}")
     code = response.status_code
-    detail = _one_line(response.text[:200]) if response.text else response.reason
+    detail = one_line(response.text[:200]) if response.text else response.reason
     text = f"destination {name}: {what} answered HTTP {code} ({detail})"
     if code >= 500 or code in (408, 429):
         return DestinationUnavailable(text)
@@ -281,26 +271,17 @@ class _HttpDestination:
     """What the HTTP destinations share: a base URL, optional basic-auth credentials, a per-request timeout."""
 
     name: str
-    url: str
-    username: str | None = None
-    password: str | None = None
-    timeout_s: float = 30.0
-
-    KEYS = {"kind", "url", "username", "password", "timeout_s"}
-    DEFAULT_TIMEOUT_S = 30.0
-
-    @classmethod
-    def from_config(cls, name: str, cfg: Mapping[str, Any]):
-        c = _Checker(name, cfg, cls.KEYS)
-        return cls(name=name, url=c.url("url"), username=c.optional_text("username"),
-                   password=c.optional_text("password"), timeout_s=c.positive("timeout_s", cls.DEFAULT_TIMEOUT_S))
+    url: str = setting(help="the server's base URL", check=schema.url, convert=lambda v: v.strip().rstrip("/"))
+    username: str | None = setting(None, "HTTP basic-auth user")
+    password: str | None = setting(None, "HTTP basic-auth password")
+    timeout_s: float = setting(30.0, "seconds to wait for each answer", check=schema.positive)
 
 
 @dataclass
 class OrthancDestination(_HttpDestination):
     """An Orthanc server: ``POST /instances`` per file, confirmed by ``POST /tools/lookup`` of each SOP UID."""
 
-    kind: str = "orthanc"
+    kind: ClassVar[str] = "orthanc"
 
     def _session(self):
         import requests
@@ -356,10 +337,8 @@ class OrthancDestination(_HttpDestination):
 class StowDestination(_HttpDestination):
     """A DICOMweb server: STOW-RS of the files (dicomweb-client), confirmed by QIDO-RS per SOP Instance UID."""
 
-    timeout_s: float = 60.0
-    kind: str = "stow"
-
-    DEFAULT_TIMEOUT_S = 60.0
+    timeout_s: float = setting(60.0, "seconds to wait for each answer", check=schema.positive)
+    kind: ClassVar[str] = "stow"
 
     def _client(self):
         import requests
@@ -415,72 +394,7 @@ def _qido_value(match: Mapping[str, Any], tag: str) -> str | None:
     return str(values[0]) if values else None
 
 
-# ------------------------------------------------------------------------------------------------ validation
+# ------------------------------------------------------------------------------------------------ the registry
 
-
-class _Checker:
-    """Reads ``destinations.<name>`` keys, raising ServiceConfigError that names the key at fault."""
-
-    def __init__(self, name: str, cfg: Mapping[str, Any], allowed: set[str]) -> None:
-        self.where = f"destinations.{name}"
-        self.cfg = cfg
-        unknown = sorted(set(map(str, cfg)) - allowed)
-        if unknown:
-            raise ServiceConfigError(f"{self.where}: unknown key(s) {', '.join(unknown)} for kind {cfg.get('kind')} "
-                                     f"(allowed: {', '.join(sorted(allowed))})")
-
-    def _key(self, key: str) -> str:
-        return f"{self.where}.{key}"
-
-    def text(self, key: str, default: str | None = None) -> str:
-        value = self.cfg.get(key, default)
-        if value is None or not str(value).strip():
-            raise ServiceConfigError(f"{self._key(key)}: required")
-        if not isinstance(value, str):
-            raise ServiceConfigError(f"{self._key(key)}: must be text, got {value!r}")
-        return value.strip()
-
-    def optional_text(self, key: str) -> str | None:
-        value = self.cfg.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise ServiceConfigError(f"{self._key(key)}: must be text")
-        return value
-
-    def port(self, key: str) -> int:
-        value = self.cfg.get(key)
-        if value is None:
-            raise ServiceConfigError(f"{self._key(key)}: required")
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-            raise ServiceConfigError(f"{self._key(key)}: must be a port number 1-65535, got {value!r}")
-        return value
-
-    def ae_title(self, key: str, default: str | None = None) -> str:
-        value = self.text(key, default)
-        if len(value) > 16 or not value.isascii() or "\\" in value or not value.isprintable():
-            raise ServiceConfigError(f"{self._key(key)}: must be an AE title of 1-16 ASCII characters, got {value!r}")
-        return value
-
-    def choice(self, key: str, choices: Sequence[str]) -> str:
-        value = self.cfg.get(key, choices[0])
-        if value not in choices:
-            raise ServiceConfigError(f"{self._key(key)}: must be one of {', '.join(choices)}, got {value!r}")
-        return value
-
-    def positive(self, key: str, default: float) -> float:
-        value = self.cfg.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ServiceConfigError(f"{self._key(key)}: must be a positive number of seconds, got {value!r}")
-        return float(value)
-
-    def url(self, key: str) -> str:
-        value = self.text(key)
-        if not value.startswith(("http://", "https://")):
-            raise ServiceConfigError(f"{self._key(key)}: must be an http:// or https:// URL, got {value!r}")
-        return value.rstrip("/")
-
-
-def _one_line(error: Any, limit: int = 300) -> str:
-    line = " ".join(str(error).split()) or type(error).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+#: Destination kinds: the ``kind`` of a ``destinations.<name>`` entry -> its class, whose fields are its keys.
+DESTINATIONS: dict[str, type] = {cls.kind: cls for cls in (DicomDestination, OrthancDestination, StowDestination)}
