@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Protocol, Sequence
 
+from segmap.dimse import CFindFailed, application_entity, c_find
 from segmap.errors import DestinationUnavailable, ExportError
+from segmap.orthanc import OrthancClient, OrthancRequestError, is_temporary
 from segmap.text import one_line
 
 from . import schema
@@ -124,14 +126,10 @@ class DicomDestination:
     def send(self, files: Sequence[Path]) -> None:
         import pydicom
         from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-        from pynetdicom import AE
-
         instances = read_instances(files)
         if not instances:
             return
-        ae = AE(ae_title=self.calling_ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
-        ae.connection_timeout = self.timeout_s
+        ae = application_entity(self.calling_ae_title, self.timeout_s)
         for sop_class in sorted({i.sop_class_uid for i in instances}):
             syntaxes = sorted({i.transfer_syntax for i in instances if i.sop_class_uid == sop_class})
             ae.add_requested_context(sop_class, list(dict.fromkeys(
@@ -198,11 +196,9 @@ class DicomDestination:
 
     def _find(self, instances: Sequence[Instance]) -> bool:
         from pydicom.dataset import Dataset
-        from pynetdicom import AE
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
-        ae = AE(ae_title=self.calling_ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = self.timeout_s
+        ae = application_entity(self.calling_ae_title, self.timeout_s)
         ae.add_requested_context(FIND)
         peer = self._peer
         assoc = self._associate(ae)
@@ -212,18 +208,16 @@ class DicomDestination:
                 query.QueryRetrieveLevel = "IMAGE"
                 query.StudyInstanceUID, query.SeriesInstanceUID = inst.study_uid, inst.series_uid
                 query.SOPInstanceUID = inst.sop_instance_uid
-                found, answered = False, False
-                for status, identifier in assoc.send_c_find(query, FIND):
-                    code = getattr(status, "Status", None)
-                    if code is None:
-                        raise DestinationUnavailable(f"destination {self.name}: C-FIND to {peer} got no answer")
-                    answered = True
-                    if code in (0xFF00, 0xFF01) and identifier is not None:
-                        found = found or str(identifier.get("SOPInstanceUID", "")) == inst.sop_instance_uid
-                    elif code != 0x0000:
-                        raise ExportError(f"destination {self.name}: {peer} answered C-FIND status 0x{code:04X} "
-                                          f"(set confirm: store-status if it does not answer queries)")
-                if not (answered and found):
+                try:
+                    found = any(str(match.get("SOPInstanceUID", "")) == inst.sop_instance_uid
+                                for match in list(c_find(assoc, query, FIND)))
+                except CFindFailed as e:
+                    if e.status is None:
+                        raise DestinationUnavailable(f"destination {self.name}: C-FIND to {peer} got no answer") \
+                            from None
+                    raise ExportError(f"destination {self.name}: {peer} answered C-FIND status 0x{e.status:04X} "
+                                      f"(set confirm: store-status if it does not answer queries)") from None
+                if not found:
                     return False
         finally:
             if assoc.is_established:
@@ -258,9 +252,7 @@ def _http_failure(name: str, what: str, error: Exception) -> Exception:
     code = response.status_code
     detail = one_line(response.text[:200]) if response.text else response.reason
     text = f"destination {name}: {what} answered HTTP {code} ({detail})"
-    if code >= 500 or code in (408, 429):
-        return DestinationUnavailable(text)
-    return ExportError(text)
+    return DestinationUnavailable(text) if is_temporary(code) else ExportError(text)
 
 
 # ------------------------------------------------------------------------------------------------ Orthanc REST
@@ -283,51 +275,40 @@ class OrthancDestination(_HttpDestination):
 
     kind: ClassVar[str] = "orthanc"
 
-    def _session(self):
-        import requests
-
-        s = requests.Session()
-        if self.username is not None:
-            s.auth = (self.username, self.password or "")
-        return s
+    def _client(self) -> OrthancClient:
+        return OrthancClient(self.url, self.username, self.password, timeout=self.timeout_s)
 
     def send(self, files: Sequence[Path]) -> None:
-        import requests
-
         instances = read_instances(files)
-        with self._session() as s:
-            for inst in instances:
-                what = f"POST {self.url}/instances (SOP Instance {inst.sop_instance_uid})"
-                try:
-                    r = s.post(f"{self.url}/instances", data=inst.path.read_bytes(), timeout=self.timeout_s,
-                               headers={"Content-Type": "application/dicom"})
-                    r.raise_for_status()
-                    status = r.json().get("Status")
-                except requests.RequestException as e:
-                    raise _http_failure(self.name, what, e) from e
-                except ValueError as e:  # not JSON: something else answers on that port
-                    raise ExportError(f"destination {self.name}: {what} did not answer like Orthanc") from e
-                if status not in ("Success", "AlreadyStored"):
-                    raise ExportError(f"destination {self.name}: {what}: Orthanc answered status {status!r}")
+        client = self._client()
+        for inst in instances:
+            what = f"POST {self.url}/instances (SOP Instance {inst.sop_instance_uid})"
+            try:
+                status = client.upload(inst.path.read_bytes()).get("Status")
+            except OrthancRequestError as e:
+                raise _orthanc_failure(self.name, what, e) from e
+            if status not in ("Success", "AlreadyStored"):
+                raise ExportError(f"destination {self.name}: {what}: Orthanc answered status {status!r}")
         log.info("destination %s: %d instance(s) stored in Orthanc %s", self.name, len(instances), self.url)
 
     def confirm(self, files: Sequence[Path]) -> bool:
-        import requests
-
-        with self._session() as s:
-            for inst in read_instances(files):
-                what = f"POST {self.url}/tools/lookup"
-                try:
-                    r = s.post(f"{self.url}/tools/lookup", data=inst.sop_instance_uid, timeout=self.timeout_s)
-                    r.raise_for_status()
-                    found = r.json()
-                except requests.RequestException as e:
-                    raise _http_failure(self.name, what, e) from e
-                except ValueError as e:
-                    raise ExportError(f"destination {self.name}: {what} did not answer like Orthanc") from e
-                if not any(m.get("Type") == "Instance" for m in found if isinstance(m, dict)):
-                    return False
+        client = self._client()
+        for inst in read_instances(files):
+            try:
+                found = client.lookup(inst.sop_instance_uid)
+            except OrthancRequestError as e:
+                raise _orthanc_failure(self.name, f"POST {self.url}/tools/lookup", e) from e
+            if not any(m.get("Type") == "Instance" for m in found if isinstance(m, dict)):
+                return False
         return True
+
+
+def _orthanc_failure(name: str, what: str, error: OrthancRequestError) -> Exception:
+    """An Orthanc client error as DestinationUnavailable (no answer, 5xx, 408, 429) or ExportError (any other)."""
+    if error.status is None:
+        return DestinationUnavailable(f"destination {name}: {what} failed: {error.detail}")
+    text = f"destination {name}: {what} answered HTTP {error.status} ({one_line(error.detail, 200)})"
+    return DestinationUnavailable(text) if error.temporary else ExportError(text)
 
 
 # ------------------------------------------------------------------------------------------------ DICOMweb

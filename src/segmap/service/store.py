@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from segmap.errors import ServiceConfigError
-from segmap.text import one_line
+from segmap.text import first_line, one_line
 
 from .states import RETRYABLE, UNFINISHED, State, check_transition, sql_in
 
@@ -273,8 +273,7 @@ class _Postgres:
         try:
             raw = psycopg.connect(self.url, autocommit=True, row_factory=dict_row, connect_timeout=10)
         except psycopg.OperationalError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ServiceConfigError(f"cannot connect to the job store {self}: {first}") from None
+            raise ServiceConfigError(f"cannot connect to the job store {self}: {first_line(e)}") from None
         return _PgConnection(raw)
 
     def begin(self, db) -> None:

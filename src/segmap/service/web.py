@@ -30,6 +30,7 @@ from segmap.errors import ServiceConfigError
 from segmap.service.operations import job_log
 from segmap.service.states import UNFINISHED, State
 from segmap.service.store import Job, JobStore
+from segmap.text import first_line
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class StoreCollector:
             # The store keeps every job, so histograms over its finished jobs are cumulative as Prometheus expects.
             jobs = self.store.list_jobs(limit=_ALL)
         except STORE_ERRORS as e:
-            log.warning("metrics: job store unreadable (%s)", _first_line(e))
+            log.warning("metrics: job store unreadable (%s)", first_line(e))
             up.add_metric([], 0)
             yield up
             return
@@ -230,8 +231,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             status, body, ctype = self._route(store, path, query)
         except STORE_ERRORS as e:
-            log.warning("web: job store unreadable (%s)", _first_line(e))
-            status, body, ctype = (HTTPStatus.SERVICE_UNAVAILABLE, f"job store unreadable: {_first_line(e)}\n".encode(),
+            log.warning("web: job store unreadable (%s)", first_line(e))
+            status, body, ctype = (HTTPStatus.SERVICE_UNAVAILABLE, f"job store unreadable: {first_line(e)}\n".encode(),
                                    "text/plain; charset=utf-8")
         finally:
             store.close()  # each request runs in its own thread; its SQLite connection ends with it
@@ -273,7 +274,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             counts = store.count_by_state()
         except STORE_ERRORS as e:
-            doc = {"status": "error", "error": f"job store unreadable: {_first_line(e)}", "store": str(store)}
+            doc = {"status": "error", "error": f"job store unreadable: {first_line(e)}", "store": str(store)}
             return HTTPStatus.SERVICE_UNAVAILABLE, _json(doc), "application/json"
         doc = {"status": "ok", "store": str(store), "jobs": counts,  # str(store) hides a database password
                "uptime_s": round(time.monotonic() - self.server.started, 1)}
@@ -295,11 +296,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (the stdlib's signature)
         log.debug("%s %s", self.address_string(), format % args)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _json(doc) -> bytes:
