@@ -45,11 +45,7 @@ def retry(store: JobStore, job: Job) -> Job:
     if not can_retry(job):
         raise OperationRefused(f"job {job.key[:12]} is {job.state}: only "
                                f"{' or '.join(RETRYABLE)} jobs can be retried")
-    after = store.retry(job.key)
-    if after is None or after.state != State.QUEUED:
-        raise OperationRefused(f"job {job.key[:12]} changed meanwhile (now {after.state if after else 'gone'}); "
-                               f"try again")
-    return after
+    return _arrived(job, store.retry(job.key), State.QUEUED)
 
 
 def cancel(store: JobStore, job: Job, runner: Callable[[], Runner]) -> Job:
@@ -58,11 +54,16 @@ def cancel(store: JobStore, job: Job, runner: Callable[[], Runner]) -> Job:
     if not can_cancel(job):
         raise OperationRefused(f"job {job.key[:12]} is already {job.state}: only "
                                f"{', '.join(UNFINISHED[:-1])} or {UNFINISHED[-1]} jobs can be cancelled")
-    after = store.cancel(job.key)
-    if after is None or after.state != State.CANCELLED:
+    after = _arrived(job, store.cancel(job.key), State.CANCELLED)
+    runner().cancel(job.run_name)
+    return after
+
+
+def _arrived(job: Job, after: Job | None, state: State) -> Job:
+    """``after`` when the store moved the job to ``state``; otherwise it changed between looking and asking."""
+    if after is None or after.state != state:
         raise OperationRefused(f"job {job.key[:12]} changed meanwhile (now {after.state if after else 'gone'}); "
                                f"try again")
-    runner().cancel(job.run_name)
     return after
 
 

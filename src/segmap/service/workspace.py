@@ -15,30 +15,22 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 
-@dataclass(frozen=True)
 class Workspace:
-    root: Path
+    """The layout of one workdir (``root``); creates nothing until :meth:`create`."""
 
-    @property
-    def store_path(self) -> Path:
-        return self.root / "store.sqlite"
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.store_path = self.root / "store.sqlite"
+        self.spool_dir = self.root / "spool"
+        self.jobs_dir = self.root / "jobs"
+        self.series_root = self.root / "series"
 
-    @property
-    def spool_dir(self) -> Path:
-        return self.root / "spool"
-
-    @property
-    def jobs_dir(self) -> Path:
-        return self.root / "jobs"
-
-    @property
-    def series_root(self) -> Path:
-        return self.root / "series"
+    def __repr__(self) -> str:
+        return f"Workspace({str(self.root)!r})"
 
     def series_dir(self, series_id: int) -> Path:
         """The input folder of series version ``series_id`` (what a MAP run reads)."""

@@ -481,18 +481,22 @@ def _default_api_client() -> k8s.ApiClient:
     return k8s.ApiClient()
 
 
-def _terminated(pod: k8s.V1Pod | None) -> Any:
+def _container_state(pod: k8s.V1Pod | None, which: str) -> Any:
+    """The MAP container's ``state.terminated`` or ``state.waiting`` (``which``), None when it is not in it."""
     if pod is None or pod.status is None:
         return None
     for cs in pod.status.container_statuses or []:
-        if cs.name == CONTAINER_NAME and cs.state is not None and cs.state.terminated is not None:
-            return cs.state.terminated
+        if cs.name == CONTAINER_NAME and cs.state is not None and getattr(cs.state, which) is not None:
+            return getattr(cs.state, which)
     return None
 
 
+def _terminated(pod: k8s.V1Pod | None) -> Any:
+    return _container_state(pod, "terminated")
+
+
 def _waiting(pod: k8s.V1Pod | None) -> Any:
-    if pod is None or pod.status is None:
-        return None
+    return _container_state(pod, "waiting")
     for cs in pod.status.container_statuses or []:
         if cs.name == CONTAINER_NAME and cs.state is not None and cs.state.waiting is not None:
             return cs.state.waiting
