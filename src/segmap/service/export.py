@@ -6,6 +6,9 @@ kinds the service treats differently: :class:`~segmap.errors.DestinationUnavaila
 association rejected, 5xx, out of resources) is retried later with back-off; :class:`~segmap.errors.ExportError` (a
 DICOM failure status, a 4xx) fails the job, because sending the same file again gives the same answer.
 
+pynetdicom and dicomweb-client are imported by the destination that uses them, when it sends or confirms: reading
+a configuration (which checks its destinations) loads neither.
+
 Re-sending is harmless: a job's SEG carries UIDs derived from the job key (:func:`segmap.service.keys.seg_uids`),
 so a receiver that already holds it keeps one copy (Orthanc answers ``AlreadyStored``).
 
@@ -28,6 +31,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, Protocol, Sequence
+
+import pydicom
+import requests
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from segmap.dimse import CFindFailed, application_entity, c_find
 from segmap.errors import DestinationUnavailable, ExportError
@@ -83,9 +92,6 @@ class Instance:
 
 def read_instances(files: Sequence[Path]) -> list[Instance]:
     """The identifying UIDs of each file (headers only); a file that is not DICOM is an :class:`ExportError`."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     out = []
     for f in files:
         path = Path(f)
@@ -124,8 +130,6 @@ class DicomDestination:
     _stored: set[str] = field(default_factory=set, init=False, repr=False)
 
     def send(self, files: Sequence[Path]) -> None:
-        import pydicom
-        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
         instances = read_instances(files)
         if not instances:
             return
@@ -195,7 +199,6 @@ class DicomDestination:
         return self._find(instances)
 
     def _find(self, instances: Sequence[Instance]) -> bool:
-        from pydicom.dataset import Dataset
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
         ae = application_entity(self.calling_ae_title, self.timeout_s)
@@ -244,8 +247,6 @@ def _association_failure(assoc, connected: Sequence[bool]) -> str:
 
 def _http_failure(name: str, what: str, error: Exception) -> Exception:
     """A requests error as DestinationUnavailable (no answer, 5xx, 429) or ExportError (any other 4xx)."""
-    import requests
-
     response = getattr(error, "response", None)
     if response is None or not isinstance(error, requests.HTTPError):
         return DestinationUnavailable(f"destination {name}: {what} failed: {one_line(error)}")
@@ -267,6 +268,18 @@ class _HttpDestination:
     username: str | None = setting(None, "HTTP basic-auth user")
     password: str | None = setting(None, "HTTP basic-auth password")
     timeout_s: float = setting(30.0, "seconds to wait for each answer", check=schema.positive)
+
+    def confirm(self, files: Sequence[Path]) -> bool:
+        client = self._client()
+        return all(self._present(client, inst) for inst in read_instances(files))
+
+    def _client(self) -> Any:
+        """The server's client library object, made for one send or confirm."""
+        raise NotImplementedError
+
+    def _present(self, client: Any, inst: Instance) -> bool:
+        """Whether the server holds ``inst``."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -291,16 +304,12 @@ class OrthancDestination(_HttpDestination):
                 raise ExportError(f"destination {self.name}: {what}: Orthanc answered status {status!r}")
         log.info("destination %s: %d instance(s) stored in Orthanc %s", self.name, len(instances), self.url)
 
-    def confirm(self, files: Sequence[Path]) -> bool:
-        client = self._client()
-        for inst in read_instances(files):
-            try:
-                found = client.lookup(inst.sop_instance_uid)
-            except OrthancRequestError as e:
-                raise _orthanc_failure(self.name, f"POST {self.url}/tools/lookup", e) from e
-            if not any(m.get("Type") == "Instance" for m in found if isinstance(m, dict)):
-                return False
-        return True
+    def _present(self, client: OrthancClient, inst: Instance) -> bool:
+        try:
+            found = client.lookup(inst.sop_instance_uid)
+        except OrthancRequestError as e:
+            raise _orthanc_failure(self.name, f"POST {self.url}/tools/lookup", e) from e
+        return any(m.get("Type") == "Instance" for m in found if isinstance(m, dict))
 
 
 def _orthanc_failure(name: str, what: str, error: OrthancRequestError) -> Exception:
@@ -322,7 +331,6 @@ class StowDestination(_HttpDestination):
     kind: ClassVar[str] = "stow"
 
     def _client(self):
-        import requests
         from dicomweb_client.api import DICOMwebClient
         from dicomweb_client.session_utils import create_session
 
@@ -335,9 +343,6 @@ class StowDestination(_HttpDestination):
         return DICOMwebClient(url=self.url, session=session)
 
     def send(self, files: Sequence[Path]) -> None:
-        import pydicom
-        import requests
-
         instances = read_instances(files)
         client = self._client()
         for study_uid in sorted({i.study_uid for i in instances}):
@@ -355,19 +360,13 @@ class StowDestination(_HttpDestination):
                 raise ExportError(f"destination {self.name}: {what}: refused {', '.join(items)}")
         log.info("destination %s: %d instance(s) stored by STOW-RS at %s", self.name, len(instances), self.url)
 
-    def confirm(self, files: Sequence[Path]) -> bool:
-        import requests
-
-        client = self._client()
-        for inst in read_instances(files):
-            try:
-                found = client.search_for_instances(study_instance_uid=inst.study_uid,
-                                                    search_filters={"SOPInstanceUID": inst.sop_instance_uid})
-            except requests.RequestException as e:
-                raise _http_failure(self.name, f"QIDO-RS at {self.url}", e) from e
-            if not any(_qido_value(m, "00080018") == inst.sop_instance_uid for m in found):
-                return False
-        return True
+    def _present(self, client, inst: Instance) -> bool:
+        try:
+            found = client.search_for_instances(study_instance_uid=inst.study_uid,
+                                                search_filters={"SOPInstanceUID": inst.sop_instance_uid})
+        except requests.RequestException as e:
+            raise _http_failure(self.name, f"QIDO-RS at {self.url}", e) from e
+        return any(_qido_value(m, "00080018") == inst.sop_instance_uid for m in found)
 
 
 def _qido_value(match: Mapping[str, Any], tag: str) -> str | None:
