@@ -154,6 +154,18 @@ class ServiceConfig:
 SECTIONS = ("service", "listener", "orthanc", "runner", "maps", "destinations")
 
 
+def reference_table() -> list[dict]:
+    """Every key of the file: name, type, default, whether required, help -- from the declarations above (and each
+    destination kind's class), for the documentation."""
+    rows = schema.reference(ServiceConfig, "service")
+    for key, cls in (("listener", ListenerConfig), ("orthanc", OrthancConfig), ("runner", RunnerConfig),
+                     ("maps[]", MapConfig)):
+        rows += schema.reference(cls, key)
+    for kind, cls in DESTINATIONS.items():
+        rows += schema.reference(cls, f"destinations.<{kind}>")
+    return rows
+
+
 def load_config(path: str | Path) -> ServiceConfig:
     """Read and validate the service configuration file at ``path``."""
     path = Path(path)

@@ -28,12 +28,13 @@ import pydicom
 
 from segmap.dicom.loading import scan_dicom_folder
 from segmap.errors import DestinationUnavailable, ExportError, OrthancError, RunnerError, SegmapError
+from segmap.orthanc import OrthancClient
 from segmap.tasks import load_task
 
 from .config import ServiceConfig
 from .export import make_destination
 from .intake.listener import DicomListener
-from .intake.orthanc import OrthancClient, OrthancFollower
+from .intake.orthanc import OrthancFollower
 from .keys import job_key, run_name, seg_uids
 from .routing import check_routable, route
 from .runners import make_runner
