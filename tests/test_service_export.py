@@ -279,7 +279,8 @@ def test_stow_rs_to_a_wrong_path_is_permanent(seg, dicomweb_orthanc):
 @pytest.mark.parametrize("cfg, message", [
     ({"kind": "ftp"}, r"destinations\.d\.kind: must be one of dicom, orthanc, stow, got 'ftp'"),
     ({"kind": "dicom", "port": 104, "ae_title": "PACS"}, r"destinations\.d\.host: is required"),
-    ({"kind": "dicom", "host": "pacs", "port": 70000, "ae_title": "PACS"}, r"destinations\.d\.port: must be a TCP port"),
+    ({"kind": "dicom", "host": "pacs", "port": 70000, "ae_title": "PACS"},
+     r"destinations\.d\.port: must be a TCP port"),
     ({"kind": "dicom", "host": "pacs", "port": "104", "ae_title": "PACS"},
      r"destinations\.d\.port: must be a whole number, got '104'"),
     ({"kind": "dicom", "host": "pacs", "port": 104, "ae_title": "A-TITLE-LONGER-THAN-16"},

@@ -151,7 +151,9 @@ def port(v) -> str | None:
 
 
 def ae_title(v) -> str | None:
-    return None if _AE.match(v) and v.strip() else f"must be a DICOM AE title (1-16 characters, no backslash), got {v!r}"
+    if _AE.match(v) and v.strip():
+        return None
+    return f"must be a DICOM AE title (1-16 characters, no backslash), got {v!r}"
 
 
 def ae_titles(values) -> str | None:
