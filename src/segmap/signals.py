@@ -123,12 +123,13 @@ def remove_staging() -> list[Path]:
 # ------------------------------------------------------------------------------------ 3. an event for a loop
 
 
-def stop_event(what: str) -> threading.Event:
-    """An event that SIGTERM and SIGINT set (way 3), logging ``signal N: <what>``; call it from the main thread."""
+def stop_event(what: str, logger: logging.Logger = log) -> threading.Event:
+    """An event that SIGTERM and SIGINT set (way 3), logging ``signal N: <what>`` to ``logger``; call it from the
+    main thread."""
     stop = threading.Event()
 
     def on_signal(signum, _frame):
-        log.info("signal %d: %s", signum, what)
+        logger.info("signal %d: %s", signum, what)
         stop.set()
 
     for signum in SIGNALS:

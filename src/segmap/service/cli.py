@@ -83,7 +83,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # segmap command that builds this parser.
     from .service import Service
 
-    stop = signals.stop_event("stopping (running containers keep running and are adopted at the next start)")
+    stop = signals.stop_event("stopping (running containers keep running and are adopted at the next start)", log)
     service = Service(config)
     service.start()
     try:
