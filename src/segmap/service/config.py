@@ -1,5 +1,11 @@
 """The job service's one configuration file (YAML), read into frozen values and validated.
 
+Each section is a dataclass whose fields declare their key, type, default and help text once
+(:func:`~segmap.service.schema.setting`); :func:`~segmap.service.schema.read_section` is the one reader, for these
+sections, for each destination kind (:data:`~segmap.service.export.DESTINATIONS`) and for ``runner.kubernetes``
+(:mod:`~segmap.service.runners.options`), and :func:`reference_table` lists every key. Reading a file imports no
+runner's client library.
+
 Every problem is a :class:`~segmap.errors.ServiceConfigError` naming the file and the key (``maps[0].task``,
 ``destinations.pacs.port``) and what was expected, before anything starts. Paths in the file are relative to the
 file's folder. ``example_config()`` is the worked example the README documents and ``segmap serve --example``
