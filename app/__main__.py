@@ -20,11 +20,11 @@ if str(_here.parent) in sys.path:
 sys.path.insert(0, str(_here.parent))
 
 # Before anything heavy (torch, OpenMP and Holoscan start threads when imported): stop cleanly on docker stop at any
-# moment (segmap.shutdown), size the thread pools to the container's CPU quota and set the file-mode mask; the
+# moment (segmap.signals), size the thread pools to the container's CPU quota and set the file-mode mask; the
 # app.yaml values of threads/umask apply once the settings are read (segmap.run.start).
-from segmap import shutdown  # noqa: E402
+from segmap import signals  # noqa: E402
 
-shutdown.install()
+signals.install()
 try:
     from segmap.resources import apply_threads, apply_umask  # noqa: E402
     from segmap.settings import setting  # noqa: E402

@@ -124,7 +124,7 @@ def engine():
 
 @pytest.fixture(autouse=True)
 def _signal_mask_restored():
-    """A test that calls ``segmap.cli.main(["run", ...])`` in this process installs segmap.shutdown, which blocks
+    """A test that calls ``segmap.cli.main(["run", ...])`` in this process installs segmap.signals, which blocks
     SIGTERM/SIGINT in the main thread; every process started afterwards (Orthanc, storescp, PostgreSQL, `segmap
     serve`) would inherit the blocked mask and ignore its SIGTERM. Put the mask back after each test."""
     import signal

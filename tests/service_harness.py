@@ -1,4 +1,6 @@
-"""A real ``segmap serve`` process for end-to-end tests and the service benchmark: config, start, kill -9, restart.
+"""Test helpers of the job service: seeding a job store the way the service does (:func:`seed_job`,
+:func:`new_job`), and a real ``segmap serve`` process for end-to-end tests and the service benchmark (config,
+start, kill -9, restart).
 
 The test reads the same SQLite job store the service writes (WAL allows a reader beside the writer).
 """
@@ -16,9 +18,48 @@ from pathlib import Path
 import yaml
 
 from pacs import free_port, wait_for
+from segmap.service.keys import job_key, run_name, seg_uids
+from segmap.service.store import Arrival, Job, JobStore, NewJob, SeriesVersion
+from segmap.service.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = ROOT / "tasks" / "spleen.yaml"
+
+
+# ------------------------------------------------------------------------------------------------ seeding a store
+
+
+def new_job(store: JobStore, version: SeriesVersion, *, map_name: str = "spleen", image: str = "img:1",
+            digest: str = "sha256:aa", destinations: tuple[str, ...] = ("orthanc",), max_attempts: int = 2,
+            workspace: Workspace = Workspace(Path("/"))) -> NewJob:
+    """The job the service would queue for ``version`` (its key from the version's instances and ``digest``), with
+    its output and log paths in ``workspace``."""
+    key = job_key(version.series_uid, [i.sop_uid for i in store.instances(version.id)], digest)
+    name = run_name(key)
+    return NewJob(key, map_name, image, digest, name, seg_uids(key)[0], tuple(destinations), max_attempts,
+                  str(workspace.output_dir(name)), str(workspace.log_path(name)))
+
+
+def seed_job(store: JobStore, series_uid: str, *, at: float, study_uid: str = "1.2", sops: int = 1,
+             log: str | None = None, source: str = "listener", **job) -> Job:
+    """A queued job as the service makes one: ``sops`` instances of ``series_uid`` arrive at ``at``, the series
+    closes 10 s later with one job (``job``: the keywords of :func:`new_job`). ``log`` is written as the job's
+    container log."""
+    for k in range(1, sops + 1):
+        store.record_instance(Arrival(source, study_uid, series_uid, f"{series_uid}.{k}", "CT",
+                                      path=f"/spool/{series_uid}.{k}.dcm"), now=at)
+    [version] = [v for v in store.due_series(0, now=at + 10) if v.series_uid == series_uid]
+    queued = new_job(store, version, **job)
+    created, _ = store.close_series(version.id, [queued], f"{queued.map_name}: job", instance_count=sops,
+                                    now=at + 10)
+    assert created == [queued.key]
+    if log is not None:
+        Path(queued.log_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(queued.log_path).write_text(log)
+    return store.get_job(queued.key)
+
+
+# ------------------------------------------------------------------------------------------------ a real process
 
 
 @dataclass
@@ -110,7 +151,6 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def store(self):
-        from segmap.service.store import JobStore
         return JobStore(self.database or self.store_path)
 
     def jobs(self, state: str | None = None):

@@ -1,4 +1,4 @@
-"""segmap.resources on fake cgroup trees (v1 and v2), and segmap.shutdown in a real process: threads follow the CPU
+"""segmap.resources on fake cgroup trees (v1 and v2), and segmap.signals.install in a real process: threads follow the CPU
 quota, the memory check refuses with both figures, the umask applies, a stop signal ends a blocked process with one
 line and exit 143 and no staging folder."""
 
@@ -139,8 +139,8 @@ def test_stop_signal_ends_a_process_blocked_outside_python(tmp_path, signum, cod
     script = f"""
 import os, sys, select
 sys.path.insert(0, {str(ROOT / 'src')!r})
-from segmap import shutdown
-shutdown.install()
+from segmap import signals
+signals.install()
 from segmap.outputs.atomic import atomic_outputs, claim_output_folder
 claim_output_folder({str(out)!r})
 r, w = os.pipe()

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from segmap.service.config import EXAMPLE
-from segmap.service.keys import job_key, run_name, seg_uids
-from segmap.service.store import Arrival, JobStore, NewJob
+from segmap.service.store import JobStore
+from segmap.service.workspace import Workspace
+from service_harness import seed_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,16 +24,9 @@ def setup(tmp_path):
     config = tmp_path / "service.yaml"
     config.write_text(EXAMPLE.replace("/var/lib/segmap", str(tmp_path / "work")))
     store = JobStore(tmp_path / "work" / "store.sqlite")
-    keys = []
-    for n in range(3):
-        series = f"1.2.826.0.1.{n}"
-        store.record_instance(Arrival("listener", "1.2.826.0.1", series, f"{series}.1", "CT"), now=100 + n)
-        (v,) = store.due_series(1, now=110 + n)
-        key = job_key(series, [f"{series}.1"], "sha256:ab")
-        store.close_series(v.id, [NewJob(key, "spleen", "img", "sha256:ab", run_name(key), seg_uids(key)[0],
-                                         ("orthanc",), 1, str(tmp_path / "o"), str(tmp_path / "l"))],
-                           "spleen: job", instance_count=1, now=120 + n)
-        keys.append(key)
+    keys = [seed_job(store, f"1.2.826.0.1.{n}", at=100 + n, study_uid="1.2.826.0.1", image="img",
+                     digest="sha256:ab", max_attempts=1, workspace=Workspace(tmp_path / "work")).key
+            for n in range(3)]
     job = store.claim("w1", 60, 1, now=130)
     store.run_failed(job, "w1", "exited with code 2: segmap: error: no series matches", 2, 10, now=140)
     return config, store, keys

@@ -18,7 +18,7 @@ from pacs import Orthanc, free_port
 from segmap.demo.phantom import write_phantom_study
 from segmap.errors import SegmapError, SubmitError
 from segmap.outputs.seg import write_seg
-from segmap.service.client import parse_node, scan_study, submit
+from segmap.submit.client import parse_node, scan_study, submit
 from segmap.tasks import Code, Segment
 
 SUBMIT_AE = "SEGMAP-SUBMIT"

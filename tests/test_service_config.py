@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from segmap.errors import ServiceConfigError
-from segmap.service.config import EXAMPLE, load_config
+from segmap.service.config import EXAMPLE, load_config, reference_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,3 +80,31 @@ def test_serve_check_and_example_from_the_command_line(example, tmp_path):
     printed = subprocess.run([sys.executable, "-m", "segmap.cli", "serve", "--example"], capture_output=True,
                              text=True, timeout=120)
     assert printed.stdout == EXAMPLE
+
+
+def test_every_key_is_declared_once_with_its_type_default_and_help():
+    rows = {r["name"]: r for r in reference_table()}
+    assert all(r["help"] for r in rows.values()), [n for n, r in rows.items() if not r["help"]]
+    assert rows["service.quiet_period_s"]["default"] == 10.0 and rows["service.workdir"]["required"]
+    assert rows["service.http.port"]["default"] == 8642 and rows["runner.kubernetes.pvc_name"]["required"]
+    assert rows["destinations.<dicom>.confirm"]["default"] == "store-status"
+    assert rows["destinations.<stow>.timeout_s"]["default"] == 60.0
+    assert rows["maps[].trigger.tag"]["type"] == "text"
+
+
+def test_a_file_that_leaves_a_key_out_gets_the_declared_default(example):
+    cfg = load_config(_with(example, lambda d: d["service"].pop("quiet_period_s")))
+    rows = {r["name"]: r for r in reference_table()}
+    assert cfg.quiet_period_s == rows["service.quiet_period_s"]["default"]
+    assert cfg.lease_s == rows["service.lease_s"]["default"] and cfg.runner.timeout_s == 1800.0
+
+
+def test_reading_a_config_imports_no_runner_or_network_client(example):
+    """`segmap serve --check` and `segmap jobs` work where the kubernetes client is not installed."""
+    _with(example, lambda d: d["runner"].update(kind="kubernetes", kubernetes={"pvc_name": "work"}))
+    code = (f"import sys; from segmap.service.config import load_config; c = load_config({str(example)!r}); "
+            f"assert c.runner.options.pvc_name == 'work'; "
+            f"print(sorted(m for m in ('kubernetes', 'docker', 'pynetdicom') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+

@@ -18,7 +18,8 @@ from pacs import Orthanc, echoscu, free_port, storescu, wait_for
 from segmap.demo.phantom import write_phantom_study
 from segmap.errors import InputError, OrthancError, ServiceConfigError
 from segmap.service.intake.listener import DicomListener
-from segmap.service.intake.orthanc import OrthancClient, OrthancFollower
+from segmap.orthanc import OrthancClient
+from segmap.service.intake.orthanc import OrthancFollower
 from segmap.service.spool import Spool
 from segmap.service.store import JobStore
 

@@ -25,6 +25,9 @@ from k8s_stub import K8sStub  # noqa: E402
 from segmap.errors import RunnerError, SegmapError, ServiceConfigError  # noqa: E402
 from segmap.service.keys import job_key, run_name  # noqa: E402
 from segmap.service.runners.base import CONTAINER_INPUT, CONTAINER_OUTPUT, RunSpec  # noqa: E402
+from segmap.service.runners.options import KubernetesOptions  # noqa: E402
+from segmap.service.schema import read_section  # noqa: E402
+from service_harness import seed_job  # noqa: E402
 from segmap.service.runners.kubernetes import (  # noqa: E402
     KubernetesRunner, job_manifest, memory_quantity, sanitise_labels)
 
@@ -517,10 +520,11 @@ def test_the_config_map_is_a_valid_service_configuration(deployed, tmp_path, mon
         assert runner.image_digest(m.image).startswith("sha256:")
 
 
-def test_bad_runner_options_name_the_key():
+def test_bad_runner_options_name_the_key(monkeypatch):
+    monkeypatch.delenv("POD_NAMESPACE", raising=False)
+
     def make(**opts):
-        return KubernetesRunner.from_options(opts, workdir_root=WORKDIR, api_client=k8s.ApiClient(),
-                                             where="segmap.yaml: runner.kubernetes")
+        return read_section(KubernetesOptions, opts, "runner.kubernetes", Path("segmap.yaml"))
     with pytest.raises(ServiceConfigError, match=r"^segmap.yaml: runner.kubernetes.pvc: unknown key"):
         make(pvc="x")
     with pytest.raises(ServiceConfigError, match=r"runner.kubernetes.pvc_name: is required"):
@@ -535,9 +539,12 @@ def test_bad_runner_options_name_the_key():
         make(pvc_name="w", namespace="GPU_Nodes")
     with pytest.raises(ServiceConfigError, match=r"runner.kubernetes.ttl_seconds_after_finished: must be 0 or more"):
         make(pvc_name="w", ttl_seconds_after_finished=-1)
-    # The check alone contacts nothing and gives the constructor's arguments (namespace None: the pod's own).
-    assert KubernetesRunner.check_options({"pvc_name": "w", "node_selector": None}) == \
-        {"pvc_name": "w", "namespace": None}
+    # Reading contacts nothing; left-out keys get the declared defaults (namespace None: the pod's own).
+    opts = make(pvc_name="w", node_selector=None)
+    assert (opts.pvc_name, opts.namespace, opts.node_selector, opts.run_as_user) == ("w", None, {}, 65532)
+    with pytest.raises(ServiceConfigError, match=r"^segmap.yaml: runner.kubernetes: .*namespace"):
+        KubernetesRunner.from_options(opts, workdir_root=WORKDIR, api_client=k8s.ApiClient(),
+                                      where="segmap.yaml: runner.kubernetes")
 
 
 def test_network_policy_isolates_exactly_the_map_pods(deployed):
@@ -576,9 +583,7 @@ def service_on_stub(stub, tmp_path):
     """A Service configured for the Kubernetes runner, the runner talking to the stub, one job queued."""
     pytest.importorskip("segmap.service.spool", reason="the service needs the intake's spool module")
     from segmap.service.config import parse_config
-    from segmap.service.keys import seg_uids
     from segmap.service.service import Service
-    from segmap.service.store import Arrival, NewJob
 
     doc = {"service": {"workdir": str(tmp_path / "work"), "retry_backoff_s": 0, "worker": "serve-0"},
            "listener": {"port": 11112},
@@ -595,16 +600,9 @@ def service_on_stub(stub, tmp_path):
         return Service(cfg, runner=runner, destinations={})
 
     svc = start_service()
-    svc.store.record_instance(Arrival("listener", "1.2", "1.2.3", "1.2.3.1", "CT", path="/spool/1.dcm"), now=100)
-    (version,) = svc.store.due_series(cfg.quiet_period_s, now=200)
-    digest = svc.runner.image_digest(cfg.maps[0].image)
-    key = job_key(version.series_uid, ["1.2.3.1"], digest)
-    name = run_name(key)
-    svc.store.close_series(version.id, [NewJob(key, "spleen", cfg.maps[0].image, digest, name, seg_uids(key)[0],
-                                               ("orthanc",), 3, str(cfg.jobs_dir / name / "output"),
-                                               str(cfg.jobs_dir / name / "run.log"))],
-                           "spleen: job", instance_count=1, now=200)
-    return svc, start_service, key, name
+    job = seed_job(svc.store, "1.2.3", at=100, image=cfg.maps[0].image,
+                   digest=svc.runner.image_digest(cfg.maps[0].image), max_attempts=3, workspace=cfg.workspace)
+    return svc, start_service, job.key, job.run_name
 
 
 def test_the_jobs_status_drives_the_service_and_survives_its_restart(stub, service_on_stub):

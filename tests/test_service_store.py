@@ -1,4 +1,7 @@
-"""The job store's state machine, versions and idempotency (real SQLite files, several connections)."""
+"""The job store's state machine, versions and idempotency (real SQLite files, several connections).
+
+On SQLite these are fast tests (``make test-fast``); each also runs on a fresh PostgreSQL database (the service tier).
+"""
 
 from __future__ import annotations
 
@@ -7,21 +10,16 @@ import multiprocessing
 
 import pytest
 
-from segmap.service.keys import job_key, run_name, seg_uids
-from segmap.service.store import Arrival, JobStore, NewJob
+from segmap.service.keys import seg_uids
+from segmap.service.states import TRANSITIONS, IllegalTransition, State
+from segmap.service.store import Arrival, JobStore
+from service_harness import new_job, seed_job
 
 _databases = itertools.count()
 
 
 def arrival(sop: int, series: str = "1.2.3", source: str = "listener") -> Arrival:
     return Arrival(source, "1.2", series, f"{series}.{sop}", "CT", path=f"/spool/{sop}.dcm")
-
-
-def new_job(store: JobStore, version, map_name: str = "spleen", digest: str = "sha256:aa") -> NewJob:
-    sops = [i.sop_uid for i in store.instances(version.id)]
-    key = job_key(version.series_uid, sops, digest)
-    return NewJob(key, map_name, "img:1", digest, run_name(key), seg_uids(key)[0], ("orthanc",), 2,
-                  f"/jobs/{run_name(key)}/output", f"/jobs/{run_name(key)}/run.log")
 
 
 def close(store: JobStore, now: float):
@@ -31,7 +29,8 @@ def close(store: JobStore, now: float):
     return version, created, existing
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=[pytest.param("sqlite", marks=pytest.mark.unit),
+                        pytest.param("postgresql", marks=pytest.mark.service)])
 def location(request, tmp_path):
     """Where a fresh store lives: a SQLite file, or a new database on the test PostgreSQL server."""
     if request.param == "sqlite":
@@ -194,3 +193,29 @@ def test_schema_is_versioned_and_migrated_once(location):
     first.record_instance(arrival(0), now=100)
     again = JobStore(location)  # a second worker starting: nothing is re-created, nothing lost
     assert again.schema_version() == SCHEMA_VERSION and again.due_series(0, now=200)[0].instance_count == 1
+
+
+def test_an_illegal_transition_is_refused_and_changes_nothing(store):
+    job = seed_job(store, "1.2.3", at=100)
+    with pytest.raises(IllegalTransition, match=r"cannot move from queued to done"):
+        store.export_done(job, "w1", now=120)  # never claimed, never run
+    job = store.claim("w1", 30, 1, now=120)
+    done = store.export_done(store.run_succeeded(job, "w1", now=130), "w1", now=140)
+    events = store.events(done)
+    for move in (lambda: store.run_succeeded(done, "w1", now=150),        # done -> exporting
+                 lambda: store.run_failed(done, "w1", "x", 1, 0, now=150),  # done -> failed
+                 lambda: store.supersede(done, "w1", 2, now=150)):         # done -> cancelled
+        with pytest.raises(IllegalTransition, match=r"from done: none: it is final"):
+            move()
+    after = store.get_job(done.key)
+    assert (after.state, after.updated_at, store.events(after)) == ("done", done.updated_at, events)
+
+
+def test_the_schema_accepts_exactly_the_states_of_the_table(store):
+    assert set(TRANSITIONS) == set(State) and all(to <= set(State) for to in TRANSITIONS.values())
+    job = seed_job(store, "1.2.3", at=100)
+    with pytest.raises(Exception, match="(?i)check"):
+        with store._tx() as db:
+            db.execute("UPDATE jobs SET state = 'paused' WHERE id = ?", (job.id,))
+    assert store.get_job(job.key).state == State.QUEUED
+

@@ -16,9 +16,10 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from pacs import chromium
-from segmap.service.keys import job_key, run_name, seg_uids
-from segmap.service.store import Arrival, JobStore, NewJob
+from segmap.service.store import JobStore
 from segmap.service.web import make_server, redact_patient_lines
+from segmap.service.workspace import Workspace
+from service_harness import seed_job
 
 T0 = 1_750_000_000.0
 DIGEST = "sha256:" + "ab" * 32
@@ -27,32 +28,17 @@ XSS = "<script>alert('x')</script> container exited with 137"
 
 
 class Filler:
-    """Puts jobs into a store the way the service does: instances arrive, the series closes, a worker claims."""
+    """Puts jobs into a store the way the service does (:func:`service_harness.seed_job`), then a worker claims."""
 
     def __init__(self, store: JobStore, workdir: Path):
-        self.store, self.workdir, self.n = store, workdir, 0
+        self.store, self.workspace, self.n = store, Workspace(workdir), 0
 
     def queue(self, at: float, map_name: str = "spleen", max_attempts: int = 3, log: str | None = None):
         self.n += 1
-        study, series = f"1.2.826.0.1.3680043.10.999.{self.n}", f"1.2.826.0.1.3680043.10.999.{self.n}.1"
-        sops = [f"{series}.{k}" for k in range(1, 4)]
-        for sop in sops:
-            self.store.record_instance(Arrival("listener", study, series, sop, "CT", path=f"/spool/{sop}.dcm"),
-                                       now=at)
-        [version] = [s for s in self.store.due_series(0, now=at + 10) if s.series_uid == series]
-        key = job_key(series, sops, DIGEST)
-        log_path = None
-        if log is not None:
-            log_path = self.workdir / f"{run_name(key)}.log"
-            log_path.write_text(log)
-        job = NewJob(key=key, map_name=map_name, image=f"segmap/{map_name}:1", image_digest=DIGEST,
-                     run_name=run_name(key), seg_series_uid=seg_uids(key)[0], destinations=("orthanc",),
-                     max_attempts=max_attempts, output_dir=str(self.workdir / run_name(key)),
-                     log_path=str(log_path) if log_path else "")
-        created, _ = self.store.close_series(version.id, [job], "matched spleen", instance_count=len(sops),
-                                             now=at + 10)
-        assert created == [key]
-        return key
+        series = f"1.2.826.0.1.3680043.10.999.{self.n}.1"
+        return seed_job(self.store, series, at=at, study_uid=f"1.2.826.0.1.3680043.10.999.{self.n}", sops=3,
+                        log=log, map_name=map_name, image=f"segmap/{map_name}:1", digest=DIGEST,
+                        max_attempts=max_attempts, workspace=self.workspace).key
 
     def claim(self, at: float):
         job = self.store.claim("worker-1", lease_s=60, max_running=10, now=at, node="gpu-node-a")

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from . import shutdown, signals
+from . import signals
 from .convert import add_convert_parser
 from .errors import SegmapError
 from .flags import MODEL_AND_TASK, add_setting
@@ -52,7 +52,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     # Here, not at the top: the run layer imports numpy and scipy, whose thread pools must start after main() has
-    # blocked SIGTERM/SIGINT (segmap.shutdown), or a signal can land on one of their threads and kill the process.
+    # blocked SIGTERM/SIGINT (segmap.signals), or a signal can land on one of their threads and kill the process.
     from .run import run
 
     flags = {d.name: getattr(args, d.name, None) for d in _run_settings()}
@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     try:
         from .service.cli import add_service_parsers
+        from .submit import add_submit_parser
     except ImportError:  # a MAP image's segmap holds only what runs
         for name in ("serve", "jobs", "submit"):
             p = sub.add_parser(name, help="the PACS job service (not in this installation)", prefix_chars="\x00",
@@ -139,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(func=_not_installed(f"segmap {name}", "the job service"))
     else:
         add_service_parsers(sub)
+        add_submit_parser(sub)
 
     try:
         from .portal.cli import add_portal_parser
@@ -161,9 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # docker stop / Kubernetes / Ctrl-C at any moment of a run, also inside torch: clean up, one line, exit 143
-    # (130). Before torch or OpenMP start threads, so that they inherit the blocked signals (segmap.shutdown). Not
+    # (130). Before torch or OpenMP start threads, so that they inherit the blocked signals (segmap.signals.install). Not
     # for `package`: the pip and git processes it starts would inherit them too.
-    if args.command not in ("run", "demo") or not shutdown.install():
+    if args.command not in ("run", "demo") or not signals.install():
         signals.install_sigterm_handler()
     configure_logging(args.log_level or setting("log_level").default)
     try:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..errors import SegmapError
 
 if TYPE_CHECKING:  # pragma: no cover - types only: `segmap.settings` imports this module, and the `segmap` command
-    # imports the settings before segmap.shutdown blocks SIGTERM; numpy (volume) must not start its threads before.
+    # imports the settings before segmap.signals blocks SIGTERM; numpy (volume) must not start its threads before.
     from ..tasks import SegmentationTask
     from ..volume import Volume
 

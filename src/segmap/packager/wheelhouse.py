@@ -54,7 +54,7 @@ GLIBC = (2, 35)
 #: A fixed build date for the segmap wheel, so that the same source gives the same bytes (1980-01-01, zip's epoch).
 SOURCE_DATE_EPOCH = "315532800"
 #: Sub-packages of segmap that a MAP never runs, left out of the image's segmap wheel.
-NOT_IN_IMAGE = ("segmap/packager", "segmap/demo", "segmap/service", "segmap/portal")
+NOT_IN_IMAGE = ("segmap/packager", "segmap/demo", "segmap/service", "segmap/submit", "segmap/portal")
 _SOURCE_FILES = ("pyproject.toml", "setup.cfg", "setup.py", "README.md", "README.rst", "LICENSE", "MANIFEST.in")
 
 

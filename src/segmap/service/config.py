@@ -1,5 +1,11 @@
 """The job service's one configuration file (YAML), read into frozen values and validated.
 
+Each section is a dataclass whose fields declare their key, type, default and help text once
+(:func:`~segmap.service.schema.setting`); :func:`~segmap.service.schema.read_section` is the one reader, for these
+sections, for each destination kind (:data:`~segmap.service.export.DESTINATIONS`) and for ``runner.kubernetes``
+(:mod:`~segmap.service.runners.options`), and :func:`reference_table` lists every key. Reading a file imports no
+runner's client library.
+
 Every problem is a :class:`~segmap.errors.ServiceConfigError` naming the file and the key (``maps[0].task``,
 ``destinations.pacs.port``) and what was expected, before anything starts. Paths in the file are relative to the
 file's folder. ``example_config()`` is the worked example the README documents and ``segmap serve --example``
@@ -8,46 +14,54 @@ prints.
 
 from __future__ import annotations
 
-import ipaddress
-import re
+import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+from pydicom.datadict import tag_for_keyword
 
-from segmap.errors import ServiceConfigError, SegmapError
+from segmap.errors import SegmapError, ServiceConfigError
+from segmap.tasks import load_task
 
-_AE = re.compile(r"^[\x21-\x5b\x5d-\x7e ]{1,16}$")  # DICOM AE: up to 16 printable ASCII characters, no backslash
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-RUNNER_KINDS = ("docker", "kubernetes")
+from . import schema
+from .export import DESTINATIONS, make_destination
+from .runners import RUNNERS
+from .runners.options import KubernetesOptions
+from .schema import fail, read_section, setting
+from .workspace import Workspace
+
+RUNNER_KINDS = tuple(RUNNERS)
 ROLES = ("all", "intake", "worker")
-DESTINATION_KINDS = ("dicom", "orthanc", "stow")
+DESTINATION_KINDS = tuple(DESTINATIONS)
 
 
 @dataclass(frozen=True)
 class HttpConfig:
-    host: str = "127.0.0.1"
-    port: int = 8642
+    host: str = setting("127.0.0.1", "address of the job page, /metrics and /healthz")
+    port: int = setting(8642, "its port (0: no web server)", check=lambda v: None if v == 0 else schema.port(v))
 
 
 @dataclass(frozen=True)
 class ListenerConfig:
-    ae_title: str = "SEGMAP"
-    host: str = "127.0.0.1"
-    port: int = 11112
-    allowed_calling_ae_titles: tuple[str, ...] = ()
-    allowed_peers: tuple[str, ...] = ()
+    ae_title: str = setting("SEGMAP", "our AE title", check=schema.ae_title)
+    host: str = setting("127.0.0.1", "address to listen on")
+    port: int = setting(11112, "DICOM port", check=schema.port)
+    allowed_calling_ae_titles: tuple[str, ...] = setting((), "calling AE titles accepted (empty: any)",
+                                                         check=schema.ae_titles)
+    allowed_peers: tuple[str, ...] = setting((), "peer IP addresses accepted (empty: any)", check=schema.peers)
 
 
 @dataclass(frozen=True)
 class OrthancConfig:
-    url: str
-    name: str = "main"
-    username: str | None = None
-    password: str | None = None
-    poll_interval_s: float = 1.0
+    url: str = setting(help="the Orthanc whose /changes are followed", check=schema.url,
+                       convert=lambda v: v.rstrip("/"))
+    name: str = setting("main", "names this intake source (orthanc:NAME)", check=schema.name)
+    username: str | None = setting(None, "HTTP basic-auth user")
+    password: str | None = setting(None, "HTTP basic-auth password")
+    poll_interval_s: float = setting(1.0, "seconds between reads of /changes", check=schema.positive)
 
     @property
     def source(self) -> str:
@@ -56,56 +70,67 @@ class OrthancConfig:
 
 @dataclass(frozen=True)
 class RunnerConfig:
-    kind: str = "docker"
-    max_concurrent: int = 1
-    cpus: float | None = 2.0
-    memory: str | None = "8g"
-    timeout_s: float = 1800.0
-    gpus: tuple[str, ...] = ()
+    kind: str = setting("docker", "docker or kubernetes", check=schema.one_of(RUNNER_KINDS))
+    max_concurrent: int = setting(1, "runs at once (one per GPU)", check=schema.positive)
+    cpus: float | None = setting(2.0, "CPUs per run", check=schema.positive)
+    memory: str | None = setting("8g", "memory per run", check=schema.memory)
+    timeout_s: float = setting(1800.0, "seconds a run may take", check=schema.positive)
+    gpus: tuple[str, ...] = setting((), "GPU device ids, e.g. [\"0\"] (NVIDIA container toolkit)")
     #: Kubernetes runner only: namespace, the PersistentVolumeClaim holding the workdir, where it is mounted here.
-    options: Mapping[str, Any] = field(default_factory=dict)
+    options: KubernetesOptions | None = setting(None, "the Kubernetes runner's options", key="kubernetes")
 
 
 @dataclass(frozen=True)
 class Trigger:
     """An extra condition on top of the task's rules: DICOM attribute ``tag`` contains ``contains`` (any case)."""
 
-    tag: str
-    contains: str
+    tag: str = setting(help="a DICOM keyword",
+                       check=lambda v: None if tag_for_keyword(v) is not None else f"is not a DICOM keyword: {v!r}")
+    contains: str = setting(help="text the attribute must contain (any case)")
 
 
 @dataclass(frozen=True)
 class MapConfig:
-    name: str
-    image: str
-    task: Path
-    task_name: str | None = None
-    trigger: Trigger | None = None
-    destinations: tuple[str, ...] = ()
+    name: str = setting(help="names the MAP in jobs and logs", check=schema.name)
+    image: str = setting(help="the MAP's container image (built with segmap package)")
+    task: Path = setting(help="the MAP's Segmentation Task file, whose rules route series")
+    task_name: str | None = setting(None, "which task of the file, when it holds several")
+    trigger: Trigger | None = setting(None, "an extra condition on a DICOM attribute")
+    destinations: tuple[str, ...] = setting((), "where results go (names under destinations)")
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
+    """The whole file. The keys of the ``service:`` section are this class's fields that carry help text; the
+    other sections are the nested values (read by :func:`parse_config`)."""
+
     path: Path
-    workdir: Path
-    maps: tuple[MapConfig, ...]
-    destinations: Mapping[str, Mapping[str, Any]]
+    workdir: Path = setting(help="the folder for the job store, spool and job files")
+    maps: tuple[MapConfig, ...] = ()
+    destinations: Mapping[str, Mapping[str, Any]] = None  # type: ignore[assignment]  # set by parse_config
     runner: RunnerConfig = RunnerConfig()
-    http: HttpConfig = HttpConfig()
+    http: HttpConfig = setting(HttpConfig(), "the job page")
     listener: ListenerConfig | None = None
     orthanc: OrthancConfig | None = None
-    quiet_period_s: float = 10.0
-    max_attempts: int = 3
-    retry_backoff_s: float = 30.0
-    export_backoff_max_s: float = 300.0
-    export_give_up_s: float = 86400.0
-    lease_s: float = 60.0
-    poll_s: float = 0.5
-    worker: str = field(default_factory=socket.gethostname)
-    database: str | None = None
+    quiet_period_s: float = setting(10.0, "a series is complete after this long without a new instance",
+                                    check=schema.not_negative)
+    max_attempts: int = setting(3, "runs per job before it is failed", check=schema.positive)
+    retry_backoff_s: float = setting(30.0, "seconds before the first retry (doubling after)",
+                                     check=schema.not_negative)
+    export_backoff_max_s: float = setting(300.0, "longest wait between export tries", check=schema.positive)
+    export_give_up_s: float = setting(86400.0, "seconds of failed export tries before the job fails",
+                                      check=schema.positive)
+    lease_s: float = setting(60.0, "seconds a worker holds a job without renewing", check=schema.positive)
+    poll_s: float = setting(0.5, "seconds between ticks of the service loop", check=schema.positive)
+    worker: str = setting(help="this worker's name (default: the host name)", check=schema.name,
+                          factory=socket.gethostname)
+    database: str | None = setting(None, "a postgresql:// URL (leave it out for SQLite in the workdir)",
+                                   check=lambda v: None if v.startswith(("postgresql://", "postgres://")) else
+                                   f"must be a postgresql:// URL (leave it out for SQLite in the workdir), got {v!r}")
     #: What this process does: ``all`` (one machine), ``intake`` (listener/follower and closing series) or
     #: ``worker`` (claim, run, export) -- several workers share one PostgreSQL store and one shared workdir.
-    role: str = "all"
+    role: str = setting("all", "all, intake (listener/follower) or worker (claim, run, export)",
+                        check=schema.one_of(ROLES))
 
     @property
     def does_intake(self) -> bool:
@@ -116,22 +141,13 @@ class ServiceConfig:
         return self.role in ("all", "worker")
 
     @property
-    def store_path(self) -> Path:
-        return self.workdir / "store.sqlite"
+    def workspace(self) -> Workspace:
+        return Workspace(self.workdir)
 
     @property
     def store_location(self) -> str | Path:
         """The job store: ``SEGMAP_DATABASE_URL``, else ``service.database``, else a SQLite file in the workdir."""
-        import os
-        return os.environ.get("SEGMAP_DATABASE_URL") or self.database or self.store_path
-
-    @property
-    def spool_dir(self) -> Path:
-        return self.workdir / "spool"
-
-    @property
-    def jobs_dir(self) -> Path:
-        return self.workdir / "jobs"
+        return os.environ.get("SEGMAP_DATABASE_URL") or self.database or self.workspace.store_path
 
     def map(self, name: str) -> MapConfig:
         for m in self.maps:
@@ -140,94 +156,20 @@ class ServiceConfig:
         raise KeyError(name)
 
 
-class _Reader:
-    """Pulls typed values out of one mapping, naming ``where.key`` in every error."""
-
-    def __init__(self, path: Path, doc: Any, where: str):
-        self.path, self.where = path, where
-        if doc is None:
-            doc = {}
-        if not isinstance(doc, Mapping):
-            self.fail(where, f"must be a mapping, got {type(doc).__name__}")
-        self.doc = dict(doc)
-        self.used: set[str] = set()
-
-    def fail(self, key: str, problem: str):
-        raise ServiceConfigError(f"{self.path}: {key}: {problem}")
-
-    def key(self, name: str) -> str:
-        return f"{self.where}.{name}" if self.where else name
-
-    def get(self, name: str, kind, default=None, *, required: bool = False, check=None, what: str = ""):
-        self.used.add(name)
-        if name not in self.doc or self.doc[name] is None:
-            if required:
-                self.fail(self.key(name), f"is required{f' ({what})' if what else ''}")
-            return default
-        value = self.doc[name]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if kind is tuple:
-            if isinstance(value, str) or not isinstance(value, (list, tuple)):
-                self.fail(self.key(name), f"must be a list, got {value!r}")
-            value = tuple(str(v) for v in value)
-        elif not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
-            expected = {str: "text", int: "a whole number", float: "a number", bool: "true or false",
-                        dict: "a mapping", list: "a list"}.get(kind, kind.__name__)
-            self.fail(self.key(name), f"must be {expected}, got {value!r}")
-        if check is not None:
-            problem = check(value)
-            if problem:
-                self.fail(self.key(name), problem)
-        return value
-
-    def section(self, name: str) -> "_Reader | None":
-        self.used.add(name)
-        if name not in self.doc:
-            return None
-        return _Reader(self.path, self.doc[name], self.key(name))
-
-    def done(self) -> None:
-        unknown = sorted(set(self.doc) - self.used)
-        if unknown:
-            self.fail(self.key(unknown[0]), f"unknown key (known: {', '.join(sorted(self.used))})")
+#: The top-level sections of the file.
+SECTIONS = ("service", "listener", "orthanc", "runner", "maps", "destinations")
 
 
-def _positive(v) -> str | None:
-    return None if v > 0 else f"must be greater than 0, got {v}"
-
-
-def _not_negative(v) -> str | None:
-    return None if v >= 0 else f"must be 0 or more, got {v}"
-
-
-def _port(v) -> str | None:
-    return None if 0 < v < 65536 else f"must be a TCP port (1-65535), got {v}"
-
-
-def _ae(v) -> str | None:
-    return None if _AE.match(v) and v.strip() else f"must be a DICOM AE title (1-16 characters, no backslash), got {v!r}"
-
-
-def _name(v) -> str | None:
-    return None if _NAME.match(v) else f"must be a name of letters, digits, '.', '_' or '-', got {v!r}"
-
-
-def _url(v) -> str | None:
-    return None if re.match(r"^https?://[^\s/]+", v) else f"must be an http(s):// URL, got {v!r}"
-
-
-def _peers(values: tuple) -> str | None:
-    for v in values:
-        try:
-            ipaddress.ip_address(v)
-        except ValueError:
-            return f"must list IP addresses, got {v!r}"
-    return None
-
-
-def _memory(v) -> str | None:
-    return None if re.match(r"^\d+(\.\d+)?[kmgKMG]?$", v) else f"must be a size like 8g or 512m, got {v!r}"
+def reference_table() -> list[dict]:
+    """Every key of the file: name, type, default, whether required, help -- from the declarations above (and each
+    destination kind's class), for the documentation."""
+    rows = schema.reference(ServiceConfig, "service")
+    for key, cls in (("listener", ListenerConfig), ("orthanc", OrthancConfig), ("runner", RunnerConfig),
+                     ("maps[]", MapConfig)):
+        rows += schema.reference(cls, key)
+    for kind, cls in DESTINATIONS.items():
+        rows += schema.reference(cls, f"destinations.<{kind}>")
+    return rows
 
 
 def load_config(path: str | Path) -> ServiceConfig:
@@ -246,135 +188,80 @@ def load_config(path: str | Path) -> ServiceConfig:
     return parse_config(doc, path)
 
 
+def _under(base: Path, p: Path) -> Path:
+    return p if p.is_absolute() else base / p
+
+
 def parse_config(doc: Any, path: Path) -> ServiceConfig:
     base = path.parent
-    top = _Reader(path, doc, "")
-
-    svc = top.section("service") or _Reader(path, {}, "service")
-    workdir = Path(svc.get("workdir", str, required=True, what="the folder for the job store, spool and job files"))
-    workdir = workdir if workdir.is_absolute() else (base / workdir)
-    values: dict[str, Any] = dict(
-        quiet_period_s=svc.get("quiet_period_s", float, 10.0, check=_not_negative),
-        max_attempts=svc.get("max_attempts", int, 3, check=_positive),
-        retry_backoff_s=svc.get("retry_backoff_s", float, 30.0, check=_not_negative),
-        export_backoff_max_s=svc.get("export_backoff_max_s", float, 300.0, check=_positive),
-        export_give_up_s=svc.get("export_give_up_s", float, 86400.0, check=_positive),
-        lease_s=svc.get("lease_s", float, 60.0, check=_positive),
-        poll_s=svc.get("poll_s", float, 0.5, check=_positive),
-        database=svc.get("database", str, None, check=lambda v: None if v.startswith(("postgresql://", "postgres://"))
-                         else f"must be a postgresql:// URL (leave it out for SQLite in the workdir), got {v!r}"),
-    )
-    values["role"] = svc.get("role", str, "all", check=lambda v: None if v in ROLES else
-                             f"must be one of {', '.join(ROLES)}, got {v!r}")
-    worker = svc.get("worker", str, None, check=_name)
-    if worker:
-        values["worker"] = worker
-    http = svc.section("http")
-    if http is not None:
-        values["http"] = HttpConfig(host=http.get("host", str, "127.0.0.1"),
-                                    port=http.get("port", int, 8642, check=lambda v: None if v == 0 else _port(v)))
-        http.done()
-    svc.done()
-
-    listener = top.section("listener")
-    if listener is not None:
-        values["listener"] = ListenerConfig(
-            ae_title=listener.get("ae_title", str, "SEGMAP", check=_ae),
-            host=listener.get("host", str, "127.0.0.1"),
-            port=listener.get("port", int, 11112, check=_port),
-            allowed_calling_ae_titles=listener.get("allowed_calling_ae_titles", tuple, (),
-                                                   check=lambda vs: next(filter(None, map(_ae, vs)), None)),
-            allowed_peers=listener.get("allowed_peers", tuple, (), check=_peers))
-        listener.done()
-
-    orthanc = top.section("orthanc")
-    if orthanc is not None:
-        values["orthanc"] = OrthancConfig(
-            url=orthanc.get("url", str, required=True, check=_url).rstrip("/"),
-            name=orthanc.get("name", str, "main", check=_name),
-            username=orthanc.get("username", str, None), password=orthanc.get("password", str, None),
-            poll_interval_s=orthanc.get("poll_interval_s", float, 1.0, check=_positive))
-        orthanc.done()
-    if listener is None and orthanc is None and values["role"] != "worker":
-        top.fail("listener", "no intake configured: give a 'listener' section, an 'orthanc' section, or both")
-
-    runner = top.section("runner") or _Reader(path, {}, "runner")
-    kind = runner.get("kind", str, "docker",
-                      check=lambda v: None if v in RUNNER_KINDS else f"must be one of {', '.join(RUNNER_KINDS)}, got {v!r}")
-    values["runner"] = RunnerConfig(
-        kind=kind,
-        max_concurrent=runner.get("max_concurrent", int, 1, check=_positive),
-        cpus=runner.get("cpus", float, 2.0, check=_positive),
-        memory=runner.get("memory", str, "8g", check=_memory),
-        timeout_s=runner.get("timeout_s", float, 1800.0, check=_positive),
-        gpus=runner.get("gpus", tuple, ()),
-        options=runner.get("kubernetes", dict, {}))
-    runner.done()
-    if kind == "kubernetes":
-        from .runners.kubernetes import KubernetesRunner
-        KubernetesRunner.check_options(values["runner"].options, f"{path}: runner.kubernetes")
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, Mapping):
+        fail(path, "", f"must be a mapping, got {type(doc).__name__}")
+    unknown = sorted(set(map(str, doc)) - set(SECTIONS))
+    if unknown:
+        fail(path, unknown[0], f"unknown key (known: {', '.join(sorted(SECTIONS))})")
+    sections = {name: read_section(cls, doc[key], key, path) if doc.get(key) is not None else None
+                for name, key, cls in (("listener", "listener", ListenerConfig),
+                                       ("orthanc", "orthanc", OrthancConfig), ("runner", "runner", RunnerConfig))}
+    if sections["runner"] is None:
+        sections["runner"] = RunnerConfig()
+    if sections["runner"].kind == "kubernetes" and sections["runner"].options is None:
+        fail(path, "runner.kubernetes.pvc_name", "is required (the PersistentVolumeClaim that holds the service's "
+                                                 "workdir and is mounted into every MAP pod)")
 
     destinations: dict[str, Mapping[str, Any]] = {}
-    dest_doc = top.get("destinations", dict, {})
+    dest_doc = doc.get("destinations") or {}
+    if not isinstance(dest_doc, Mapping):
+        fail(path, "destinations", f"must be a mapping, got {dest_doc!r}")
     for name, cfg in dest_doc.items():
-        key = f"destinations.{name}"
-        if _name(str(name)):
-            top.fail(key, _name(str(name)))
-        if not isinstance(cfg, Mapping):
-            top.fail(key, f"must be a mapping with a 'kind' ({', '.join(DESTINATION_KINDS)}), got {cfg!r}")
-        if cfg.get("kind") not in DESTINATION_KINDS:
-            top.fail(f"{key}.kind", f"must be one of {', '.join(DESTINATION_KINDS)}, got {cfg.get('kind')!r}")
-        from .export import make_destination
+        if schema.name(str(name)):
+            fail(path, f"destinations.{name}", schema.name(str(name)))
         try:
             make_destination(str(name), cfg)  # checks every key without contacting the destination
         except ServiceConfigError as e:
             raise ServiceConfigError(f"{path}: {e}") from None
         destinations[str(name)] = dict(cfg)
 
-    maps_doc = top.get("maps", list, required=True, what="a list of MAPs with name, image and task")
+    maps_doc = doc.get("maps")
+    if maps_doc is None:
+        fail(path, "maps", "is required (a list of MAPs with name, image and task)")
+    if not isinstance(maps_doc, list):
+        fail(path, "maps", f"must be a list, got {maps_doc!r}")
     if not maps_doc:
-        top.fail("maps", "must list at least one MAP")
+        fail(path, "maps", "must list at least one MAP")
     maps = []
     for i, m in enumerate(maps_doc):
-        r = _Reader(path, m, f"maps[{i}]")
-        task = Path(r.get("task", str, required=True, what="the MAP's Segmentation Task file, whose rules route series"))
-        task = task if task.is_absolute() else base / task
-        if not task.is_file():
-            r.fail(r.key("task"), f"no such file: {task}")
-        trigger = None
-        t = r.section("trigger")
-        if t is not None:
-            trigger = Trigger(tag=t.get("tag", str, required=True), contains=t.get("contains", str, required=True))
-            from pydicom.datadict import tag_for_keyword
-            if tag_for_keyword(trigger.tag) is None:
-                t.fail(t.key("tag"), f"is not a DICOM keyword: {trigger.tag!r}")
-            t.done()
-        dests = r.get("destinations", tuple, ())
-        for d in dests:
+        mc = read_section(MapConfig, m, f"maps[{i}]", path)
+        mc = MapConfig(**{**mc.__dict__, "task": _under(base, Path(mc.task))})
+        if not mc.task.is_file():
+            fail(path, f"maps[{i}].task", f"no such file: {mc.task}")
+        for d in mc.destinations:
             if d not in destinations:
-                r.fail(r.key("destinations"), f"names {d!r}, which is not under 'destinations' "
-                                              f"(known: {', '.join(destinations) or 'none'})")
-        maps.append(MapConfig(name=r.get("name", str, required=True, check=_name),
-                              image=r.get("image", str, required=True),
-                              task=task, task_name=r.get("task_name", str, None), trigger=trigger,
-                              destinations=dests))
-        r.done()
+                fail(path, f"maps[{i}].destinations", f"names {d!r}, which is not under 'destinations' "
+                                                      f"(known: {', '.join(destinations) or 'none'})")
+        maps.append(mc)
     names = [m.name for m in maps]
     if len(set(names)) != len(names):
-        top.fail("maps", f"MAP names must be unique, got {names}")
-    top.done()
+        fail(path, "maps", f"MAP names must be unique, got {names}")
+
+    svc_doc = doc.get("service")
+    config = read_section(ServiceConfig, svc_doc, "service", path, path=path, maps=tuple(maps),
+                          destinations=destinations, **{k: v for k, v in sections.items() if v is not None})
+    config = ServiceConfig(**{**config.__dict__, "workdir": _under(base, Path(config.workdir))})
+    if config.listener is None and config.orthanc is None and config.role != "worker":
+        fail(path, "listener", "no intake configured: give a 'listener' section, an 'orthanc' section, or both")
 
     # The task files must load and carry rules for DICOM series: found now, not when the first series arrives.
-    from segmap.tasks import load_task
     for i, m in enumerate(maps):
         try:
             task = load_task(m.task, m.task_name)
         except SegmapError as e:
-            top.fail(f"maps[{i}].task", str(e))
+            fail(path, f"maps[{i}].task", str(e))
         if not all(mod.rules for mod in task.modalities):
-            top.fail(f"maps[{i}].task", f"task '{task.name}' in {m.task} has no Rules_Text, so no series can be "
-                                        f"routed to it")
-    return ServiceConfig(path=path, workdir=workdir, maps=tuple(maps), destinations=destinations, **values)
+            fail(path, f"maps[{i}].task", f"task '{task.name}' in {m.task} has no Rules_Text, so no series can be "
+                                          f"routed to it")
+    return config
 
 
 EXAMPLE = """\

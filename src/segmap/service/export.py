@@ -6,15 +6,19 @@ kinds the service treats differently: :class:`~segmap.errors.DestinationUnavaila
 association rejected, 5xx, out of resources) is retried later with back-off; :class:`~segmap.errors.ExportError` (a
 DICOM failure status, a 4xx) fails the job, because sending the same file again gives the same answer.
 
+pynetdicom and dicomweb-client are imported by the destination that uses them, when it sends or confirms: reading
+a configuration (which checks its destinations) loads neither.
+
 Re-sending is harmless: a job's SEG carries UIDs derived from the job key (:func:`segmap.service.keys.seg_uids`),
 so a receiver that already holds it keeps one copy (Orthanc answers ``AlreadyStored``).
 
 How each kind confirms:
 
-- ``dicom``, ``confirm: store-status`` (the default): by the C-STORE responses this process received for these
-  files (success or warning status for every instance). A generic storage SCP (DCMTK's storescp, many routers)
-  offers no query service, so there is nothing else to ask; after a service restart ``confirm`` is False until the
-  files were sent again (harmless: same UIDs).
+- ``dicom``, ``confirm: store-status`` (the default): by the C-STORE responses this destination object received
+  for these files (success or warning status for every instance). A generic storage SCP (DCMTK's storescp, many
+  routers) offers no query service, so there is nothing else to ask. The service sends and confirms in one step and
+  records the delivery in the job store (the only lasting record); a new destination object confirms nothing it
+  did not send itself (sending again is harmless: same UIDs).
 - ``dicom``, ``confirm: c-find``: a Study Root C-FIND at IMAGE level for each SOP Instance UID, for a PACS that
   answers queries (Orthanc does): what the archive holds, also after a restart.
 - ``orthanc``: ``POST /tools/lookup`` of each SOP Instance UID finds an instance.
@@ -24,15 +28,25 @@ How each kind confirms:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, ClassVar, Mapping, Protocol, Sequence
 
-from ..errors import DestinationUnavailable, ExportError, ServiceConfigError
+import pydicom
+import requests
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from segmap.dimse import CFindFailed, application_entity, c_find
+from segmap.errors import DestinationUnavailable, ExportError
+from segmap.orthanc import OrthancClient, OrthancRequestError, is_temporary
+from segmap.text import one_line
+
+from . import schema
+from .schema import read_section, setting
 
 log = logging.getLogger(__name__)
-
-KINDS = ("dicom", "orthanc", "stow")
 
 
 class Destination(Protocol):
@@ -49,15 +63,16 @@ class Destination(Protocol):
 
 
 def make_destination(name: str, cfg: Mapping[str, Any]) -> Destination:
-    """The destination ``destinations.<name>`` describes; its keys are checked (:class:`ServiceConfigError`)."""
+    """The destination ``destinations.<name>`` describes; its keys are checked (:class:`ServiceConfigError`, by the
+    one configuration reader, :func:`segmap.service.schema.read_section`)."""
     where = f"destinations.{name}"
+    kinds = ", ".join(DESTINATIONS)
     if not isinstance(cfg, Mapping):
-        raise ServiceConfigError(f"{where}: expected a mapping with a 'kind' key ({', '.join(KINDS)})")
-    kind = cfg.get("kind")
-    if kind not in KINDS:
-        raise ServiceConfigError(f"{where}.kind: must be one of {', '.join(KINDS)}, got {kind!r}")
-    cls = {"dicom": DicomDestination, "orthanc": OrthancDestination, "stow": StowDestination}[kind]
-    return cls.from_config(name, cfg)
+        schema.fail(None, where, f"must be a mapping with a 'kind' ({kinds}), got {cfg!r}")
+    problem = schema.one_of(tuple(DESTINATIONS))(cfg.get("kind"))
+    if problem:
+        schema.fail(None, f"{where}.kind", problem)
+    return read_section(DESTINATIONS[cfg["kind"]], cfg, where, None, ignore=("kind",), name=name)
 
 
 # ------------------------------------------------------------------------------------------------ instances
@@ -77,9 +92,6 @@ class Instance:
 
 def read_instances(files: Sequence[Path]) -> list[Instance]:
     """The identifying UIDs of each file (headers only); a file that is not DICOM is an :class:`ExportError`."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     out = []
     for f in files:
         path = Path(f)
@@ -88,14 +100,11 @@ def read_instances(files: Sequence[Path]) -> list[Instance]:
             out.append(Instance(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.StudyInstanceUID),
                                 str(ds.SeriesInstanceUID), str(ds.file_meta.TransferSyntaxUID)))
         except (OSError, InvalidDicomError, AttributeError) as e:
-            raise ExportError(f"{path}: not a DICOM instance that can be sent ({_one_line(e)})") from e
+            raise ExportError(f"{path}: not a DICOM instance that can be sent ({one_line(e)})") from e
     return out
 
 
 # ------------------------------------------------------------------------------------------------ DICOM C-STORE
-
-#: (host, port, called AE title) -> SOP Instance UIDs that peer confirmed by a C-STORE status in this process.
-_CSTORE_ANSWERS: dict[tuple[str, int, str], set[str]] = {}
 
 #: DICOM Part 7 C-STORE statuses: 0x0000 success; 0xB000/0xB006/0xB007 warnings (stored, with coercion or
 #: elements discarded). 0xA7xx means "out of resources": the peer may have room later, so it is retried.
@@ -106,42 +115,25 @@ _WARNINGS = (0xB000, 0xB006, 0xB007)
 class DicomDestination:
     """A DICOM storage SCP reached by C-STORE (pynetdicom), one association per ``send``."""
 
+    CONFIRMS: ClassVar[tuple[str, ...]] = ("store-status", "c-find")
+    kind: ClassVar[str] = "dicom"
+
     name: str
-    host: str
-    port: int
-    ae_title: str
-    calling_ae_title: str = "SEGMAP"
-    timeout_s: float = 30.0
-    confirm_by: str = "store-status"
-    kind: str = "dicom"
-
-    KEYS = {"kind", "host", "port", "ae_title", "calling_ae_title", "timeout_s", "confirm"}
-    CONFIRMS = ("store-status", "c-find")
-
-    @classmethod
-    def from_config(cls, name: str, cfg: Mapping[str, Any]) -> "DicomDestination":
-        c = _Checker(name, cfg, cls.KEYS)
-        return cls(name=name, host=c.text("host"), port=c.port("port"), ae_title=c.ae_title("ae_title"),
-                   calling_ae_title=c.ae_title("calling_ae_title", "SEGMAP"),
-                   timeout_s=c.positive("timeout_s", 30.0), confirm_by=c.choice("confirm", cls.CONFIRMS))
-
-    @property
-    def _stored(self) -> set[str]:
-        """SOP Instance UIDs this peer answered success/warning for in this process; kept per peer, not per object,
-        so a destination made again from the configuration still knows what was sent."""
-        return _CSTORE_ANSWERS.setdefault((self.host, self.port, self.ae_title), set())
+    host: str = setting(help="the peer's host name or address", check=schema.text, convert=str.strip)
+    port: int = setting(help="the peer's DICOM port", check=schema.port)
+    ae_title: str = setting(help="the peer's AE title", check=schema.ae_title)
+    calling_ae_title: str = setting("SEGMAP", "our AE title", check=schema.ae_title)
+    timeout_s: float = setting(30.0, "seconds to wait for each answer", check=schema.positive)
+    confirm_by: str = setting("store-status", "store-status (the C-STORE answers) or c-find (ask the archive)",
+                              key="confirm", check=schema.one_of(CONFIRMS))
+    #: SOP Instance UIDs the peer answered success/warning for to this object's sends.
+    _stored: set[str] = field(default_factory=set, init=False, repr=False)
 
     def send(self, files: Sequence[Path]) -> None:
-        import pydicom
-        from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-        from pynetdicom import AE
-
         instances = read_instances(files)
         if not instances:
             return
-        ae = AE(ae_title=self.calling_ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
-        ae.connection_timeout = self.timeout_s
+        ae = application_entity(self.calling_ae_title, self.timeout_s)
         for sop_class in sorted({i.sop_class_uid for i in instances}):
             syntaxes = sorted({i.transfer_syntax for i in instances if i.sop_class_uid == sop_class})
             ae.add_requested_context(sop_class, list(dict.fromkeys(
@@ -174,7 +166,7 @@ class DicomDestination:
         except (DestinationUnavailable, ExportError):
             raise
         except (OSError, ValueError, RuntimeError) as e:  # a transfer syntax no accepted context fits, a socket error
-            raise DestinationUnavailable(f"destination {self.name}: sending to {peer} failed: {_one_line(e)}") from e
+            raise DestinationUnavailable(f"destination {self.name}: sending to {peer} failed: {one_line(e)}") from e
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -207,12 +199,9 @@ class DicomDestination:
         return self._find(instances)
 
     def _find(self, instances: Sequence[Instance]) -> bool:
-        from pydicom.dataset import Dataset
-        from pynetdicom import AE
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
-        ae = AE(ae_title=self.calling_ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = self.timeout_s
+        ae = application_entity(self.calling_ae_title, self.timeout_s)
         ae.add_requested_context(FIND)
         peer = self._peer
         assoc = self._associate(ae)
@@ -222,18 +211,16 @@ class DicomDestination:
                 query.QueryRetrieveLevel = "IMAGE"
                 query.StudyInstanceUID, query.SeriesInstanceUID = inst.study_uid, inst.series_uid
                 query.SOPInstanceUID = inst.sop_instance_uid
-                found, answered = False, False
-                for status, identifier in assoc.send_c_find(query, FIND):
-                    code = getattr(status, "Status", None)
-                    if code is None:
-                        raise DestinationUnavailable(f"destination {self.name}: C-FIND to {peer} got no answer")
-                    answered = True
-                    if code in (0xFF00, 0xFF01) and identifier is not None:
-                        found = found or str(identifier.get("SOPInstanceUID", "")) == inst.sop_instance_uid
-                    elif code != 0x0000:
-                        raise ExportError(f"destination {self.name}: {peer} answered C-FIND status 0x{code:04X} "
-                                          f"(set confirm: store-status if it does not answer queries)")
-                if not (answered and found):
+                try:
+                    found = any(str(match.get("SOPInstanceUID", "")) == inst.sop_instance_uid
+                                for match in list(c_find(assoc, query, FIND)))
+                except CFindFailed as e:
+                    if e.status is None:
+                        raise DestinationUnavailable(f"destination {self.name}: C-FIND to {peer} got no answer") \
+                            from None
+                    raise ExportError(f"destination {self.name}: {peer} answered C-FIND status 0x{e.status:04X} "
+                                      f"(set confirm: store-status if it does not answer queries)") from None
+                if not found:
                     return False
         finally:
             if assoc.is_established:
@@ -260,17 +247,13 @@ def _association_failure(assoc, connected: Sequence[bool]) -> str:
 
 def _http_failure(name: str, what: str, error: Exception) -> Exception:
     """A requests error as DestinationUnavailable (no answer, 5xx, 429) or ExportError (any other 4xx)."""
-    import requests
-
     response = getattr(error, "response", None)
     if response is None or not isinstance(error, requests.HTTPError):
-        return DestinationUnavailable(f"destination {name}: {what} failed: {_one_line(error)}")
+        return DestinationUnavailable(f"destination {name}: {what} failed: {one_line(error)}")
     code = response.status_code
-    detail = _one_line(response.text[:200]) if response.text else response.reason
+    detail = one_line(response.text[:200]) if response.text else response.reason
     text = f"destination {name}: {what} answered HTTP {code} ({detail})"
-    if code >= 500 or code in (408, 429):
-        return DestinationUnavailable(text)
-    return ExportError(text)
+    return DestinationUnavailable(text) if is_temporary(code) else ExportError(text)
 
 
 # ------------------------------------------------------------------------------------------------ Orthanc REST
@@ -281,72 +264,60 @@ class _HttpDestination:
     """What the HTTP destinations share: a base URL, optional basic-auth credentials, a per-request timeout."""
 
     name: str
-    url: str
-    username: str | None = None
-    password: str | None = None
-    timeout_s: float = 30.0
+    url: str = setting(help="the server's base URL", check=schema.url, convert=lambda v: v.strip().rstrip("/"))
+    username: str | None = setting(None, "HTTP basic-auth user")
+    password: str | None = setting(None, "HTTP basic-auth password")
+    timeout_s: float = setting(30.0, "seconds to wait for each answer", check=schema.positive)
 
-    KEYS = {"kind", "url", "username", "password", "timeout_s"}
-    DEFAULT_TIMEOUT_S = 30.0
+    def confirm(self, files: Sequence[Path]) -> bool:
+        client = self._client()
+        return all(self._present(client, inst) for inst in read_instances(files))
 
-    @classmethod
-    def from_config(cls, name: str, cfg: Mapping[str, Any]):
-        c = _Checker(name, cfg, cls.KEYS)
-        return cls(name=name, url=c.url("url"), username=c.optional_text("username"),
-                   password=c.optional_text("password"), timeout_s=c.positive("timeout_s", cls.DEFAULT_TIMEOUT_S))
+    def _client(self) -> Any:
+        """The server's client library object, made for one send or confirm."""
+        raise NotImplementedError
+
+    def _present(self, client: Any, inst: Instance) -> bool:
+        """Whether the server holds ``inst``."""
+        raise NotImplementedError
 
 
 @dataclass
 class OrthancDestination(_HttpDestination):
     """An Orthanc server: ``POST /instances`` per file, confirmed by ``POST /tools/lookup`` of each SOP UID."""
 
-    kind: str = "orthanc"
+    kind: ClassVar[str] = "orthanc"
 
-    def _session(self):
-        import requests
-
-        s = requests.Session()
-        if self.username is not None:
-            s.auth = (self.username, self.password or "")
-        return s
+    def _client(self) -> OrthancClient:
+        return OrthancClient(self.url, self.username, self.password, timeout=self.timeout_s)
 
     def send(self, files: Sequence[Path]) -> None:
-        import requests
-
         instances = read_instances(files)
-        with self._session() as s:
-            for inst in instances:
-                what = f"POST {self.url}/instances (SOP Instance {inst.sop_instance_uid})"
-                try:
-                    r = s.post(f"{self.url}/instances", data=inst.path.read_bytes(), timeout=self.timeout_s,
-                               headers={"Content-Type": "application/dicom"})
-                    r.raise_for_status()
-                    status = r.json().get("Status")
-                except requests.RequestException as e:
-                    raise _http_failure(self.name, what, e) from e
-                except ValueError as e:  # not JSON: something else answers on that port
-                    raise ExportError(f"destination {self.name}: {what} did not answer like Orthanc") from e
-                if status not in ("Success", "AlreadyStored"):
-                    raise ExportError(f"destination {self.name}: {what}: Orthanc answered status {status!r}")
+        client = self._client()
+        for inst in instances:
+            what = f"POST {self.url}/instances (SOP Instance {inst.sop_instance_uid})"
+            try:
+                status = client.upload(inst.path.read_bytes()).get("Status")
+            except OrthancRequestError as e:
+                raise _orthanc_failure(self.name, what, e) from e
+            if status not in ("Success", "AlreadyStored"):
+                raise ExportError(f"destination {self.name}: {what}: Orthanc answered status {status!r}")
         log.info("destination %s: %d instance(s) stored in Orthanc %s", self.name, len(instances), self.url)
 
-    def confirm(self, files: Sequence[Path]) -> bool:
-        import requests
+    def _present(self, client: OrthancClient, inst: Instance) -> bool:
+        try:
+            found = client.lookup(inst.sop_instance_uid)
+        except OrthancRequestError as e:
+            raise _orthanc_failure(self.name, f"POST {self.url}/tools/lookup", e) from e
+        return any(m.get("Type") == "Instance" for m in found if isinstance(m, dict))
 
-        with self._session() as s:
-            for inst in read_instances(files):
-                what = f"POST {self.url}/tools/lookup"
-                try:
-                    r = s.post(f"{self.url}/tools/lookup", data=inst.sop_instance_uid, timeout=self.timeout_s)
-                    r.raise_for_status()
-                    found = r.json()
-                except requests.RequestException as e:
-                    raise _http_failure(self.name, what, e) from e
-                except ValueError as e:
-                    raise ExportError(f"destination {self.name}: {what} did not answer like Orthanc") from e
-                if not any(m.get("Type") == "Instance" for m in found if isinstance(m, dict)):
-                    return False
-        return True
+
+def _orthanc_failure(name: str, what: str, error: OrthancRequestError) -> Exception:
+    """An Orthanc client error as DestinationUnavailable (no answer, 5xx, 408, 429) or ExportError (any other)."""
+    if error.status is None:
+        return DestinationUnavailable(f"destination {name}: {what} failed: {error.detail}")
+    text = f"destination {name}: {what} answered HTTP {error.status} ({one_line(error.detail, 200)})"
+    return DestinationUnavailable(text) if error.temporary else ExportError(text)
 
 
 # ------------------------------------------------------------------------------------------------ DICOMweb
@@ -356,13 +327,10 @@ class OrthancDestination(_HttpDestination):
 class StowDestination(_HttpDestination):
     """A DICOMweb server: STOW-RS of the files (dicomweb-client), confirmed by QIDO-RS per SOP Instance UID."""
 
-    timeout_s: float = 60.0
-    kind: str = "stow"
-
-    DEFAULT_TIMEOUT_S = 60.0
+    timeout_s: float = setting(60.0, "seconds to wait for each answer", check=schema.positive)
+    kind: ClassVar[str] = "stow"
 
     def _client(self):
-        import requests
         from dicomweb_client.api import DICOMwebClient
         from dicomweb_client.session_utils import create_session
 
@@ -375,9 +343,6 @@ class StowDestination(_HttpDestination):
         return DICOMwebClient(url=self.url, session=session)
 
     def send(self, files: Sequence[Path]) -> None:
-        import pydicom
-        import requests
-
         instances = read_instances(files)
         client = self._client()
         for study_uid in sorted({i.study_uid for i in instances}):
@@ -395,19 +360,13 @@ class StowDestination(_HttpDestination):
                 raise ExportError(f"destination {self.name}: {what}: refused {', '.join(items)}")
         log.info("destination %s: %d instance(s) stored by STOW-RS at %s", self.name, len(instances), self.url)
 
-    def confirm(self, files: Sequence[Path]) -> bool:
-        import requests
-
-        client = self._client()
-        for inst in read_instances(files):
-            try:
-                found = client.search_for_instances(study_instance_uid=inst.study_uid,
-                                                    search_filters={"SOPInstanceUID": inst.sop_instance_uid})
-            except requests.RequestException as e:
-                raise _http_failure(self.name, f"QIDO-RS at {self.url}", e) from e
-            if not any(_qido_value(m, "00080018") == inst.sop_instance_uid for m in found):
-                return False
-        return True
+    def _present(self, client, inst: Instance) -> bool:
+        try:
+            found = client.search_for_instances(study_instance_uid=inst.study_uid,
+                                                search_filters={"SOPInstanceUID": inst.sop_instance_uid})
+        except requests.RequestException as e:
+            raise _http_failure(self.name, f"QIDO-RS at {self.url}", e) from e
+        return any(_qido_value(m, "00080018") == inst.sop_instance_uid for m in found)
 
 
 def _qido_value(match: Mapping[str, Any], tag: str) -> str | None:
@@ -415,72 +374,7 @@ def _qido_value(match: Mapping[str, Any], tag: str) -> str | None:
     return str(values[0]) if values else None
 
 
-# ------------------------------------------------------------------------------------------------ validation
+# ------------------------------------------------------------------------------------------------ the registry
 
-
-class _Checker:
-    """Reads ``destinations.<name>`` keys, raising ServiceConfigError that names the key at fault."""
-
-    def __init__(self, name: str, cfg: Mapping[str, Any], allowed: set[str]) -> None:
-        self.where = f"destinations.{name}"
-        self.cfg = cfg
-        unknown = sorted(set(map(str, cfg)) - allowed)
-        if unknown:
-            raise ServiceConfigError(f"{self.where}: unknown key(s) {', '.join(unknown)} for kind {cfg.get('kind')} "
-                                     f"(allowed: {', '.join(sorted(allowed))})")
-
-    def _key(self, key: str) -> str:
-        return f"{self.where}.{key}"
-
-    def text(self, key: str, default: str | None = None) -> str:
-        value = self.cfg.get(key, default)
-        if value is None or not str(value).strip():
-            raise ServiceConfigError(f"{self._key(key)}: required")
-        if not isinstance(value, str):
-            raise ServiceConfigError(f"{self._key(key)}: must be text, got {value!r}")
-        return value.strip()
-
-    def optional_text(self, key: str) -> str | None:
-        value = self.cfg.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise ServiceConfigError(f"{self._key(key)}: must be text")
-        return value
-
-    def port(self, key: str) -> int:
-        value = self.cfg.get(key)
-        if value is None:
-            raise ServiceConfigError(f"{self._key(key)}: required")
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-            raise ServiceConfigError(f"{self._key(key)}: must be a port number 1-65535, got {value!r}")
-        return value
-
-    def ae_title(self, key: str, default: str | None = None) -> str:
-        value = self.text(key, default)
-        if len(value) > 16 or not value.isascii() or "\\" in value or not value.isprintable():
-            raise ServiceConfigError(f"{self._key(key)}: must be an AE title of 1-16 ASCII characters, got {value!r}")
-        return value
-
-    def choice(self, key: str, choices: Sequence[str]) -> str:
-        value = self.cfg.get(key, choices[0])
-        if value not in choices:
-            raise ServiceConfigError(f"{self._key(key)}: must be one of {', '.join(choices)}, got {value!r}")
-        return value
-
-    def positive(self, key: str, default: float) -> float:
-        value = self.cfg.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ServiceConfigError(f"{self._key(key)}: must be a positive number of seconds, got {value!r}")
-        return float(value)
-
-    def url(self, key: str) -> str:
-        value = self.text(key)
-        if not value.startswith(("http://", "https://")):
-            raise ServiceConfigError(f"{self._key(key)}: must be an http:// or https:// URL, got {value!r}")
-        return value.rstrip("/")
-
-
-def _one_line(error: Any, limit: int = 300) -> str:
-    line = " ".join(str(error).split()) or type(error).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
+#: Destination kinds: the ``kind`` of a ``destinations.<name>`` entry -> its class, whose fields are its keys.
+DESTINATIONS: dict[str, type] = {cls.kind: cls for cls in (DicomDestination, OrthancDestination, StowDestination)}

@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 from segmap.dicom.loading import NON_IMAGE_MODALITIES, DicomScan
+from segmap.dicom.selection import select_series
 from segmap.errors import SegmapError, ServiceConfigError
+from segmap.outputs.seg import MANUFACTURER as OUR_MANUFACTURER
 from segmap.tasks import SegmentationTask
 
 from .config import MapConfig
-
-#: The Manufacturer our SEG writer records (segmap.outputs.seg.write_seg's default).
-OUR_MANUFACTURER = "segmap"
 
 
 @dataclass(frozen=True)
@@ -68,8 +67,6 @@ def not_a_trigger(scan: DicomScan, is_our_output: Callable[[str], bool]) -> str 
 def route(scan: DicomScan, maps: Sequence[MapConfig], tasks: Mapping[str, SegmentationTask],
           is_our_output: Callable[[str], bool]) -> list[Route]:
     """One :class:`Route` per MAP for the single series in ``scan``."""
-    from segmap.dicom.selection import select_series
-
     never = not_a_trigger(scan, is_our_output)
     if never:
         return [Route(m.name, False, never) for m in maps]

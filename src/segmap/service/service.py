@@ -19,20 +19,31 @@ re-sent SEG is the same instance at the destination.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import socket
 import threading
 import time
 from pathlib import Path
 
+import pydicom
+
+from segmap.dicom.loading import scan_dicom_folder
 from segmap.errors import DestinationUnavailable, ExportError, OrthancError, RunnerError, SegmapError
+from segmap.orthanc import OrthancClient
+from segmap.tasks import load_task
 
 from .config import ServiceConfig
+from .export import make_destination
+from .intake.listener import DicomListener
+from .intake.orthanc import OrthancFollower
 from .keys import job_key, run_name, seg_uids
 from .routing import check_routable, route
+from .runners import make_runner
 from .runners.base import RunSpec
+from .spool import Spool
+from .states import State
 from .store import Job, JobStore, NewJob, SeriesVersion
+from .web import make_server
+from .workspace import append_attempt_log, fresh_folder
 
 log = logging.getLogger("segmap.service")
 
@@ -41,20 +52,8 @@ log = logging.getLogger("segmap.service")
 ABANDON_AFTER_S = 3600.0
 
 
-def make_runner(config: ServiceConfig):
-    """The runner the configuration names."""
-    if config.runner.kind == "docker":
-        from .runners.docker import DockerRunner
-        return DockerRunner()
-    from .runners.kubernetes import KubernetesRunner
-    return KubernetesRunner.from_options(config.runner.options, workdir_root=config.workdir,
-                                         where=f"{config.path}: runner.kubernetes")
-
-
 def seg_files(folder: Path) -> list[Path]:
     """The DICOM SEG instances a MAP wrote under ``folder`` (sorted)."""
-    import pydicom
-
     found = []
     for p in sorted(Path(folder).rglob("*.dcm")) if Path(folder).is_dir() else []:
         try:
@@ -70,23 +69,19 @@ class Service:
     """The job service of one worker. ``start()`` starts intake and the web page; ``run(stop)`` loops."""
 
     def __init__(self, config: ServiceConfig, *, runner=None, destinations=None):
-        from segmap.tasks import load_task
-
         self.cfg = config
         self.worker = config.worker
         self.node = socket.gethostname()
-        for d in (config.workdir, config.spool_dir, config.jobs_dir, config.workdir / "series"):
-            d.mkdir(parents=True, exist_ok=True)
+        self.workspace = config.workspace
+        self.workspace.create()
         self.store = JobStore(config.store_location)
         self.tasks = {m.name: load_task(m.task, m.task_name) for m in config.maps}
         check_routable(config.maps, self.tasks)
         self.runner = runner if runner is not None else make_runner(config)
         if destinations is None:
-            from .export import make_destination
             destinations = {name: make_destination(name, cfg) for name, cfg in config.destinations.items()}
         self.destinations = destinations
-        from .spool import Spool
-        self.spool = Spool(config.spool_dir)
+        self.spool = Spool(self.workspace.spool_dir)
         self.listener = None
         self.follower = None
         self.web = None
@@ -100,13 +95,11 @@ class Service:
     def start(self) -> None:
         cfg = self.cfg
         if cfg.orthanc is not None and cfg.does_intake:
-            from .intake.orthanc import OrthancClient, OrthancFollower
             client = OrthancClient(cfg.orthanc.url, cfg.orthanc.username, cfg.orthanc.password)
             self.follower = OrthancFollower(client, self.store, self.spool, name=cfg.orthanc.name)
             self._spawn(self._follow, "orthanc-follower")
             log.info("following %s's changes at %s", cfg.orthanc.source, cfg.orthanc.url)
         if cfg.listener is not None and cfg.does_intake:
-            from .intake.listener import DicomListener
             self.spool.remove_partial()  # temp files of writes a crash interrupted
             lc = cfg.listener
             self.listener = DicomListener(lc.ae_title, lc.host, lc.port, spool=self.spool,
@@ -117,7 +110,6 @@ class Service:
             log.info("DICOM listener %s on %s:%d", lc.ae_title, *self.listener.address[:2])
         # Last: /healthz answering means the intake is listening.
         if cfg.http.port:
-            from .web import make_server
             self.web = make_server(self.store, host=cfg.http.host, port=cfg.http.port)
             self.web.serve_in_thread()
             log.info("job page on http://%s:%d/ (metrics /metrics, health /healthz)", cfg.http.host,
@@ -201,8 +193,6 @@ class Service:
         return True
 
     def _close(self, v: SeriesVersion, now: float) -> None:
-        from segmap.dicom.loading import scan_dicom_folder
-
         if v.source.startswith("orthanc:") and v.stable_at is None:
             if self.follower is None or not self.follower.is_stable(v.series_uid):
                 self._abandon_if_stale(v, now, "Orthanc never called it stable (deleted there?)")
@@ -216,7 +206,7 @@ class Service:
             paths = self.follower.fetch(v.study_uid, v.series_uid, [r for r in remote if r[1]])
             self.store.set_instance_paths(v.id, {Path(p).name[:-4]: str(p) for p in paths})
             instances = self.store.instances(v.id)
-        folder = self._link_version(v, instances)
+        folder = self.workspace.link_series(v.id, [(i.sop_uid, i.path) for i in instances])
         scan = scan_dicom_folder(folder)
         routes = route(scan, self.cfg.maps, self.tasks, self.store.is_our_output)
         jobs = []
@@ -230,8 +220,8 @@ class Service:
             jobs.append(NewJob(key=key, map_name=m.name, image=m.image, image_digest=digest, run_name=name,
                                seg_series_uid=seg_uids(key)[0], destinations=m.destinations,
                                max_attempts=self.cfg.max_attempts,
-                               output_dir=str(self.cfg.jobs_dir / name / "output"),
-                               log_path=str(self.cfg.jobs_dir / name / "run.log")))
+                               output_dir=str(self.workspace.output_dir(name)),
+                               log_path=str(self.workspace.log_path(name))))
         decision = "; ".join(f"{r.map_name}: {'job' if r.matched else 'no job, ' + r.reason}" for r in routes)
         result = self.store.close_series(v.id, jobs, decision, instance_count=len(instances))
         if result is None:
@@ -249,23 +239,6 @@ class Service:
                 log.info("%s: no new job for %s: the same instances were already processed by job %s", where,
                          j.map_name, j.key[:12])
 
-    def _link_version(self, v: SeriesVersion, instances) -> Path:
-        """The version's input folder: hard links to its spool files (copies across file systems)."""
-        folder = self.cfg.workdir / "series" / str(v.id)
-        folder.mkdir(parents=True, exist_ok=True)
-        for inst in instances:
-            target = folder / f"{inst.sop_uid}.dcm"
-            if target.exists():
-                continue
-            tmp = folder / f".{inst.sop_uid}.{os.getpid()}.tmp"
-            tmp.unlink(missing_ok=True)
-            try:
-                os.link(inst.path, tmp)
-            except OSError:
-                shutil.copyfile(inst.path, tmp)
-            os.replace(tmp, target)
-        return folder
-
     def _digest(self, image: str) -> str:
         if image not in self._digests:
             self._digests[image] = self.runner.image_digest(image)
@@ -274,7 +247,7 @@ class Service:
     # ------------------------------------------------------------------------------------------- 2. advance
     def advance_held(self, now: float | None = None) -> None:
         for job in self.store.held_jobs(self.worker, self.cfg.lease_s, now):
-            if job.state != "running":
+            if job.state != State.RUNNING:
                 continue
             try:
                 self._advance(job)
@@ -283,8 +256,8 @@ class Service:
 
     def _spec(self, job: Job) -> RunSpec:
         rc = self.cfg.runner
-        image = job.image_digest if rc.kind == "docker" and job.image_digest.startswith("sha256:") else job.image
-        return RunSpec(name=job.run_name, image=image, input_dir=self.cfg.workdir / "series" / str(job.series_id),
+        image = job.image_digest if self.runner.runs_digest and job.image_digest.startswith("sha256:") else job.image
+        return RunSpec(name=job.run_name, image=image, input_dir=self.workspace.series_dir(job.series_id),
                        output_dir=Path(job.output_dir), env={"SEGMAP_UID_SEED": job.key}, cpus=rc.cpus,
                        memory=rc.memory, gpus=rc.gpus, timeout_s=rc.timeout_s,
                        labels={"segmap.job": job.key, "segmap.map": job.map_name})
@@ -299,15 +272,12 @@ class Service:
                 log.info("job %s: superseded by version %d of series %s (more instances arrived)", short,
                          newer.version, job.series_uid)
                 return
-            out = Path(job.output_dir)
-            if out.exists():
-                shutil.rmtree(out)
-            out.mkdir(parents=True)
+            fresh_folder(Path(job.output_dir))
             started = self.runner.start(self._spec(job))
             self._watching.add(job.key)
             log.info("job %s: started container %s (attempt %d of %d, %s; %s)", short, job.run_name, job.attempts,
                      job.max_attempts, job.map_name, started.state)
-            if self.store.get_job(job.key).state == "cancelled":
+            if self.store.get_job(job.key).state == State.CANCELLED:
                 self.runner.cancel(job.run_name)
             return
         if job.key not in self._watching:
@@ -322,7 +292,7 @@ class Service:
             return
         self._watching.discard(job.key)
         self._save_log(job)
-        if status.state == "succeeded":
+        if status.state == "succeeded":  # a RunStatus state, not a job state
             segs = seg_files(Path(job.output_dir))
             if segs:
                 self.store.run_succeeded(job, self.worker, status.exit_code or 0, node=status.node,
@@ -339,7 +309,7 @@ class Service:
         after = self.store.run_failed(job, self.worker, status_error, exit_code, delay, node=status.node)
         if after is not None:
             log.warning("job %s: run failed (%s); %s", short, status_error,
-                        f"retry in {delay:.0f} s" if after.state == "queued" else "no attempts left: failed")
+                        f"retry in {delay:.0f} s" if after.state == State.QUEUED else "no attempts left: failed")
         self.runner.remove(job.run_name)
 
     def _save_log(self, job: Job) -> None:
@@ -349,16 +319,13 @@ class Service:
             text = self.runner.logs(job.run_name, tail=5000)
         except RunnerError as e:
             text = f"(container log unavailable: {e})"
-        path = Path(job.log_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(f"=== attempt {job.attempts} ===\n{text}\n")
+        append_attempt_log(Path(job.log_path), job.attempts, text)
 
     # ------------------------------------------------------------------------------------------- 3. claim
     def claim(self, now: float | None = None) -> None:
         while True:
             job = self.store.claim(self.worker, self.cfg.lease_s, self.cfg.runner.max_concurrent, now,
-                                   node=self.node if self.cfg.runner.kind == "docker" else None)
+                                   node=self.node if self.runner.local else None)
             if job is None:
                 return
             log.info("job %s: claimed (%s, series %s, waited %.1f s)", job.key[:12], job.map_name, job.series_uid,

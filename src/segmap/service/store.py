@@ -4,13 +4,9 @@ Two engines behind one class: SQLite (WAL) for one machine, PostgreSQL (``postgr
 several hosts. Every state change is one transaction (SQLite ``BEGIN IMMEDIATE``; PostgreSQL row locks, ``FOR UPDATE
 SKIP LOCKED`` to claim, an advisory lock per series to record instances), so a ``kill -9`` at any point leaves either
 the state before or the state after, never half of it. The schema is versioned (:data:`MIGRATIONS`) and brought up
-to date when a store is opened. The job state machine::
-
-    queued --claim--> running --run succeeded--> exporting --every destination confirmed--> done
-      ^                  |                           |
-      +--run failed, ----+                           +--destination refused for good / gave up--> failed
-         attempts left   +--run failed, no attempts left--> failed
-    any unfinished state --cancel--> cancelled;  failed / cancelled --retry--> queued
+to date when a store is opened. The job state machine is
+:mod:`.states`: every change of a job's state goes through :meth:`JobStore._transition`, which refuses (with
+:class:`~segmap.service.states.IllegalTransition`, changing nothing) a move that :data:`~.states.TRANSITIONS` lacks.
 
 A job's ``key`` (:func:`segmap.service.keys.job_key`) is UNIQUE: the same input for the same MAP image is never queued
 twice. A series arrives as instances; instances of a series whose last version is closed open a new version, which
@@ -29,6 +25,7 @@ Leases: the worker that claims a job holds it until ``lease_expires``; it renews
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -37,11 +34,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-STATES = ("queued", "running", "exporting", "done", "failed", "cancelled")
-UNFINISHED = ("queued", "running", "exporting")
+from segmap.errors import ServiceConfigError
+from segmap.text import first_line, one_line
+
+from .states import RETRYABLE, UNFINISHED, State, check_transition, sql_in
+
+#: Jobs a worker holds a lease on.
+_HELD = sql_in((State.RUNNING, State.EXPORTING))
 
 #: Schema migrations, applied in order when a store is opened: (version, statements). ``{id}`` and ``{real}`` are the
-#: engine's auto-increment key and floating-point types. Never edit a released step; append a new one.
+#: engine's auto-increment key and floating-point types, ``{job_states}`` the :class:`~.states.State` values. Never edit a released step; append a new one.
 MIGRATIONS: list[tuple[int, list[str]]] = [
     (1, [
         """CREATE TABLE cursors (source TEXT PRIMARY KEY, last_seq BIGINT NOT NULL, updated_at {real} NOT NULL)""",
@@ -62,7 +64,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             series_id BIGINT NOT NULL REFERENCES series (id),
             study_uid TEXT NOT NULL, series_uid TEXT NOT NULL, version INTEGER NOT NULL,
             instance_count INTEGER NOT NULL,
-            state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'exporting', 'done', 'failed', 'cancelled')),
+            state TEXT NOT NULL CHECK (state IN ({job_states})),
             attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL,
             next_attempt_at {real}, lease_owner TEXT, lease_expires {real}, worker TEXT, node TEXT,
             received_at {real} NOT NULL, created_at {real} NOT NULL, updated_at {real} NOT NULL,
@@ -147,7 +149,7 @@ class Job:
     series_uid: str
     version: int
     instance_count: int
-    state: str
+    state: State
     attempts: int
     max_attempts: int
     next_attempt_at: float | None
@@ -205,6 +207,7 @@ def _job(row: sqlite3.Row) -> Job:
     d = dict(row)
     d["destinations"] = tuple(json.loads(d["destinations"]))
     d["delivered"] = tuple(json.loads(d["delivered"]))
+    d["state"] = State(d["state"])
     return Job(**d, timings=_timings(row))
 
 
@@ -259,7 +262,6 @@ class _Postgres:
         self.url = url
 
     def __str__(self) -> str:
-        import re
         return re.sub(r"//[^@/]*@", "//***@", self.url)  # never print a password
 
     def connect(self):
@@ -267,14 +269,11 @@ class _Postgres:
             import psycopg
             from psycopg.rows import dict_row
         except ImportError:
-            from segmap.errors import ServiceConfigError
             raise ServiceConfigError("a postgresql:// job store needs psycopg: pip install 'segmap[service]'") from None
         try:
             raw = psycopg.connect(self.url, autocommit=True, row_factory=dict_row, connect_timeout=10)
         except psycopg.OperationalError as e:
-            from segmap.errors import ServiceConfigError
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ServiceConfigError(f"cannot connect to the job store {self}: {first}") from None
+            raise ServiceConfigError(f"cannot connect to the job store {self}: {first_line(e)}") from None
         return _PgConnection(raw)
 
     def begin(self, db) -> None:
@@ -311,14 +310,13 @@ class JobStore:
             row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             current = int(row["value"]) if row else 0
             if current > SCHEMA_VERSION:
-                from segmap.errors import ServiceConfigError
                 raise ServiceConfigError(f"{self}: schema version {current} is newer than this segmap's "
                                          f"({SCHEMA_VERSION}); upgrade segmap")
             for version, statements in MIGRATIONS:
                 if version <= current:
                     continue
                 for sql in statements:
-                    db.execute(sql.format(id=self.engine.id_type, real=self.engine.real_type))
+                    db.execute(sql.format(id=self.engine.id_type, real=self.engine.real_type, job_states=sql_in(State)))
                 db.execute("DELETE FROM meta WHERE key = 'schema_version'")
                 db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(version),))
 
@@ -478,15 +476,15 @@ class JobStore:
                 cur = db.execute(
                     "INSERT INTO jobs (key, map_name, image, image_digest, series_id, study_uid, series_uid, "
                     "version, instance_count, state, max_attempts, received_at, created_at, updated_at, run_name, "
-                    "log_path, output_dir, seg_series_uid, destinations) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', "
-                    "?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
+                    "log_path, output_dir, seg_series_uid, destinations) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, "
+                    f"'{State.QUEUED}', ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING id",
                     (j.key, j.map_name, j.image, j.image_digest, series_id, s["study_uid"], s["series_uid"],
                      s["version"], count, j.max_attempts, s["last_seen"], now, now, j.run_name, j.log_path,
                      j.output_dir, j.seg_series_uid, json.dumps(list(j.destinations))))
                 inserted = cur.fetchone()
                 if inserted:
                     created.append(j.key)
-                    self._event(db, inserted["id"], "queued", f"series version {s['version']} complete "
+                    self._event(db, inserted["id"], State.QUEUED, f"series version {s['version']} complete "
                                                              f"({count} instances)", now)
                 else:
                     existing.append(j.key)
@@ -503,47 +501,52 @@ class JobStore:
         """Take the oldest due queued job for ``worker`` when fewer than ``max_running`` of its jobs run."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            running = db.execute("SELECT COUNT(*) AS n FROM jobs WHERE state = 'running' AND lease_owner = ?",
+            running = db.execute(f"SELECT COUNT(*) AS n FROM jobs WHERE state = '{State.RUNNING}' AND lease_owner = ?",
                                  (worker,)).fetchone()["n"]
             if running >= max_running:
                 return None
-            row = db.execute("SELECT id FROM jobs WHERE state = 'queued' AND (next_attempt_at IS NULL OR "
+            row = db.execute(f"SELECT id FROM jobs WHERE state = '{State.QUEUED}' AND (next_attempt_at IS NULL OR "
                              "next_attempt_at <= ?) ORDER BY created_at, id LIMIT 1" + self.engine.skip_locked,
                              (now,)).fetchone()
             if row is None:
                 return None
-            db.execute("UPDATE jobs SET state = 'running', attempts = attempts + 1, lease_owner = ?, lease_expires = ?, "
+            check_transition(str(row["id"]), State.QUEUED, State.RUNNING)
+            db.execute(f"UPDATE jobs SET state = '{State.RUNNING}', attempts = attempts + 1, lease_owner = ?, lease_expires = ?, "
                        "worker = ?, node = COALESCE(?, node), started_at = ?, run_finished_at = NULL, exit_code = NULL, "
                        "error = NULL, next_attempt_at = NULL, updated_at = ? WHERE id = ?",
                        (worker, now + lease_s, worker, node, now, now, row["id"]))
-            self._event(db, row["id"], "running", f"claimed by {worker}", now)
+            self._event(db, row["id"], State.RUNNING, f"claimed by {worker}", now)
             return _job(db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
 
     def held_jobs(self, worker: str, lease_s: float, now: float | None = None) -> list[Job]:
         """Running/exporting jobs this worker holds, after taking over those whose holder's lease ran out."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            stale = db.execute("SELECT id, lease_owner FROM jobs WHERE state IN ('running', 'exporting') AND "
+            stale = db.execute(f"SELECT id, lease_owner FROM jobs WHERE state IN ({_HELD}) AND "
                                "lease_owner != ? AND lease_expires < ?", (worker, now)).fetchall()
             for r in stale:
                 db.execute("UPDATE jobs SET lease_owner = ?, lease_expires = ?, worker = ?, updated_at = ? "
                            "WHERE id = ?", (worker, now + lease_s, worker, now, r["id"]))
                 self._event(db, r["id"], "takeover", f"{worker} took over from {r['lease_owner']} (lease expired)", now)
-            db.execute("UPDATE jobs SET lease_expires = ? WHERE lease_owner = ? AND state IN ('running', 'exporting')",
+            db.execute(f"UPDATE jobs SET lease_expires = ? WHERE lease_owner = ? AND state IN ({_HELD})",
                        (now + lease_s, worker))
-            rows = db.execute("SELECT * FROM jobs WHERE lease_owner = ? AND state IN ('running', 'exporting') "
+            rows = db.execute(f"SELECT * FROM jobs WHERE lease_owner = ? AND state IN ({_HELD}) "
                               "ORDER BY id", (worker,)).fetchall()
         return [_job(r) for r in rows]
 
     def heartbeat(self, worker: str, lease_s: float, now: float | None = None) -> None:
         now = time.time() if now is None else now
         with self._tx() as db:
-            db.execute("UPDATE jobs SET lease_expires = ? WHERE lease_owner = ? AND state IN ('running', 'exporting')",
+            db.execute(f"UPDATE jobs SET lease_expires = ? WHERE lease_owner = ? AND state IN ({_HELD})",
                        (now + lease_s, worker))
 
-    def _transition(self, job: Job, worker: str | None, new_state: str, message: str, now: float | None,
+    def _transition(self, job: Job, worker: str | None, new_state: State, message: str, now: float | None,
                     **columns) -> Job | None:
-        """Move ``job`` to ``new_state`` if it is still where the caller saw it (and held by ``worker``)."""
+        """Move ``job`` to ``new_state`` if it is still where the caller saw it (and held by ``worker``).
+
+        A move that :data:`~.states.TRANSITIONS` lacks raises :class:`~.states.IllegalTransition` before anything
+        is written."""
+        check_transition(job.key[:12], job.state, new_state)
         now = time.time() if now is None else now
         sets = ", ".join(f"{k} = ?" for k in columns)
         with self._tx() as db:
@@ -560,7 +563,7 @@ class JobStore:
                       run_finished_at: float | None = None, now: float | None = None) -> Job | None:
         """``run_finished_at``: when the container exited, if the runner knows (else now)."""
         now = time.time() if now is None else now
-        return self._transition(job, worker, "exporting", f"run finished (exit {exit_code})", now,
+        return self._transition(job, worker, State.EXPORTING, f"run finished (exit {exit_code})", now,
                                 exit_code=exit_code, run_finished_at=run_finished_at or now, export_started_at=now,
                                 next_attempt_at=None, node=node or job.node)
 
@@ -568,50 +571,50 @@ class JobStore:
                    node: str | None = None, now: float | None = None) -> Job | None:
         """Back to queued (after ``retry_after_s``) while attempts are left, else failed."""
         now = time.time() if now is None else now
-        error = _one_line(error)
+        error = one_line(error, 500)
         if job.attempts < job.max_attempts:
-            return self._transition(job, worker, "queued", f"attempt {job.attempts} failed: {error}; retry in "
+            return self._transition(job, worker, State.QUEUED, f"attempt {job.attempts} failed: {error}; retry in "
                                                           f"{retry_after_s:.0f} s", now,
                                     exit_code=exit_code, error=error, run_finished_at=now, lease_owner=None,
                                     lease_expires=None, next_attempt_at=now + retry_after_s, node=node or job.node)
-        return self._transition(job, worker, "failed", f"attempt {job.attempts} failed, no attempts left: {error}", now,
+        return self._transition(job, worker, State.FAILED, f"attempt {job.attempts} failed, no attempts left: {error}", now,
                                 exit_code=exit_code, error=error, run_finished_at=now, finished_at=now,
                                 lease_owner=None, lease_expires=None, node=node or job.node)
 
     def delivered_to(self, job: Job, worker: str, destination: str, now: float | None = None) -> Job | None:
         now = time.time() if now is None else now
         delivered = sorted(set(job.delivered) | {destination})
-        return self._transition(job, worker, "exporting", f"confirmed at {destination}", now,
+        return self._transition(job, worker, State.EXPORTING, f"confirmed at {destination}", now,
                                 delivered=json.dumps(delivered), error=None)
 
     def export_done(self, job: Job, worker: str, now: float | None = None) -> Job | None:
         now = time.time() if now is None else now
-        return self._transition(job, worker, "done", "every destination confirmed the result", now,
+        return self._transition(job, worker, State.DONE, "every destination confirmed the result", now,
                                 finished_at=now, lease_owner=None, lease_expires=None, error=None)
 
     def export_retry(self, job: Job, worker: str, error: str, retry_after_s: float,
                      now: float | None = None) -> Job | None:
         now = time.time() if now is None else now
-        return self._transition(job, worker, "exporting", f"export will be retried in {retry_after_s:.0f} s: "
-                                                          f"{_one_line(error)}", now,
-                                error=_one_line(error), next_attempt_at=now + retry_after_s)
+        return self._transition(job, worker, State.EXPORTING, f"export will be retried in {retry_after_s:.0f} s: "
+                                                          f"{one_line(error, 500)}", now,
+                                error=one_line(error, 500), next_attempt_at=now + retry_after_s)
 
     def export_failed(self, job: Job, worker: str, error: str, now: float | None = None) -> Job | None:
         now = time.time() if now is None else now
-        return self._transition(job, worker, "failed", f"export failed: {_one_line(error)}", now,
-                                error=_one_line(error), finished_at=now, lease_owner=None, lease_expires=None)
+        return self._transition(job, worker, State.FAILED, f"export failed: {one_line(error, 500)}", now,
+                                error=one_line(error, 500), finished_at=now, lease_owner=None, lease_expires=None)
 
     def cancel(self, key: str, now: float | None = None) -> Job | None:
         """Cancel an unfinished job (any holder); returns the job as it is now, or None when not found."""
         job = self.get_job(key)
         if job is None or job.finished:
             return job
-        return self._transition(job, None, "cancelled", "cancelled by an operator", now,
+        return self._transition(job, None, State.CANCELLED, "cancelled by an operator", now,
                                 finished_at=time.time() if now is None else now, lease_owner=None,
                                 lease_expires=None) or self.get_job(key)
 
     def supersede(self, job: Job, worker: str, newer_version: int, now: float | None = None) -> Job | None:
-        return self._transition(job, worker, "cancelled", f"superseded: version {newer_version} of the series has more "
+        return self._transition(job, worker, State.CANCELLED, f"superseded: version {newer_version} of the series has more "
                                                           f"instances", now,
                                 error=f"superseded by series version {newer_version}",
                                 finished_at=time.time() if now is None else now, lease_owner=None, lease_expires=None)
@@ -619,9 +622,9 @@ class JobStore:
     def retry(self, key: str, now: float | None = None) -> Job | None:
         """Queue a failed or cancelled job again with fresh attempts."""
         job = self.get_job(key)
-        if job is None or job.state not in ("failed", "cancelled"):
+        if job is None or job.state not in RETRYABLE:
             return job
-        return self._transition(job, None, "queued", "retry requested by an operator", now, attempts=0,
+        return self._transition(job, None, State.QUEUED, "retry requested by an operator", now, attempts=0,
                                 next_attempt_at=None, finished_at=None, error=None, exit_code=None,
                                 delivered="[]") or self.get_job(key)
 
@@ -650,13 +653,13 @@ class JobStore:
 
     def jobs_due_for_export(self, worker: str, now: float | None = None) -> list[Job]:
         now = time.time() if now is None else now
-        rows = self._db().execute("SELECT * FROM jobs WHERE state = 'exporting' AND lease_owner = ? AND "
+        rows = self._db().execute(f"SELECT * FROM jobs WHERE state = '{State.EXPORTING}' AND lease_owner = ? AND "
                                   "(next_attempt_at IS NULL OR next_attempt_at <= ?) ORDER BY id",
                                   (worker, now)).fetchall()
         return [_job(r) for r in rows]
 
     def count_by_state(self) -> dict[str, int]:
-        counts = dict.fromkeys(STATES, 0)
+        counts = dict.fromkeys(State, 0)
         for row in self._db().execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state"):
             counts[row["state"]] = row["n"]
         return counts
@@ -665,14 +668,10 @@ class JobStore:
         rows = self._db().execute("SELECT at, state, message FROM events WHERE job_id = ? ORDER BY id", (job.id,))
         return [dict(r) for r in rows]
 
-    def job_log(self, job: Job, tail: int = 200) -> str:
-        """The job's event history and the last ``tail`` lines of its container log (when written)."""
-        lines = [f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(e['at']))}Z {e['state']}: {e['message']}"
-                 for e in self.events(job)]
-        if job.log_path and Path(job.log_path).is_file():
-            text = Path(job.log_path).read_text(errors="replace").splitlines()
-            lines += ["", f"--- container log ({job.log_path}) ---", *text[-tail:]]
-        return "\n".join(lines)
+    def history(self, job: Job) -> list[str]:
+        """The job's events, one line each (``2026-01-02 03:04:05Z running: claimed by w1``)."""
+        return [f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(e['at']))}Z {e['state']}: {e['message']}"
+                for e in self.events(job)]
 
     def series_versions(self, limit: int = 200) -> list[SeriesVersion]:
         rows = self._db().execute(
@@ -687,7 +686,3 @@ def _series(row: sqlite3.Row) -> SeriesVersion:
                          first_seen=row["first_seen"], last_seen=row["last_seen"], stable_at=row["stable_at"],
                          instance_count=row["instance_count"], decision=row["decision"])
 
-
-def _one_line(text: str) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= 500 else line[:497] + "..."

@@ -27,7 +27,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CollectorRegistry, GaugeMetricFamily, HistogramMetricFamily
 
 from segmap.errors import ServiceConfigError
-from segmap.service.store import STATES, UNFINISHED, Job, JobStore
+from segmap.service.operations import job_log
+from segmap.service.states import UNFINISHED, State
+from segmap.service.store import Job, JobStore
+from segmap.text import first_line
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,7 @@ class StoreCollector:
             # The store keeps every job, so histograms over its finished jobs are cumulative as Prometheus expects.
             jobs = self.store.list_jobs(limit=_ALL)
         except STORE_ERRORS as e:
-            log.warning("metrics: job store unreadable (%s)", _first_line(e))
+            log.warning("metrics: job store unreadable (%s)", first_line(e))
             up.add_metric([], 0)
             yield up
             return
@@ -82,7 +85,7 @@ class StoreCollector:
         yield up
 
         by_state = GaugeMetricFamily("segmap_jobs", "Jobs in the store by state", labels=["state"])
-        for state in STATES:
+        for state in State:
             by_state.add_metric([state], counts.get(state, 0))
         yield by_state
 
@@ -166,7 +169,7 @@ def job_list_page(store: JobStore, state: str | None = None) -> bytes:
     counts = store.count_by_state()
     jobs = store.list_jobs(states=[state] if state else None)
     links = " ".join(f'<span class="state-{s}"><a href="/?state={s}">{s}</a> {counts.get(s, 0)}</span>'
-                     for s in STATES)
+                     for s in State)
     rows = []
     for j in jobs:
         rows.append(
@@ -195,7 +198,7 @@ def job_detail_page(store: JobStore, job: Job) -> bytes:
     fields["age"], fields["duration"] = human_seconds(job.age_s), human_seconds(job.duration_s)
     rows = "".join(f"<tr><th>{_E(k)}</th><td>{_E(_text(v))}</td></tr>" for k, v in fields.items())
     timing_rows = "".join(f"<tr><th>{_E(k)}</th><td class=num>{v:.3f} s</td></tr>" for k, v in timings.items())
-    log_text = redact_patient_lines(store.job_log(job))
+    log_text = redact_patient_lines(job_log(store, job))
     body = (f"<p><a href='/'>&larr; all jobs</a></p><h1>job <code>{_E(job.key[:12])}</code> "
             f"<span class='state-{_E(job.state)}'>{_E(job.state)}</span></h1>"
             f"<table>{rows}</table><h2>timings</h2><table>{timing_rows or '<tr><td>none yet</td></tr>'}</table>"
@@ -228,8 +231,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             status, body, ctype = self._route(store, path, query)
         except STORE_ERRORS as e:
-            log.warning("web: job store unreadable (%s)", _first_line(e))
-            status, body, ctype = (HTTPStatus.SERVICE_UNAVAILABLE, f"job store unreadable: {_first_line(e)}\n".encode(),
+            log.warning("web: job store unreadable (%s)", first_line(e))
+            status, body, ctype = (HTTPStatus.SERVICE_UNAVAILABLE, f"job store unreadable: {first_line(e)}\n".encode(),
                                    "text/plain; charset=utf-8")
         finally:
             store.close()  # each request runs in its own thread; its SQLite connection ends with it
@@ -237,8 +240,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, store: JobStore, path: str, query: dict) -> tuple[int, bytes, str]:
         state = (query.get("state") or [None])[0]
-        if state is not None and state not in STATES:
-            return HTTPStatus.BAD_REQUEST, f"unknown state {state!r}; one of {', '.join(STATES)}\n".encode(), \
+        if state is not None and state not in tuple(State):
+            return HTTPStatus.BAD_REQUEST, f"unknown state {state!r}; one of {', '.join(State)}\n".encode(), \
                 "text/plain; charset=utf-8"
         if path == "/":
             return HTTPStatus.OK, job_list_page(store, state), "text/html; charset=utf-8"
@@ -262,7 +265,7 @@ class _Handler(BaseHTTPRequestHandler):
                                                                      f"</a></p>", refresh=False), \
                         "text/html; charset=utf-8"
                 if api:
-                    doc = {**job.as_dict(), "log": redact_patient_lines(store.job_log(job))}
+                    doc = {**job.as_dict(), "log": redact_patient_lines(job_log(store, job))}
                     return HTTPStatus.OK, _json(doc), "application/json"
                 return HTTPStatus.OK, job_detail_page(store, job), "text/html; charset=utf-8"
         return HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8"
@@ -271,7 +274,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             counts = store.count_by_state()
         except STORE_ERRORS as e:
-            doc = {"status": "error", "error": f"job store unreadable: {_first_line(e)}", "store": str(store)}
+            doc = {"status": "error", "error": f"job store unreadable: {first_line(e)}", "store": str(store)}
             return HTTPStatus.SERVICE_UNAVAILABLE, _json(doc), "application/json"
         doc = {"status": "ok", "store": str(store), "jobs": counts,  # str(store) hides a database password
                "uptime_s": round(time.monotonic() - self.server.started, 1)}
@@ -293,11 +296,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (the stdlib's signature)
         log.debug("%s %s", self.address_string(), format % args)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _json(doc) -> bytes:

@@ -23,6 +23,8 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from segmap.errors import InputError, ServiceConfigError
+from segmap.service import schema
+from segmap.text import one_line
 from segmap.service.spool import Spool
 from segmap.service.store import Arrival
 
@@ -219,7 +221,7 @@ class DicomListener:
         except Exception as exc:
             self.log.error("C-STORE from %s (calling AE %s), study %s series %s SOP %s: not recorded (%s: %s): "
                            "answered out of resources", peer, calling, study, series, sop, type(exc).__name__,
-                           _one_line(exc))
+                           one_line(exc, 200))
             self._count(event.assoc, 0, 1, series)
             return OUT_OF_RESOURCES
         self.log.debug("C-STORE from %s (calling AE %s): study %s series %s SOP %s stored", peer, calling, study,
@@ -236,8 +238,9 @@ def _ae_text(value) -> str:
 
 def _check_ae_title(value, key: str) -> str:
     text = _ae_text(value)
-    if not text or len(text) > 16 or not text.isascii() or "\\" in text or not text.isprintable():
-        raise ServiceConfigError(f"{key}: {value!r} is not an AE title (1-16 printable ASCII characters, no '\\')")
+    problem = schema.ae_title(text)
+    if problem:
+        schema.fail(None, key, problem)
     return text
 
 
@@ -257,7 +260,3 @@ def _peer_allowed(address: str, allowed) -> bool:
         ip = ip.ipv4_mapped
     return any(ip in network for network in allowed)
 
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 200 else text[:197] + "..."

@@ -1,5 +1,5 @@
-"""Following an Orthanc server: its REST API (:class:`OrthancClient`) and its ``/changes`` feed
-(:class:`OrthancFollower`).
+"""Following an Orthanc server's ``/changes`` feed (:class:`OrthancFollower`), through the one Orthanc client
+(:class:`segmap.orthanc.OrthancClient`).
 
 Orthanc's stable events (Lua ``OnStableSeries``) live in memory and are lost when Orthanc restarts inside the
 ``StableAge`` window; the ``/changes`` feed is persistent and paged, so the follower reads that instead. Its position
@@ -17,112 +17,17 @@ from __future__ import annotations
 
 import io
 import logging
-import re
 from pathlib import Path
 from typing import Iterable
-from urllib.parse import quote, urlsplit, urlunsplit
 
-import requests
+import pydicom
 
 from segmap.errors import InputError, OrthancError
+from segmap.orthanc import OrthancClient, OrthancNotFound
 from segmap.service.spool import Spool, check_uid
 from segmap.service.store import Arrival
 
 log = logging.getLogger("segmap.service.orthanc")
-
-
-class OrthancNotFound(OrthancError):
-    """Orthanc answered 404: the resource does not exist (any more)."""
-
-
-class OrthancClient:
-    """Orthanc's REST API at ``url``; credentials from ``username``/``password`` or the URL's ``user:pass@``."""
-
-    def __init__(self, url: str, username: str | None = None, password: str | None = None,
-                 timeout: float = 30.0):
-        parts = urlsplit(str(url).strip())
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise OrthancError(f"Orthanc URL {_redact(url)!r} is not an http(s) URL")
-        if parts.username and username is None:
-            username, password = parts.username, parts.password
-        # The credentials leave the URL so that no error message or log line can carry them.
-        netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
-        if ":" in parts.hostname:  # IPv6 literal
-            netloc = f"[{parts.hostname}]" + ("" if parts.port is None else f":{parts.port}")
-        self.url = urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
-        self.timeout = timeout
-        self._session = requests.Session()
-        if username is not None:
-            self._session.auth = (username, password or "")
-
-    def __repr__(self) -> str:
-        return f"OrthancClient({self.url!r})"
-
-    # -- plumbing ---------------------------------------------------------------------------------------------
-    def _request(self, method: str, path: str, *, params=None, data=None, headers=None, raw: bool = False):
-        try:
-            response = self._session.request(method, self.url + path, params=params, data=data, headers=headers,
-                                             timeout=self.timeout)
-        except requests.RequestException as exc:
-            raise OrthancError(f"Orthanc at {self.url} cannot be reached ({method} {path}: {_reason(exc)})") from None
-        if response.status_code == 404:
-            raise OrthancNotFound(f"Orthanc at {self.url} has no {path} (404)")
-        if response.status_code in (401, 403):
-            raise OrthancError(f"Orthanc at {self.url} refused {method} {path} ({response.status_code}): check the "
-                               "orthanc username and password")
-        if not response.ok:
-            raise OrthancError(f"Orthanc at {self.url} answered {response.status_code} to {method} {path}"
-                               f"{_orthanc_message(response)}")
-        if raw:
-            return response.content
-        try:
-            return response.json()
-        except ValueError:
-            raise OrthancError(f"Orthanc at {self.url} answered {method} {path} with something that is not JSON "
-                               f"({response.headers.get('Content-Type', 'no content type')})") from None
-
-    def _get(self, path: str, **params):
-        return self._request("GET", path, params=params or None)
-
-    # -- the API the service uses -----------------------------------------------------------------------------
-    def system(self) -> dict:
-        """``GET /system``: version, name, DICOM AE title; a cheap "is it up" check."""
-        return self._get("/system")
-
-    def changes(self, since: int, limit: int = 100) -> tuple[list[dict], int, bool]:
-        """One page of the change log after sequence number ``since``: (changes, last sequence number, done)."""
-        page = self._get("/changes", since=int(since), limit=int(limit))
-        try:
-            return list(page["Changes"]), int(page["Last"]), bool(page["Done"])
-        except (KeyError, TypeError, ValueError):
-            raise OrthancError(f"Orthanc at {self.url}: /changes answered without Changes/Last/Done") from None
-
-    def instance(self, orthanc_id: str) -> dict:
-        return self._get(f"/instances/{_id(orthanc_id)}")
-
-    def series(self, orthanc_id: str) -> dict:
-        """``GET /series/{id}``: ``MainDicomTags``, ``Instances``, ``IsStable``, ``ParentStudy``."""
-        return self._get(f"/series/{_id(orthanc_id)}")
-
-    def study(self, orthanc_id: str) -> dict:
-        return self._get(f"/studies/{_id(orthanc_id)}")
-
-    def series_instances(self, orthanc_id: str) -> list[dict]:
-        """The series' instances with their main DICOM tags (``GET /series/{id}/instances``)."""
-        return self._get(f"/series/{_id(orthanc_id)}/instances")
-
-    def instance_file(self, orthanc_id: str) -> bytes:
-        """The instance's DICOM file, as Orthanc stored it."""
-        return self._request("GET", f"/instances/{_id(orthanc_id)}/file", raw=True)
-
-    def upload(self, data: bytes) -> dict:
-        """``POST /instances``: store one DICOM file; the answer has ``ID`` and ``Status`` (Success, AlreadyStored)."""
-        return self._request("POST", "/instances", data=data, headers={"Content-Type": "application/dicom"})
-
-    def lookup(self, uid: str) -> list[dict]:
-        """Orthanc's resources carrying the DICOM UID ``uid`` (``POST /tools/lookup``): ``ID``, ``Type``, ``Path``."""
-        return self._request("POST", "/tools/lookup", data=str(uid).encode("ascii", "replace"),
-                             headers={"Content-Type": "text/plain"})
 
 
 class OrthancFollower:
@@ -257,8 +162,6 @@ class OrthancFollower:
 
 
 def _check_file(data: bytes, url: str, orthanc_id: str, study_uid: str, series_uid: str, sop_uid: str) -> None:
-    import pydicom
-
     try:
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
                              specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
@@ -269,31 +172,3 @@ def _check_file(data: bytes, url: str, orthanc_id: str, study_uid: str, series_u
     if got != (study_uid, series_uid, sop_uid):
         raise OrthancError(f"Orthanc at {url}: instance {orthanc_id} holds SOP {got[2]} of series {got[1]}, expected "
                            f"SOP {sop_uid} of series {series_uid}")
-
-
-def _id(orthanc_id: str) -> str:
-    # Orthanc ids are hex groups; quoting keeps anything else from changing the request path.
-    return quote(str(orthanc_id), safe="")
-
-
-def _redact(url) -> str:
-    return re.sub(r"//[^/@]*@", "//", str(url))
-
-
-def _reason(exc: requests.RequestException) -> str:
-    text = str(exc)
-    for needle, short in (("Connection refused", "connection refused"), ("timed out", "timed out"),
-                          ("Name or service not known", "unknown host"), ("Connection reset", "connection reset"),
-                          ("RemoteDisconnected", "connection closed"), ("Connection aborted", "connection closed")):
-        if needle in text:
-            return short
-    return type(exc).__name__
-
-
-def _orthanc_message(response: requests.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return ""
-    message = body.get("Message") if isinstance(body, dict) else None
-    return f": {' '.join(str(message).split())[:200]}" if message else ""

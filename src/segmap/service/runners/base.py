@@ -59,6 +59,10 @@ class Runner(Protocol):
     """Runs MAP containers. Implementations: :mod:`.docker` (local engine), :mod:`.kubernetes` (one Job per run)."""
 
     kind: str
+    #: True when the run may be given the image by its content digest (the engine resolves ``sha256:...`` itself).
+    runs_digest: bool
+    #: True when runs happen on this host (the job's node is this host's name; otherwise the runner reports it).
+    local: bool
 
     def image_digest(self, image: str) -> str:
         """The content digest of ``image`` (``sha256:...``), part of the job's idempotency key."""

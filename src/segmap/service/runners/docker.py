@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import RunnerError
+from segmap.text import one_line
 from .base import CONTAINER_INPUT, CONTAINER_OUTPUT, RunSpec, RunStatus
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class DockerRunner:
     """
 
     kind = "docker"
+    runs_digest = True
+    local = True
 
     def __init__(self, client: Any = None, *, user: str | None = None) -> None:
         if client is None:
@@ -277,9 +280,9 @@ class DockerRunner:
         if code and finished is not None and deadline and finished >= float(deadline):
             return f"timed out after {container.labels.get(TIMEOUT_LABEL, '?')} s"
         if state.get("Error"):
-            return _one_line(f"the Docker engine could not run it: {state['Error']}")
+            return one_line(f"the Docker engine could not run it: {state['Error']}")
         last = _last_error_line(container)
-        return _one_line(f"exited with code {code}" + (f": {last}" if last else ""))
+        return one_line(f"exited with code {code}" + (f": {last}" if last else ""))
 
     def _node_name(self) -> str:
         if self._node is None:
@@ -331,12 +334,9 @@ def _reason(e: BaseException) -> str:
     text = getattr(e, "explanation", None) or str(e) or type(e).__name__
     if isinstance(text, bytes):
         text = text.decode("utf-8", errors="replace")
-    return _one_line(str(text))
+    return one_line(str(text))
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _epoch(text: str | None) -> float | None:

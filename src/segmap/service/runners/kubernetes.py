@@ -33,7 +33,9 @@ from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
 from segmap.errors import RunnerError, ServiceConfigError
+from segmap.text import one_line
 from segmap.service.runners.base import CONTAINER_INPUT, CONTAINER_OUTPUT, RunSpec, RunStatus
+from segmap.service.runners.options import KubernetesOptions
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ CONTAINER_NAME = "map"
 WORK_VOLUME = "work"
 #: Finished Jobs (and their pods, with the logs) are deleted by the cluster after a day unless segmap removed them
 #: first; the outputs stay on the volume.
-DEFAULT_TTL_S = 86400
+DEFAULT_TTL_S = KubernetesOptions.ttl_seconds_after_finished
 #: (connect, read) seconds for each API call: the service loop must not hang on an unreachable API server.
 REQUEST_TIMEOUT = (5, 30)
 
@@ -59,7 +61,6 @@ _LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DOCKER_MEMORY = re.compile(r"^(\d+(?:\.\d+)?)\s*([bkmgt]?)b?$", re.IGNORECASE)
-_KIND_WORDS = {str: "text", dict: "a mapping", list: "a list", int: "a whole number"}
 
 
 # ---------------------------------------------------------------------------------------------------- the manifest
@@ -67,7 +68,8 @@ _KIND_WORDS = {str: "text", dict: "a mapping", list: "a list", int: "a whole num
 
 def job_manifest(spec: RunSpec, *, pvc_name: str, workdir_root: str | Path, service_account: str | None = None,
                  node_selector: Mapping[str, str] | None = None, image_pull_secrets: Sequence[str] = (),
-                 run_as_user: int = 65532, ttl_seconds_after_finished: int = DEFAULT_TTL_S) -> k8s.V1Job:
+                 run_as_user: int = KubernetesOptions.run_as_user,
+                 ttl_seconds_after_finished: int = DEFAULT_TTL_S) -> k8s.V1Job:
     """The ``batch/v1`` Job that runs ``spec`` once; pure (no API calls), so it is tested field by field.
 
     ``workdir_root`` is where ``segmap serve`` mounts the PersistentVolumeClaim ``pvc_name``: the RunSpec's input and
@@ -230,17 +232,14 @@ class KubernetesRunner:
     """
 
     kind = "kubernetes"
-
-    #: The keys of the service configuration's ``runner.kubernetes`` section, and the type each must have.
-    OPTIONS = {"namespace": str, "pvc_name": str, "service_account": str, "node_selector": dict,
-               "image_pull_secrets": list, "run_as_user": int, "ttl_seconds_after_finished": int,
-               "delete_wait_s": (int, float)}
+    runs_digest = False  # a Job names its image as configured: a digest without the repository is not pullable
+    local = False
 
     def __init__(self, namespace: str | None, *, api_client: k8s.ApiClient | None = None, pvc_name: str,
                  workdir_root: str | Path, service_account: str | None = None,
                  node_selector: Mapping[str, str] | None = None, image_pull_secrets: Sequence[str] = (),
-                 run_as_user: int = 65532, ttl_seconds_after_finished: int = DEFAULT_TTL_S,
-                 delete_wait_s: float = 10.0):
+                 run_as_user: int = KubernetesOptions.run_as_user, ttl_seconds_after_finished: int = DEFAULT_TTL_S,
+                 delete_wait_s: float = KubernetesOptions.delete_wait_s):
         namespace = namespace or current_namespace()
         if not namespace or not _DNS_LABEL.match(namespace):
             raise RunnerError(f"Kubernetes namespace {namespace!r} is not a DNS-1123 label")
@@ -259,40 +258,12 @@ class KubernetesRunner:
         self._warned_tags: set[str] = set()
 
     @classmethod
-    def check_options(cls, options: Mapping[str, Any] | None, where: str = "runner.kubernetes") -> dict[str, Any]:
-        """The ``runner.kubernetes`` mapping checked without contacting anything (for ``serve --check``): keys,
-        types, ``pvc_name`` present, namespace and ttl valid. Returns the keyword arguments for the constructor,
-        ``namespace`` included (None: the pod's own). Errors are :class:`ServiceConfigError` naming ``where.key``."""
-        opts = dict(options or {})
-        for key, value in opts.items():
-            if key not in cls.OPTIONS:
-                raise ServiceConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(cls.OPTIONS))})")
-            kind = cls.OPTIONS[key]
-            if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-                raise ServiceConfigError(f"{where}.{key}: must be {_KIND_WORDS.get(kind, 'a number')}, got {value!r}")
-        if not opts.get("pvc_name"):
-            raise ServiceConfigError(f"{where}.pvc_name: is required (the PersistentVolumeClaim that holds the "
-                                     "service's workdir and is mounted into every MAP pod)")
-        namespace = opts.get("namespace")
-        if namespace is not None and not _DNS_LABEL.match(namespace):
-            raise ServiceConfigError(f"{where}.namespace: must be a DNS-1123 label (lower-case letters, digits, "
-                                     f"'-'), got {namespace!r}")
-        if opts.get("run_as_user") is not None and opts["run_as_user"] <= 0:
-            raise ServiceConfigError(f"{where}.run_as_user: must be a non-root user id (1 or more), "
-                                     f"got {opts['run_as_user']}")
-        if opts.get("ttl_seconds_after_finished") is not None and opts["ttl_seconds_after_finished"] < 0:
-            raise ServiceConfigError(f"{where}.ttl_seconds_after_finished: must be 0 or more, "
-                                     f"got {opts['ttl_seconds_after_finished']}")
-        opts = {k: v for k, v in opts.items() if v is not None}
-        opts.setdefault("namespace", None)
-        return opts
-
-    @classmethod
-    def from_options(cls, options: Mapping[str, Any] | None, *, workdir_root: str | Path,
+    def from_options(cls, options: KubernetesOptions, *, workdir_root: str | Path,
                      api_client: k8s.ApiClient | None = None, where: str = "runner.kubernetes") -> "KubernetesRunner":
-        """The runner the service configuration's ``runner.kubernetes`` mapping describes (see
-        :meth:`check_options`); ``where`` prefixes every error (pass ``f"{config.path}: runner.kubernetes"``)."""
-        opts = cls.check_options(options, where)
+        """The runner the service configuration's ``runner.kubernetes`` section describes (read and checked by
+        :func:`segmap.service.config.load_config`); ``where`` prefixes an error (pass
+        ``f"{config.path}: runner.kubernetes"``)."""
+        opts = dict(options.__dict__)
         try:
             return cls(opts.pop("namespace"), api_client=api_client, workdir_root=workdir_root, **opts)
         except RunnerError as exc:
@@ -444,7 +415,7 @@ class KubernetesRunner:
                 limit = job.spec.active_deadline_seconds if job.spec else None
                 error = f"timed out after {limit} s" if limit else "timed out"
             else:
-                error = _one_line(f"{cond.reason or 'Failed'}: {cond.message or ''}".rstrip(": "))
+                error = one_line(f"{cond.reason or 'Failed'}: {cond.message or ''}".rstrip(": "), 500)
                 if terminated is not None:
                     error += f" (exit code {terminated.exit_code}" + \
                              (f", {terminated.reason})" if terminated.reason else ")")
@@ -457,7 +428,7 @@ class KubernetesRunner:
         # waits for a node, an image pull or a GPU is pending -- unless what it waits for will not come by itself.
         waiting = _waiting(pod)
         if waiting is not None and waiting.reason in STUCK_REASONS:
-            error = _one_line(f"{waiting.reason}: {waiting.message or spec_image(job)}")
+            error = one_line(f"{waiting.reason}: {waiting.message or spec_image(job)}", 500)
             return RunStatus(state="failed", error=error, started_at=started, finished_at=time.time(), node=node)
         phase = pod.status.phase if pod is not None and pod.status is not None else None
         if phase == "Running" or (phase is None and (st.ready or 0) > 0):
@@ -472,14 +443,14 @@ class KubernetesRunner:
             message = body.get("message", "") if isinstance(body, dict) else ""
         except (TypeError, ValueError):
             message = (exc.body or "").strip()
-        return RunnerError(_one_line(f"Kubernetes API refused to {verb} Job {name} in namespace {self.namespace}: "
-                                     f"HTTP {exc.status} {exc.reason or ''}"
-                                     + (f": {message}" if message else "")))
+        return RunnerError(one_line(f"Kubernetes API refused to {verb} Job {name} in namespace {self.namespace}: "
+                                    f"HTTP {exc.status} {exc.reason or ''}"
+                                    + (f": {message}" if message else ""), 500))
 
     def _unreachable(self, verb: str, name: str, exc: Exception) -> RunnerError:
         host = getattr(self.api_client.configuration, "host", "?")
-        return RunnerError(_one_line(f"cannot {verb} Kubernetes Job {name}: API server {host} not reachable "
-                                     f"({type(exc).__name__}: {exc})"))
+        return RunnerError(one_line(f"cannot {verb} Kubernetes Job {name}: API server {host} not reachable "
+                                    f"({type(exc).__name__}: {exc})", 500))
 
 
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
@@ -510,18 +481,22 @@ def _default_api_client() -> k8s.ApiClient:
     return k8s.ApiClient()
 
 
-def _terminated(pod: k8s.V1Pod | None) -> Any:
+def _container_state(pod: k8s.V1Pod | None, which: str) -> Any:
+    """The MAP container's ``state.terminated`` or ``state.waiting`` (``which``), None when it is not in it."""
     if pod is None or pod.status is None:
         return None
     for cs in pod.status.container_statuses or []:
-        if cs.name == CONTAINER_NAME and cs.state is not None and cs.state.terminated is not None:
-            return cs.state.terminated
+        if cs.name == CONTAINER_NAME and cs.state is not None and getattr(cs.state, which) is not None:
+            return getattr(cs.state, which)
     return None
 
 
+def _terminated(pod: k8s.V1Pod | None) -> Any:
+    return _container_state(pod, "terminated")
+
+
 def _waiting(pod: k8s.V1Pod | None) -> Any:
-    if pod is None or pod.status is None:
-        return None
+    return _container_state(pod, "waiting")
     for cs in pod.status.container_statuses or []:
         if cs.name == CONTAINER_NAME and cs.state is not None and cs.state.waiting is not None:
             return cs.state.waiting
@@ -546,7 +521,3 @@ def _running_since(pod: k8s.V1Pod | None) -> float | None:
 
 def _ts(value: datetime | None) -> float | None:
     return value.timestamp() if value is not None else None
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())[:500]

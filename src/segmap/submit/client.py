@@ -33,7 +33,9 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from segmap.errors import SubmitError
+from segmap.dimse import CFindFailed, application_entity, c_find
+from segmap.errors import OrthancError, SubmitError
+from segmap.orthanc import OrthancClient, OrthancRequestError
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
@@ -137,14 +139,13 @@ def scan_study(folder: str | Path, modality_filter: Sequence[str] = ("CT", "MR")
 
 def send_study(study: Study, to: Node, *, calling_ae: str, progress: Progress, timeout_s: float = 30) -> int:
     """C-STORE every file of ``study`` to ``to`` in one association, checking each status; return the count."""
-    from pynetdicom import AE, build_context
+    from pynetdicom import build_context
 
     pairs = sorted(set(study.contexts.values()))
     if len(pairs) > _MAX_CONTEXTS:
         raise SubmitError(f"study {study.study_uid}: {len(pairs)} SOP class / transfer syntax pairs; "
                           f"one association allows {_MAX_CONTEXTS}")
-    ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout_s
+    ae = application_entity(calling_ae, timeout_s)
     assoc = ae.associate(to.host, to.port, [build_context(c, t) for c, t in pairs], ae_title=to.ae_title)
     if not assoc.is_established:
         why = "rejected the association" if assoc.is_rejected else "is unreachable or aborted the association"
@@ -195,39 +196,27 @@ def answers(seg: Dataset, study: Study, preexisting: bool) -> bool:
 
 
 class OrthancQuery:
-    """SEGs of one study at an Orthanc, over REST."""
+    """SEGs of one study at an Orthanc, over REST (:class:`segmap.orthanc.OrthancClient`)."""
 
     def __init__(self, url: str, timeout_s: float = 30):
-        import requests
-
-        parts = urlsplit(url.removeprefix("orthanc+"))
-        self.base = f"{parts.scheme}://{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
-        self.base += parts.path.rstrip("/")
-        self.session = requests.Session()
-        if parts.username:
-            self.session.auth = (parts.username, parts.password or "")
-        self.timeout = timeout_s
-        self.where = f"orthanc+{self.base}"
+        try:
+            self.client = OrthancClient(url.removeprefix("orthanc+"), timeout=timeout_s)
+        except OrthancError as e:
+            raise SubmitError(f"--query {url!r}: {e}") from None
+        self.where = f"orthanc+{self.client.url}"
         self._seen: set[str] = set()  # instance ids already read
 
-    def _request(self, method: str, path: str, **kwargs):
-        import requests
-
+    def _ask(self, call, *args):
         try:
-            r = self.session.request(method, self.base + path, timeout=self.timeout, **kwargs)
-        except requests.RequestException as e:
-            raise SubmitError(f"{self.where}: cannot reach Orthanc ({type(e).__name__})") from e
-        if r.status_code == 401:
-            raise SubmitError(f"{self.where}: Orthanc refused the credentials (HTTP 401)")
-        if not r.ok:
-            raise SubmitError(f"{self.where}{path}: HTTP {r.status_code}")
-        return r
+            return call(*args)
+        except OrthancRequestError as e:
+            if e.status is None:
+                raise SubmitError(f"{self.where}: cannot reach Orthanc ({e.detail})") from e
+            raise SubmitError(f"{self.where}: {e}") from e
 
     def seg_instances(self, study_uid: str) -> list[str]:
         """Orthanc ids of the SEG instances in the study."""
-        found = self._request("POST", "/tools/find", json={
-            "Level": "Instance", "Query": {"StudyInstanceUID": study_uid, "Modality": "SEG"}}).json()
-        return [str(i) for i in found]
+        return self._ask(self.client.find, "Instance", {"StudyInstanceUID": study_uid, "Modality": "SEG"})
 
     def snapshot(self, study_uid: str) -> set[str]:
         return set(self.seg_instances(study_uid))
@@ -237,7 +226,7 @@ class OrthancQuery:
         for instance in self.seg_instances(study.study_uid):
             if instance in self._seen:
                 continue
-            ds = pydicom.dcmread(BytesIO(self._request("GET", f"/instances/{instance}/file").content))
+            ds = pydicom.dcmread(BytesIO(self._ask(self.client.instance_file, instance)))
             self._seen.add(instance)
             if answers(ds, study, preexisting=instance in before):
                 results.append(ds)
@@ -259,12 +248,11 @@ class DicomQuery:
         self._seen: set[str] = set()  # SOP Instance UIDs already examined
 
     def _associate(self):
-        from pynetdicom import AE, build_role
+        from pynetdicom import build_role
         from pynetdicom.sop_class import (StudyRootQueryRetrieveInformationModelFind,
                                           StudyRootQueryRetrieveInformationModelGet)
 
-        ae = AE(ae_title=self.calling_ae)
-        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = self.timeout
+        ae = application_entity(self.calling_ae, self.timeout)
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
         # C-GET sends the instances back to us as C-STOREs: we act as the Storage SCP for SEG.
@@ -297,18 +285,17 @@ class DicomQuery:
         query.Modality = "SEG"
         query.NumberOfSeriesRelatedInstances = ""
         series: dict[str, int | None] = {}
-        for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
-            code = getattr(status, "Status", None)
-            if code is None:
-                # Orthanc aborts the association when the calling AE is not one of its DicomModalities.
-                raise SubmitError(f"{self.where}: the node aborted the C-FIND; is AE {self.calling_ae} allowed "
-                                  f"to query and retrieve there (Orthanc: DicomModalities)?")
-            if code in (0xFF00, 0xFF01) and identifier is not None:
+        try:
+            for identifier in c_find(assoc, query, StudyRootQueryRetrieveInformationModelFind):
                 count = identifier.get("NumberOfSeriesRelatedInstances")
                 series[str(identifier.SeriesInstanceUID)] = int(count) if count not in (None, "") else None
-            elif code != 0x0000:
-                raise SubmitError(f"{self.where}: C-FIND refused (status 0x{code:04X}; is AE "
-                                  f"{self.calling_ae} allowed to query there?)")
+        except CFindFailed as e:
+            if e.status is None:
+                # Orthanc aborts the association when the calling AE is not one of its DicomModalities.
+                raise SubmitError(f"{self.where}: the node aborted the C-FIND; is AE {self.calling_ae} allowed "
+                                  f"to query and retrieve there (Orthanc: DicomModalities)?") from None
+            raise SubmitError(f"{self.where}: C-FIND refused (status 0x{e.status:04X}; is AE "
+                              f"{self.calling_ae} allowed to query there?)") from None
         return series
 
     def _get_series(self, assoc, study_uid: str, series_uid: str, received: list[Dataset]) -> list[Dataset]:

@@ -1,0 +1,99 @@
+"""What ``segmap serve`` and ``segmap jobs`` do (their command lines are :mod:`.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from segmap import signals
+from segmap.errors import SegmapError
+
+from . import operations
+from .config import EXAMPLE, load_config
+from .operations import OperationRefused
+from .runners import make_runner
+from .service import Service
+from .store import JobStore
+from .web import human_seconds
+
+log = logging.getLogger("segmap.service")
+
+
+def _load(args):
+    if not args.config:
+        raise SegmapError("give the service configuration with -c FILE (see `segmap serve --example`)")
+    return load_config(args.config)
+
+
+def serve(args: argparse.Namespace) -> int:
+    if args.example:
+        sys.stdout.write(EXAMPLE)
+        return 0
+    config = _load(args)
+    if args.check:
+        print(f"OK: {config.path}: {len(config.maps)} MAP(s), "
+              f"intake: {', '.join(x for x in ('listener' if config.listener else '', config.orthanc.source if config.orthanc else '') if x)}, "
+              f"runner {config.runner.kind}, workdir {config.workdir}")
+        return 0
+    stop = signals.stop_event("stopping (running containers keep running and are adopted at the next start)", log)
+    service = Service(config)
+    service.start()
+    try:
+        service.run(stop)
+    finally:
+        service.stop()
+    return 0
+
+
+def jobs(args: argparse.Namespace) -> int:
+    config = _load(args)
+    location = config.store_location
+    if isinstance(location, Path) and not location.is_file():
+        raise SegmapError(f"no job store at {location} yet: has `segmap serve -c {args.config}` run?")
+    store = JobStore(location)
+    if args.action == "list":
+        jobs = store.list_jobs(args.state, limit=args.limit)
+        if args.json:
+            print(json.dumps([j.as_dict() for j in jobs], indent=1))
+            return 0
+        counts = store.count_by_state()
+        print("  ".join(f"{k}: {v}" for k, v in counts.items()))
+        print(f"{'KEY':<12} {'MAP':<12} {'STATE':<10} {'TRY':<5} {'AGE':>9} {'TIME':>9} {'WORKER':<12} SERIES / ERROR")
+        for j in jobs:
+            print(f"{j.key[:12]:<12} {j.map_name[:12]:<12} {j.state:<10} {j.attempts}/{j.max_attempts:<3} "
+                  f"{human_seconds(j.age_s):>9} {human_seconds(j.duration_s):>9} {(j.worker or '-')[:12]:<12} "
+                  f"{j.error or j.series_uid}")
+        return 0
+    if args.action == "series":
+        for v in store.series_versions(args.limit):
+            print(f"{v.series_uid} v{v.version} {v.modality or '?'} {v.instance_count} inst. {v.source} {v.state}"
+                  f"{': ' + v.decision if v.decision else ''}")
+        return 0
+    if not args.job:
+        raise SegmapError(f"`segmap jobs {args.action}` needs a job key (or prefix) or id")
+    job = operations.find_job(store, args.job)
+    if args.action == "show":
+        if args.json:
+            print(json.dumps({**job.as_dict(), "events": store.events(job)}, indent=1))
+            return 0
+        for k, v in job.as_dict().items():
+            print(f"{k}: {v}")
+        print()
+        print(operations.job_log(store, job))
+        return 0
+    if args.action == "retry":
+        operations.retry(store, job)
+        print(f"job {job.key[:12]} queued again")
+        return 0
+    try:
+        operations.cancel(store, job, lambda: make_runner(config))
+    except OperationRefused:
+        raise
+    except SegmapError as e:
+        print(f"job {job.key[:12]} cancelled; its container could not be stopped: {e}", file=sys.stderr)
+        return 1
+    print(f"job {job.key[:12]} cancelled")
+    return 0

@@ -1,0 +1,76 @@
+"""What an operator may do to a job -- retry, cancel -- and the rules for when, in one place for the CLI
+(``segmap jobs``) and the job page.
+
+Each operation takes the job as the operator saw it and raises :class:`OperationRefused` (one line, naming the job
+and why) when the rule says no; the store then refuses a job that moved meanwhile (the transition is made only
+from the state the operator saw).
+
+No ``reprocess`` (run a done job again): the job key is the promise that one input for one image runs once, so
+running it again is a new feature with its own rule (a new key), not an operation on the job.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from segmap.errors import SegmapError
+
+from .runners.base import Runner
+from .states import RETRYABLE, UNFINISHED, State
+from .store import Job, JobStore
+from .workspace import log_tail
+
+
+class OperationRefused(SegmapError):
+    """The job is not in a state the operation applies to (or it moved meanwhile)."""
+
+
+def find_job(store: JobStore, ref: str) -> Job:
+    job = store.get_job(ref)
+    if job is None:
+        raise OperationRefused(f"no job matches {ref!r} (give 6+ characters of its key, or its id)")
+    return job
+
+
+def can_retry(job: Job) -> bool:
+    return job.state in RETRYABLE
+
+
+def can_cancel(job: Job) -> bool:
+    return job.state in UNFINISHED
+
+
+def retry(store: JobStore, job: Job) -> Job:
+    """Queue a failed or cancelled job again with fresh attempts."""
+    if not can_retry(job):
+        raise OperationRefused(f"job {job.key[:12]} is {job.state}: only "
+                               f"{' or '.join(RETRYABLE)} jobs can be retried")
+    return _arrived(job, store.retry(job.key), State.QUEUED)
+
+
+def cancel(store: JobStore, job: Job, runner: Callable[[], Runner]) -> Job:
+    """Cancel an unfinished job and stop its container; ``runner`` makes the runner only when one must be
+    stopped. A container that cannot be stopped raises the runner's error after the job was cancelled."""
+    if not can_cancel(job):
+        raise OperationRefused(f"job {job.key[:12]} is already {job.state}: only "
+                               f"{', '.join(UNFINISHED[:-1])} or {UNFINISHED[-1]} jobs can be cancelled")
+    after = _arrived(job, store.cancel(job.key), State.CANCELLED)
+    runner().cancel(job.run_name)
+    return after
+
+
+def _arrived(job: Job, after: Job | None, state: State) -> Job:
+    """``after`` when the store moved the job to ``state``; otherwise it changed between looking and asking."""
+    if after is None or after.state != state:
+        raise OperationRefused(f"job {job.key[:12]} changed meanwhile (now {after.state if after else 'gone'}); "
+                               f"try again")
+    return after
+
+
+def job_log(store: JobStore, job: Job, tail: int = 200) -> str:
+    """The job's event history and the last ``tail`` lines of its container log (when written)."""
+    lines = store.history(job)
+    container = log_tail(job.log_path, tail)
+    if container:
+        lines += ["", f"--- container log ({job.log_path}) ---", *container]
+    return "\n".join(lines)
