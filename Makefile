@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-model test test-fast generate bench bench-service clean
+.PHONY: venv demo demo-model test test-fast generate bench bench-service service-image stack-images stack-up stack-down clean
 
 venv: $(STAMP)
 
@@ -48,6 +48,23 @@ bench: $(STAMP)
 bench-service: $(STAMP)
 	$(PY) bench/bench_service.py --slots 1 2
 	$(PY) bench/bench_service.py --workers 1 2 3
+
+# The job service's own image (segmap serve) on the MAPs' base image; BASE_IMAGE=... for a registry's image.
+SERVICE_TAG ?= segmap/service:0.1.0
+service-image: $(STAMP)
+	$(PY) -m segmap.packager.service_image --tag $(SERVICE_TAG) $(if $(BASE_IMAGE),--base-image $(BASE_IMAGE),)
+
+# The one-machine stack (deploy/compose/): Orthanc and the OHIF viewer from Debian/npm on the local base image, the
+# service image, then `docker-compose up -d`. The MAPs it runs are named in deploy/compose/segmap.yaml.
+COMPOSE := docker-compose -f deploy/compose/docker-compose.yml
+stack-images: service-image
+	$(COMPOSE) build orthanc viewer
+
+stack-up: stack-images
+	DOCKER_GID=$$(stat -c %g /var/run/docker.sock) $(COMPOSE) up -d
+
+stack-down:
+	$(COMPOSE) down
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
