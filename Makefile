@@ -57,7 +57,9 @@ service-image: $(STAMP)
 # The one-machine stack (deploy/compose/): Orthanc and the OHIF viewer from Debian/npm on the local base image, the
 # service image, then `docker-compose up -d`. The MAPs it runs are named in deploy/compose/segmap.yaml.
 COMPOSE := docker-compose -f deploy/compose/docker-compose.yml
+OHIF_VERSION := 3.13.2
 stack-images: service-image
+	cd deploy/compose/viewer && test -f ohif-app-$(OHIF_VERSION).tgz || npm pack @ohif/app@$(OHIF_VERSION)
 	$(COMPOSE) build orthanc viewer
 
 stack-up: stack-images

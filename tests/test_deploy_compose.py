@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -31,6 +32,8 @@ COMPOSE = ROOT / "deploy" / "compose"
 ARTIFACTS = ROOT / "out" / "test-artifacts"
 ORTHANC_TAG = os.environ.get("SEGMAP_TEST_ORTHANC_TAG", "segmap-test/orthanc:ci")
 VIEWER_TAG = os.environ.get("SEGMAP_TEST_VIEWER_TAG", "segmap-test/viewer:ci")
+
+OHIF_VERSION_ARG = re.compile(r"^ARG OHIF_VERSION=(\S+)$", re.MULTILINE)
 
 pytestmark = pytest.mark.service
 
@@ -61,10 +64,20 @@ def stack(engine, images, tmp_path_factory):
     config["orthanc"]["poll_interval_s"] = 0.5
     (folder / "segmap.yaml").write_text(yaml.safe_dump(config))
     (folder / "segmap.yaml").chmod(0o644)
+    viewer_context = folder / "viewer"  # the viewer's context with OHIF's npm tarball, as `make stack-images` makes it
+    shutil.copytree(COMPOSE / "viewer", viewer_context)
+    version = OHIF_VERSION_ARG.search((COMPOSE / "viewer" / "Dockerfile").read_text()).group(1)
+    npm = shutil.which("npm")
+    if npm is None:
+        _missing("npm (it fetches OHIF's prebuilt viewer)")
+    packed = subprocess.run([npm, "pack", f"@ohif/app@{version}"], cwd=viewer_context, capture_output=True,
+                            text=True, timeout=900)
+    assert packed.returncode == 0, packed.stderr[-2000:]
     ports = {"ORTHANC_DICOM_PORT": free_port(), "VIEWER_PORT": free_port(), "SEGMAP_HTTP_PORT": free_port()}
     env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "SEGMAP_CONFIG": str(folder / "segmap.yaml"),
            "SEGMAP_TASKS": str(ROOT / "tasks"), "SEGMAP_WORKDIR": str(work), "SEGMAP_SERVICE_IMAGE": service,
-           "ORTHANC_IMAGE": ORTHANC_TAG, "VIEWER_IMAGE": VIEWER_TAG, "DOCKER_GID": str(socket_gid())}
+           "ORTHANC_IMAGE": ORTHANC_TAG, "VIEWER_IMAGE": VIEWER_TAG, "VIEWER_CONTEXT": str(viewer_context),
+           "DOCKER_GID": str(socket_gid())}
     project = f"segmaptest{uuid.uuid4().hex[:8]}"
     base = [compose, "-p", project, "-f", str(COMPOSE / "docker-compose.yml")]
     t = time.perf_counter()
