@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 import venv
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -27,8 +29,14 @@ def du(path: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def plain_venv(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fit")
+def plain_venv() -> Iterator[Path]:
+    # Its own temporary folder: pytest's keeps only the newest three sessions' folders, and a concurrent session
+    # would remove this one during the minutes the install and the demo take.
+    with tempfile.TemporaryDirectory(prefix="segmap-install-fit-") as tmp:
+        yield _install(Path(tmp))
+
+
+def _install(out: Path) -> Path:
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                             "--wheel-dir", str(out / "wheel"), str(ROOT)], capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-2000:]
@@ -45,7 +53,7 @@ def plain_venv(tmp_path_factory) -> Path:
 
 
 @pytest.mark.e2e
-def test_plain_install_runs_the_demo_without_the_heavy_packages(plain_venv, tmp_path):
+def test_plain_install_runs_the_demo_without_the_heavy_packages(plain_venv):
     py = plain_venv / "bin" / "python"
     present = subprocess.run([str(py), "-c", "import importlib.util as u, sys; "
                               f"print(' '.join(m for m in {HEAVY!r} if u.find_spec(m)))"],
@@ -59,8 +67,8 @@ def test_plain_install_runs_the_demo_without_the_heavy_packages(plain_venv, tmp_
     print(figure)
     assert size < LIMIT, figure
 
-    demo = subprocess.run([str(plain_venv / "bin" / "segmap"), "demo", "--out", str(tmp_path / "demo"), "--device",
-                           "cpu"], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    demo = subprocess.run([str(plain_venv / "bin" / "segmap"), "demo", "--out", str(plain_venv.parent / "demo"),
+                           "--device", "cpu"], capture_output=True, text=True, timeout=900, cwd=plain_venv.parent)
     assert demo.returncode == 0, demo.stderr[-3000:]
     assert "DICOM SEG and NIfTI label map identical: yes" in demo.stdout
 
