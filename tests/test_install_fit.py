@@ -7,6 +7,7 @@ come from pip's configured indexes. Slow (an install of numpy, scipy, torch, pyd
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("holoscan", "monai", "nnunetv2", "cupy", "monai_deploy", "pynetdicom", "docker", "kubernetes")
 #: du -h's 1.2G (GiB). In bytes the venv is about 1.21e9, 0.19e9 of it the bytecode pip compiles at install.
 LIMIT = 1.2 * 2**30
+#: The venv's processes see only the venv: no PYTHONPATH pointing at a checkout (pip would take segmap as installed).
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
 
 
 def du(path: Path) -> int:
@@ -45,7 +48,7 @@ def _install(out: Path) -> Path:
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
     done = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--no-cache-dir", str(wheel), "torch==2.13.0"],
-                          capture_output=True, text=True, timeout=1800)
+                          capture_output=True, text=True, timeout=1800, env=CLEAN_ENV)
     if done.returncode != 0 and "No matching distribution" in done.stderr:
         pytest.skip(f"a dependency cannot be installed here: {done.stderr.strip().splitlines()[-1]}")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -57,7 +60,7 @@ def test_plain_install_runs_the_demo_without_the_heavy_packages(plain_venv):
     py = plain_venv / "bin" / "python"
     present = subprocess.run([str(py), "-c", "import importlib.util as u, sys; "
                               f"print(' '.join(m for m in {HEAVY!r} if u.find_spec(m)))"],
-                             capture_output=True, text=True, timeout=120)
+                             capture_output=True, text=True, timeout=120, env=CLEAN_ENV)
     assert present.returncode == 0 and present.stdout.split() == [], present.stdout + present.stderr
     size = du(plain_venv)
     pyc = sum(p.stat().st_size for p in plain_venv.rglob("*.pyc"))
@@ -68,7 +71,11 @@ def test_plain_install_runs_the_demo_without_the_heavy_packages(plain_venv):
     assert size < LIMIT, figure
 
     demo = subprocess.run([str(plain_venv / "bin" / "segmap"), "demo", "--out", str(plain_venv.parent / "demo"),
-                           "--device", "cpu"], capture_output=True, text=True, timeout=900, cwd=plain_venv.parent)
+                           "--device", "cpu"], capture_output=True, text=True, timeout=900, cwd=plain_venv.parent,
+                          env=CLEAN_ENV)
+    where = subprocess.run([str(plain_venv / "bin" / "python"), "-c", "import segmap; print(segmap.__file__)"],
+                           capture_output=True, text=True, env=CLEAN_ENV, cwd=plain_venv.parent)
+    assert where.stdout.startswith(str(plain_venv)), where.stdout + where.stderr
     assert demo.returncode == 0, demo.stderr[-3000:]
     assert "DICOM SEG and NIfTI label map identical: yes" in demo.stdout
 
