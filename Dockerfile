@@ -89,6 +89,7 @@ RUN set -e; \
            --shell /usr/sbin/nologin holoscan; \
     mkdir -p /opt/holoscan/python /etc/holoscan /var/holoscan/input /var/holoscan/output /var/holoscan/logs; \
     chown "${MAP_UID}:${MAP_GID}" /var/holoscan /var/holoscan/output /var/holoscan/logs; \
+    echo "${MAP_UID}:${MAP_GID}" > /etc/holoscan/run-as; \
     /opt/holoscan/venv/bin/python -W ignore -c "import importlib.util as u; \
 [__import__(m) for m in ('holoscan.core', 'monai.deploy.core') if u.find_spec(m.split('.')[0])]"; \
     find / -xdev -type f -perm /6000 -exec chmod ug-s {} +; \
@@ -140,7 +141,10 @@ COPY app.json pkg.json /etc/holoscan/
 COPY app.yaml tools /var/holoscan/
 
 WORKDIR /var/holoscan
-USER ${MAP_UID}:${MAP_GID}
+# Starts as root so that the entry point can take the output folder's owner (MAIA's `docker run` has no --user); it
+# switches to that user (or to MAP_UID:MAP_GID, /etc/holoscan/run-as, for a root-owned folder) before anything else
+# runs, so the application never runs as root. `docker run --user UID:GID` skips the switch.
+USER 0:0
 # tini is PID 1: it forwards docker stop's SIGTERM to the application (which stops within a second, removes its
 # staging folder and exits 143) and reaps stray children. No HEALTHCHECK: a MAP is a batch job that runs once and
 # exits; its exit code and run_report.json are the health signal, and a probe would only add a process.

@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo demo-model test test-fast generate bench bench-service bench-portal clean
+.PHONY: venv demo demo-model test test-fast generate bench bench-service bench-portal service-image stack-images stack-up stack-down clean
 
 venv: $(STAMP)
 
@@ -53,6 +53,25 @@ bench-portal: $(STAMP)
 bench-service: $(STAMP)
 	$(PY) bench/bench_service.py --slots 1 2
 	$(PY) bench/bench_service.py --workers 1 2 3
+
+# The job service's own image (segmap serve) on the MAPs' base image; BASE_IMAGE=... for a registry's image.
+SERVICE_TAG ?= segmap/service:0.1.0
+service-image: $(STAMP)
+	$(PY) -m segmap.packager.service_image --tag $(SERVICE_TAG) $(if $(BASE_IMAGE),--base-image $(BASE_IMAGE),)
+
+# The one-machine stack (deploy/compose/): Orthanc and the OHIF viewer from Debian/npm on the local base image, the
+# service image, then `docker-compose up -d`. The MAPs it runs are named in deploy/compose/segmap.yaml.
+COMPOSE := docker-compose -f deploy/compose/docker-compose.yml
+OHIF_VERSION := 3.13.2
+stack-images: service-image
+	cd deploy/compose/viewer && test -f ohif-app-$(OHIF_VERSION).tgz || npm pack @ohif/app@$(OHIF_VERSION)
+	$(COMPOSE) build orthanc viewer
+
+stack-up: stack-images
+	DOCKER_GID=$$(stat -c %g /var/run/docker.sock) $(COMPOSE) up -d
+
+stack-down:
+	$(COMPOSE) down
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -166,7 +166,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 #: The demo model's MAP images, built once per test session by `segmap package` for every module that runs them.
-MAP_TAG = "segmap-test/spleen:ci"
+#: SEGMAP_TEST_MAP_TAG names another tag, so that two checkouts testing at once do not build over each other.
+MAP_TAG = os.environ.get("SEGMAP_TEST_MAP_TAG", "segmap-test/spleen:ci")
 
 
 @pytest.fixture(scope="session")

@@ -91,7 +91,12 @@ def test_image_is_slim_and_labelled(images):
     assert labels["org.opencontainers.image.created"].endswith("Z")
     assert info["Config"]["StopSignal"] == "SIGTERM"
     assert info["Config"]["Entrypoint"][0] == "/usr/bin/tini"
-    assert info["Config"]["User"] == "65532:65532"
+    # Root only until the entry point takes the output folder's owner (tests/test_plain_run.py); the default user
+    # for a root-owned folder is recorded in the image.
+    assert info["Config"]["User"] == "0:0"
+    run_as = subprocess.run(["docker", "run", "--rm", "--network", "none", "--entrypoint", "/usr/bin/cat", images[0],
+                             "/etc/holoscan/run-as"], capture_output=True, text=True, timeout=120)
+    assert run_as.stdout.strip() == "65532:65532", run_as.stderr
     assert "Healthcheck" not in info["Config"] or not info["Config"]["Healthcheck"]
 
     # Nothing in the file system that a batch container does not run: package managers, pip, compilers' headers,
@@ -291,7 +296,7 @@ def test_extract_refuses_an_unmounted_target_and_env_validates(images, tmp_path)
     proc = subprocess.run(["docker", "run", "--rm", "--network", "none", images[0], "extract"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("tools: error: /var/holoscan/output is not on a mounted volume, so nothing would "
+    assert proc.stderr.strip() == ("segmap: error: /var/holoscan/output is not on a mounted volume, so nothing would "
                                    "reach the host: run with -v HOST_DIR:/var/holoscan/output")
     out = out_dir(tmp_path / "x")
     for _ in range(2):

@@ -208,7 +208,8 @@ def test_dockerfile_layout_and_user(dicom_context):
     assert f"ARG BASE_IMAGE={CPU_BASE_IMAGE}" in text and "ARG MAP_UID=65532" in text and "ARG MAP_GID=65532" in text
     for line in ("COPY app/ /opt/holoscan/app/", "COPY models/ /opt/holoscan/models/",
                  "COPY app.json pkg.json /etc/holoscan/", "COPY app.yaml tools /var/holoscan/",
-                 "WORKDIR /var/holoscan", "USER ${MAP_UID}:${MAP_GID}", 'ENTRYPOINT ["/usr/bin/tini", "-g", "--", "/var/holoscan/tools"]', "STOPSIGNAL SIGTERM"):
+                 "WORKDIR /var/holoscan", "USER 0:0",
+                 'echo "${MAP_UID}:${MAP_GID}" > /etc/holoscan/run-as', 'ENTRYPOINT ["/usr/bin/tini", "-g", "--", "/var/holoscan/tools"]', "STOPSIGNAL SIGTERM"):
         assert line in text, line
     assert "--no-index" in text and "@" not in text
     custom = render_dockerfile(base_image="my/base:1", uid=1234, gid=2345)
@@ -468,7 +469,7 @@ def test_tools_extract_needs_a_mounted_target_and_can_run_twice(dicom_context, t
     mountinfo.write_text("22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n")  # nothing mounted but the root
     refused = extract()
     assert refused.returncode == 2 and not dest.exists()
-    assert refused.stderr.strip() == (f"tools: error: {dest} is not on a mounted volume, so nothing would reach the "
+    assert refused.stderr.strip() == (f"segmap: error: {dest} is not on a mounted volume, so nothing would reach the "
                                       f"host: run with -v HOST_DIR:{dest}")
     mountinfo.write_text(f"22 1 8:1 / / rw - ext4 /dev/sda1 rw\n90 22 8:1 /x {tmp_path} rw - ext4 /dev/sda1 rw\n")
     for _ in range(2):  # the second extraction replaces the first instead of nesting app/app
@@ -548,8 +549,15 @@ def test_image_refuses_an_output_folder_it_cannot_write(standin_image, tmp_path)
     done = _docker_run(standin_image, mounts={out: ("/var/holoscan/output", "rw")})
     assert done.returncode == 2
     assert "not writable by uid 65532" in done.stderr and "--user" in done.stderr
-    ok = _docker_run(standin_image, mounts={out: ("/var/holoscan/output", "rw")}, user="0:0")
+    assert done.stderr.startswith("segmap: error: ")
+    # `--user 0:0` does not make the application root: the entry point still switches to the non-root default.
+    as_root = _docker_run(standin_image, mounts={out: ("/var/holoscan/output", "rw")}, user="0:0")
+    assert as_root.returncode == 2 and "not writable by uid 65532" in as_root.stderr
+    # A folder its owner made (uid 1000, mode 755): the run takes that owner, so the outputs are theirs.
+    os.chown(out, 1000, 1000)
+    ok = _docker_run(standin_image, mounts={out: ("/var/holoscan/output", "rw")})
     assert ok.returncode == 0, ok.stderr
+    assert json.loads((out / "seen.json").read_text())["uid"] == 1000 and (out / "seen.json").stat().st_uid == 1000
 
 
 def test_image_show_env_and_extract(standin_image, tmp_path):

@@ -157,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model to use instead of the bundled models/demo-spleen/model.ts")
     p.add_argument("--task", default=None, help="task file to use instead of tasks/spleen.yaml")
     p.set_defaults(func=_cmd_demo)
+
+    # Global flags after the subcommand too (`segmap run --log-level DEBUG`); absent there, the global value stays.
+    for p in sub.choices.values():
+        if p.prefix_chars == "-":
+            try:
+                p.add_argument("--log-level", type=str.upper, default=argparse.SUPPRESS, choices=level.choices,
+                               help=f"{level.help} [{level.env}; default: {level.default}]")
+            except argparse.ArgumentError:  # the subcommand has its own
+                pass
     return parser
 
 
