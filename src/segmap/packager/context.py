@@ -8,6 +8,7 @@ A context is a plain folder that ``docker build`` turns into one MAP image::
     task/<task file>            the Segmentation Task file
     app.yaml                    -> /var/holoscan/app.yaml: variant, task and run-time defaults baked in
     app.json, pkg.json          -> /etc/holoscan/: the MAP manifests
+    run_as.py                   -> /etc/holoscan/run_as.py: the entry point's root step (whom the application runs as)
     tools                       -> /var/holoscan/tools: the entry point
     requirements.txt, requirements-nodeps.txt, wheelhouse/deps/*.whl, wheelhouse/segmap/segmap-*.whl
 
@@ -329,6 +330,7 @@ def write_context(out_dir: str | Path, *, model: str | Path, task: str | Path, t
     _prepare_out_dir(out)
     _write(out / "Dockerfile", render_dockerfile(base_image=base_image, uid=uid, gid=gid, timeout=timeout))
     _write(out / "tools", _template("tools"), 0o755)
+    _write(out / "run_as.py", _template("run_as.py"))
 
     _copy_tree(app_dir, out / "app")
     operators = app_dir.parent / "operators"
