@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,14 +10,13 @@ import pytest
 import yaml
 
 from segmap.errors import ServiceConfigError
-from segmap.service.config import EXAMPLE, load_config, reference_table
+from segmap.service.config import EXAMPLE, EXAMPLE_TASK, load_config, reference_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
 def example(tmp_path) -> Path:
-    shutil.copy(ROOT / "tasks" / "spleen.yaml", tmp_path / "spleen.yaml")
     path = tmp_path / "service.yaml"
     path.write_text(EXAMPLE)
     return path
@@ -28,7 +26,7 @@ def test_the_documented_example_loads(example):
     cfg = load_config(example)
     assert cfg.listener.ae_title == "SEGMAP" and cfg.listener.allowed_calling_ae_titles == ("ORTHANC", "CT_SCANNER")
     assert cfg.orthanc.source == "orthanc:main"
-    assert cfg.maps[0].task == example.parent / "spleen.yaml"
+    assert cfg.maps[0].task == EXAMPLE_TASK
     assert cfg.http.host == "127.0.0.1", "bound to localhost by default"
     assert cfg.destinations["orthanc"]["kind"] == "orthanc"
 
@@ -80,6 +78,24 @@ def test_serve_check_and_example_from_the_command_line(example, tmp_path):
     printed = subprocess.run([sys.executable, "-m", "segmap.cli", "serve", "--example"], capture_output=True,
                              text=True, timeout=120)
     assert printed.stdout == EXAMPLE
+
+
+def test_the_printed_example_passes_its_own_check_and_names_the_documented_image(tmp_path):
+    from segmap.demo.run import DEMO_TASK
+
+    saved = tmp_path / "x.yaml"  # a folder with nothing else in it: `segmap serve --example > x.yaml`
+    with saved.open("w") as f:
+        printed = subprocess.run([sys.executable, "-m", "segmap.cli", "serve", "--example"], stdout=f, text=True,
+                                 timeout=120)
+    assert printed.returncode == 0
+    done = subprocess.run([sys.executable, "-m", "segmap.cli", "serve", "-c", str(saved), "--check"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("OK:"), done.stderr
+    assert EXAMPLE_TASK == DEMO_TASK and EXAMPLE_TASK.is_file()
+    image = load_config(saved).maps[0].image
+    package = f"segmap package --model models/demo-spleen/model.ts --task tasks/spleen.yaml --tag {image} --cpu"
+    for doc in ("README.md", "docs/service.md"):
+        assert package in (ROOT / doc).read_text(), doc
 
 
 def test_every_key_is_declared_once_with_its_type_default_and_help():

@@ -8,8 +8,8 @@ runner's client library.
 
 Every problem is a :class:`~segmap.errors.ServiceConfigError` naming the file and the key (``maps[0].task``,
 ``destinations.pacs.port``) and what was expected, before anything starts. Paths in the file are relative to the
-file's folder. ``example_config()`` is the worked example the README documents and ``segmap serve --example``
-prints.
+file's folder. :data:`EXAMPLE` is the worked example the README documents and ``segmap serve --example`` prints; it
+passes its own ``--check``.
 """
 
 from __future__ import annotations
@@ -264,6 +264,10 @@ def parse_config(doc: Any, path: Path) -> ServiceConfig:
     return config
 
 
+#: The spleen task shipped inside the package (segmap.demo.run.DEMO_TASK, the file tasks/spleen.yaml points to), named
+#: by its absolute path in the example so that the printed file passes ``--check`` wherever it is saved.
+EXAMPLE_TASK = Path(__file__).resolve().parents[1] / "demo" / "model" / "spleen.yaml"
+
 EXAMPLE = """\
 # segmap serve: a series reaches Orthanc, the spleen MAP runs, the SEG goes back into Orthanc.
 service:
@@ -287,9 +291,11 @@ runner:
   gpus: []                          # e.g. ["0"] with the NVIDIA container toolkit
 maps:
   - name: spleen
-    image: segmap/spleen:latest     # built with `segmap package`
-    task: spleen.yaml               # its Rules_Text decides which series run
+    image: segmap/spleen:0.1        # built with `segmap package ... --tag segmap/spleen:0.1` (README, docs/service.md)
+    # The task file the image was packaged with (here segmap's own copy of tasks/spleen.yaml): its Rules_Text
+    # decides which series run. A relative path is taken from this file's folder.
+    task: @EXAMPLE_TASK@
     destinations: [orthanc]
 destinations:
   orthanc: {kind: orthanc, url: http://127.0.0.1:8042}
-"""
+""".replace("@EXAMPLE_TASK@", str(EXAMPLE_TASK))
