@@ -29,7 +29,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m unit tests
 
-# Rewrite the files derived from src/segmap/settings.py (app/app.yaml, the README settings table).
+# Rewrite the generated files: app/app.yaml and the README settings table (src/segmap/settings.py), app/requirements.txt
+# (pyproject.toml), docs/service-settings.md (the service configuration's declarations).
 generate: $(STAMP)
 	$(PY) tools/generate.py
 

@@ -45,6 +45,20 @@ def test_app_requirements_follow_pyproject():
     assert (ROOT / "app" / "requirements.txt").read_text() == app_requirements(), "run `make generate`"
 
 
+def test_service_settings_reference_is_generated_from_the_parsers_declarations():
+    from generate import SERVICE_SETTINGS, service_settings_doc
+
+    from segmap.service.config import reference_table
+
+    text = SERVICE_SETTINGS.read_text()
+    assert text == service_settings_doc(), "docs/service-settings.md drifted: run `make generate`"
+    for row in reference_table():  # every key the parser reads, each once
+        assert text.count(f"| `{row['name']}` |") == 1, row["name"]
+    for key in ("destinations.<dicom>.host", "destinations.<stow>.url", "maps[].trigger.tag", "service.lease_s",
+                "service.poll_s", "service.retry_backoff_s", "listener.allowed_peers"):
+        assert f"| `{key}` |" in text, key
+
+
 def test_packaged_app_yaml_carries_every_runtime_default(tmp_path):
     from segmap.outputs.formats import variants
     from segmap.packager.context import app_config

@@ -33,8 +33,9 @@ running a MAP:
   docker run --rm spleen:1.0 show          # the manifests; `env` prints the settings, `extract` copies the payload
   docker run --rm -e SEGMAP_DEVICE=cpu ...  # also SEGMAP_MIRRORING, SEGMAP_OMIT_EMPTY_FRAMES, SEGMAP_LOG_LEVEL
 
-The model and the task file are checked against each other before anything is built. The images run as
-uid:gid 65532:65532 unless --uid/--gid say otherwise; the output folder must be writable by that user.
+The model and the task file are checked against each other before anything is built. The images run the
+application as the output folder's owner, or as uid:gid 65532:65532 (--uid/--gid) for a root-owned folder, whose
+finished outputs the entry point then moves in where that user cannot write; never as root.
 Base images: {CPU_BASE_IMAGE} with --cpu, {GPU_BASE_IMAGE} otherwise;
 --base-image picks another (Debian/Ubuntu with glibc 2.35+; apt installs Python 3 if it lacks one).
 For CPU images built with network access, point pip at CPU builds of torch, e.g.
