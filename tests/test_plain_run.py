@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, record_figure
 
 from segmap.demo.phantom import make_phantom, write_dicom_series
 
@@ -107,6 +107,32 @@ def test_hardened_runs_keep_working(images, study, tmp_path):
     done = maia_run(images[0], study, out, "--read-only", "--security-opt", "no-new-privileges")
     assert done.returncode == 0, done.stderr[-3000:]
     assert owners(out) == {(1000, 1000)}
+
+
+def test_docker_stop_ends_a_run_into_a_root_folder_at_once_and_leaves_nothing(images, study, tmp_path):
+    out = made_by(tmp_path / "out", 0, 0)
+    cmd = ["docker", "run", "-d", "--shm-size", "2g", "-v", f"{study}:/var/holoscan/input", "-v",
+           f"{out}:/var/holoscan/output", images[0]]
+    cid = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob(".segmap-handoff-*")):
+            assert time.monotonic() < deadline, "the run never made its handoff folder"
+            time.sleep(0.01)
+        time.sleep(0.5)  # the application has started (its signal handling is the first thing it sets up)
+        t = time.monotonic()
+        subprocess.run(["docker", "stop", "-t", "10", cid], capture_output=True, check=True)
+        took = time.monotonic() - t
+        code = int(subprocess.run(["docker", "inspect", "-f", "{{.State.ExitCode}}", cid], capture_output=True,
+                                  text=True, check=True).stdout)
+        logs = subprocess.run(["docker", "logs", cid], capture_output=True, text=True).stderr
+    finally:
+        subprocess.run(["docker", "rm", "-f", cid], capture_output=True)
+    record_figure(f"\ndocker stop of MAIA's run into a root-owned folder: exit {code} after {took:.2f} s")
+    assert code == 143, logs[-3000:]
+    assert took < 2.0
+    assert logs.splitlines().count("segmap: terminated (SIGTERM)") == 1 and "Traceback" not in logs
+    assert list(out.iterdir()) == []  # no handoff or staging folder, no partial output
 
 
 def test_without_the_capability_to_switch_the_run_is_refused_not_run_as_root(images, study, tmp_path):

@@ -195,6 +195,10 @@ def supervise(folder, uid, gid, script, args):
     """Run ``script args`` as ``uid:gid`` in a child writing into a handoff folder inside the root-owned ``folder``;
     hand its outputs over when it succeeds. Returns the exit code."""
     owner = (os.lstat(folder).st_uid, os.lstat(folder).st_gid)
+    forwarded = (signal.SIGTERM, signal.SIGINT)
+    # Blocked until the child's pid is known, so that a signal arriving meanwhile is forwarded, not lost, and cannot
+    # end this process between making the handoff folder and the clean-up that removes it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)
     lock_fd = lock(folder)
     if lock_fd is not None:
         remove_stale_handoffs(folder)
@@ -204,9 +208,6 @@ def supervise(folder, uid, gid, script, args):
         env = dict(os.environ)
         if not replaced:
             env["HOLOSCAN_OUTPUT_PATH"] = handoff
-        forwarded = (signal.SIGTERM, signal.SIGINT)
-        # Blocked until the child's pid is known, so that a signal arriving meanwhile is forwarded, not lost.
-        signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)
         pid = os.fork()
         if pid == 0:
             try:
