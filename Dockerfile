@@ -137,13 +137,14 @@ ENV VIRTUAL_ENV=/opt/holoscan/venv \
 COPY app/ /opt/holoscan/app/
 COPY models/ /opt/holoscan/models/
 COPY task/ /opt/holoscan/task/
-COPY app.json pkg.json /etc/holoscan/
+COPY app.json pkg.json run_as.py /etc/holoscan/
 COPY app.yaml tools /var/holoscan/
 
 WORKDIR /var/holoscan
 # Starts as root so that the entry point can take the output folder's owner (MAIA's `docker run` has no --user); it
 # switches to that user (or to MAP_UID:MAP_GID, /etc/holoscan/run-as, for a root-owned folder) before anything else
-# runs, so the application never runs as root. `docker run --user UID:GID` skips the switch.
+# runs, so the application never runs as root; a root-owned folder that user cannot write receives the outputs from
+# a root supervisor after the run (/etc/holoscan/run_as.py). `docker run --user UID:GID` skips the switch.
 USER 0:0
 # tini is PID 1: it forwards docker stop's SIGTERM to the application (which stops within a second, removes its
 # staging folder and exits 143) and reaps stray children. No HEALTHCHECK: a MAP is a batch job that runs once and

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import MAP_TAG, ROOT
 
 from segmap.errors import SegmapError
 from segmap.packager.baseimage import CPU_BASE_IMAGE, debian_mirror
@@ -136,7 +136,7 @@ def test_segmap_wheel_is_reproducible(inputs, tmp_path):
 
 def test_context_holds_everything_the_image_needs(dicom_context):
     files = set(context_files(dicom_context))
-    for rel in ("Dockerfile", "tools", "app.yaml", "app.json", "pkg.json", "requirements.txt",
+    for rel in ("Dockerfile", "tools", "run_as.py", "app.yaml", "app.json", "pkg.json", "requirements.txt",
                 "requirements-nodeps.txt", "app/__main__.py", "task/spleen.yaml",
                 "models/spleen/fold_0/model.ts", "models/spleen/fold_1/model.ts",
                 "wheelhouse/deps/numpy-2.0.0-cp311-cp311-manylinux_2_17_x86_64.whl",
@@ -207,7 +207,7 @@ def test_dockerfile_layout_and_user(dicom_context):
     text = (dicom_context / "Dockerfile").read_text()
     assert f"ARG BASE_IMAGE={CPU_BASE_IMAGE}" in text and "ARG MAP_UID=65532" in text and "ARG MAP_GID=65532" in text
     for line in ("COPY app/ /opt/holoscan/app/", "COPY models/ /opt/holoscan/models/",
-                 "COPY app.json pkg.json /etc/holoscan/", "COPY app.yaml tools /var/holoscan/",
+                 "COPY app.json pkg.json run_as.py /etc/holoscan/", "COPY app.yaml tools /var/holoscan/",
                  "WORKDIR /var/holoscan", "USER 0:0",
                  'echo "${MAP_UID}:${MAP_GID}" > /etc/holoscan/run-as', 'ENTRYPOINT ["/usr/bin/tini", "-g", "--", "/var/holoscan/tools"]', "STOPSIGNAL SIGTERM"):
         assert line in text, line
@@ -518,7 +518,8 @@ def standin_image(engine, inputs, tmp_path_factory):
     if shutil.which("docker") is None:
         pytest.skip("the docker command-line client is not installed")
     ctx = _write(inputs, tmp_path_factory.mktemp("img") / "ctx", wheelhouse=None, requirements=((), ()))
-    built = build_image(ctx, "segmap-test/standin:pytest", api=engine)
+    # Beside the MAP images of this session (SEGMAP_TEST_MAP_TAG), so that checkouts testing at once keep apart.
+    built = build_image(ctx, MAP_TAG.rsplit("/", 1)[0] + "/standin:pytest", api=engine)
     return built.tag
 
 
@@ -541,23 +542,34 @@ def test_image_runs_the_app_as_uid_65532_with_a_read_only_input(standin_image, t
     assert seen["env"]["SEGMAP_DEVICE"] == "cpu" and seen["env"]["HOLOSCAN_MODEL_PATH"] == "/opt/holoscan/models"
 
 
-def test_image_refuses_an_output_folder_it_cannot_write(standin_image, tmp_path):
+def test_image_never_runs_the_application_as_root(standin_image, tmp_path):
     if os.geteuid() != 0:
         pytest.skip("needs root to make a folder that uid 65532 cannot write")
     out = tmp_path / "root-only"
     out.mkdir(mode=0o755)
+    # A root-owned folder uid 65532 cannot write: the application runs as 65532 in a private folder inside it, and the
+    # entry point moves its outputs in afterwards, owned by the folder's owner (tests/test_plain_run.py).
     done = _docker_run(standin_image, mounts={out: ("/var/holoscan/output", "rw")})
-    assert done.returncode == 2
-    assert "not writable by uid 65532" in done.stderr and "--user" in done.stderr
-    assert done.stderr.startswith("segmap: error: ")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((out / "seen.json").read_text())["uid"] == 65532 and (out / "seen.json").stat().st_uid == 0
+    assert sorted(p.name for p in out.iterdir()) == ["seen.json"]
     # `--user 0:0` does not make the application root: the entry point still switches to the non-root default.
+    (out / "seen.json").unlink()
     as_root = _docker_run(standin_image, mounts={out: ("/var/holoscan/output", "rw")}, user="0:0")
-    assert as_root.returncode == 2 and "not writable by uid 65532" in as_root.stderr
+    assert as_root.returncode == 0 and json.loads((out / "seen.json").read_text())["uid"] == 65532, as_root.stderr
     # A folder its owner made (uid 1000, mode 755): the run takes that owner, so the outputs are theirs.
+    (out / "seen.json").unlink()
     os.chown(out, 1000, 1000)
     ok = _docker_run(standin_image, mounts={out: ("/var/holoscan/output", "rw")})
     assert ok.returncode == 0, ok.stderr
     assert json.loads((out / "seen.json").read_text())["uid"] == 1000 and (out / "seen.json").stat().st_uid == 1000
+    # A folder its owner made read-only (mode 555): refused with the one-line error, not written by root.
+    ro = tmp_path / "read-only"
+    ro.mkdir(mode=0o555)
+    os.chown(ro, 1000, 1000)
+    refused = _docker_run(standin_image, mounts={ro: ("/var/holoscan/output", "rw")})
+    assert refused.returncode == 2 and refused.stderr.startswith("segmap: error: ")
+    assert "not writable by uid 1000" in refused.stderr and "--user" in refused.stderr
 
 
 def test_image_show_env_and_extract(standin_image, tmp_path):
