@@ -162,7 +162,8 @@ def entry_point(folder: Path, body: str) -> Path:
     """A stand-in for /var/holoscan/tools as the application part runs it: ``body`` in bash, $OUT its output."""
     script = folder / "tools"
     script.write_text("#!/bin/bash\nset -euo pipefail\n"
-                      'out="${HOLOSCAN_OUTPUT_PATH}"; for a in "$@"; do case "$a" in --output=*) out="${a#*=}";; esac; done\n'
+                      'out="${HOLOSCAN_OUTPUT_PATH}"\n'
+                      'for a in "$@"; do case "$a" in --output=*) out="${a#*=}";; esac; done\n'
                       'id -u > "${out}/uid"\n' + body + "\n")
     script.chmod(0o755)
     return script
@@ -238,7 +239,8 @@ def test_root_step_forwards_sigterm_and_cleans_up(shared):
     out = made_by(shared / "out", 0, 0)
     (out / ".segmap-handoff-stale").mkdir()  # left by a container killed outright
     proc = root_step(shared, out, 'echo seg > "$out/seg.dcm"; trap "echo segmap: terminated \\(SIGTERM\\) >&2; '
-                                  'exit 143" TERM; touch "$out/started"; while :; do sleep 0.05 & wait $!; done', wait=False)
+                                  'exit 143" TERM; touch "$out/started"; while :; do sleep 0.05 & wait $!; done',
+                     wait=False)
     deadline = time.monotonic() + 30
     while not list(out.glob(".segmap-handoff-*/started")):
         assert time.monotonic() < deadline and proc.poll() is None, proc.stderr and proc.stderr.read()

@@ -58,8 +58,9 @@ def service_settings_doc() -> str:
         "The one YAML file that `segmap serve -c FILE` reads, key by key, with its type, default and meaning. "
         "`segmap serve --example` prints a worked example and `segmap serve -c FILE --check` validates a file (an "
         "error names the key); the walk-through is [service.md](service.md). Paths are relative to the file's "
-        "folder. A key marked required is required whenever its section (or list entry) is given. `maps[].KEY` is a key of each entry of the `maps` list; `destinations.<KIND>.KEY` is a key of a "
-        "named destination whose `kind` is KIND (`destinations: {pacs: {kind: dicom, host: ..., ...}}`).\n",
+        "folder. A key marked required is required whenever its section (or list entry) is given. `maps[].KEY` "
+        "is a key of each entry of the `maps` list; `destinations.<KIND>.KEY` is a key of a named destination "
+        "whose `kind` is KIND (`destinations: {pacs: {kind: dicom, host: ..., ...}}`).\n",
     ]
     for section in SECTIONS:
         mine = [r for r in rows if re.split(r"[.\[]", r["name"], maxsplit=1)[0] == section]
