@@ -144,6 +144,14 @@ def test_without_the_capability_to_switch_the_run_is_refused_not_run_as_root(ima
             f"segmap: error: the container starts as root but cannot switch to uid {uid or 65532} (no CAP_SETUID or "
             "CAP_SETGID, e.g. --cap-drop ALL): pass --user UID:GID with a uid that may write the output folder"]
         assert not any(out.iterdir())
+    # Allowed to switch but not to give a folder away: refused as well, and nothing is left in the root-owned folder.
+    done = maia_run(images[0], study, out, "--cap-drop", "ALL", "--cap-add", "SETUID", "--cap-add", "SETGID")
+    assert done.returncode == 2
+    assert error_lines(done.stderr) == [
+        "segmap: error: /var/holoscan/output: cannot give uid 65532 a folder to write in (Operation not permitted; "
+        "CAP_CHOWN is needed, e.g. not --cap-drop ALL): pass --user UID:GID with a uid that may write the output "
+        "folder"]
+    assert not any(out.iterdir())
 
 
 # ------------------------------------------------------------------------------ the root step on the host

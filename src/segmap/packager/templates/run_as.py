@@ -121,9 +121,15 @@ def remove_stale_handoffs(folder):
 def make_handoff(folder, uid, gid):
     try:
         handoff = tempfile.mkdtemp(prefix=HANDOFF_PREFIX, dir=folder)
-        os.chown(handoff, uid, gid, follow_symlinks=False)
     except OSError as e:
         raise Refused(f"{folder}: output folder is not writable ({e.strerror or e})") from None
+    try:
+        os.chown(handoff, uid, gid, follow_symlinks=False)
+    except OSError as e:
+        os.rmdir(handoff)
+        raise Refused(f"{folder}: cannot give uid {uid} a folder to write in ({e.strerror or e}; CAP_CHOWN is "
+                      "needed, e.g. not --cap-drop ALL): pass --user UID:GID with a uid that may write the output "
+                      "folder") from None
     return handoff
 
 
