@@ -222,7 +222,8 @@ def test_listener_rejects_a_peer_address_that_is_not_allowed(tmp_path, listener_
     refused = storescu(study["dicom_files"][:1], listener.port, "SEGMAP", check=False)
 
     assert refused.returncode != 0 and listener.on_arrival.arrivals == []
-    assert "rejected: peer address not allowed" in caplog.text
+    assert "connection from 127.0.0.1 refused: peer address not allowed" in caplog.text
+    assert listener.counters()["associations_refused"] == 1
     allowed = listener_factory(allowed_peers=["127.0.0.1"])
     storescu(study["dicom_files"][:1], allowed.port, "SEGMAP")
     assert len(allowed.on_arrival.arrivals) == 1
