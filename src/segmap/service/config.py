@@ -29,6 +29,7 @@ from segmap.tasks import load_task
 from . import schema
 from .export import DESTINATIONS, make_destination
 from .runners import RUNNERS
+from .runners.docker import DockerOptions
 from .runners.options import KubernetesOptions
 from .schema import fail, read_section, setting
 from .workspace import Workspace
@@ -90,6 +91,8 @@ class RunnerConfig:
     gpus: tuple[str, ...] = setting((), "GPU device ids, e.g. [\"0\"] (NVIDIA container toolkit)")
     #: Kubernetes runner only: namespace, the PersistentVolumeClaim holding the workdir, where it is mounted here.
     options: KubernetesOptions | None = setting(None, "the Kubernetes runner's options", key="kubernetes")
+    #: Docker runner only: pids limit, read-only root with a tmpfs, output cap (svc-edge).
+    docker: DockerOptions | None = setting(None, "the Docker runner's bounds on each MAP container")
 
 
 @dataclass(frozen=True)
