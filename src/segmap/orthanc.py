@@ -8,7 +8,8 @@ so each caller turns it into its own kind of error (a destination's retry-or-fai
 Every request ends within ``timeout`` seconds, however the server trickles its answer: besides the socket's per-read
 timeout a watchdog shuts the request's connection down at the deadline (a server sending a byte a second would
 otherwise keep a per-read timeout from ever firing). An answer is read in blocks up to a size cap
-(``max_response_bytes`` for JSON, ``max_file_bytes`` for an instance file) and refused past it.
+(``max_response_bytes`` for JSON, ``max_file_bytes`` for an instance file) and refused past it. requests and urllib3
+have no whole-request deadline (their ``timeout`` bounds each read), hence the watchdog.
 """
 
 from __future__ import annotations
