@@ -20,7 +20,7 @@ from segmap.errors import InputError, OrthancError, ServiceConfigError
 from segmap.service.intake.listener import DicomListener
 from segmap.orthanc import OrthancClient
 from segmap.service.intake.orthanc import OrthancFollower
-from segmap.service.spool import Spool
+from segmap.service.spool import ConflictingInstance, Spool
 from segmap.service.store import JobStore
 
 SMALL = {"shape_zyx": (6, 32, 32)}
@@ -76,6 +76,24 @@ def test_spool_refuses_a_uid_that_could_leave_the_spool_or_is_not_a_uid(tmp_path
 def test_spool_refuses_bytes_that_are_not_a_dicom_file(tmp_path):
     with pytest.raises(InputError, match="not a DICOM Part 10 file"):
         Spool(tmp_path / "spool").write(b"<html>502 Bad Gateway</html>" * 10, "1.2", "1.2.3", "1.2.3.4")
+
+
+def test_spool_keeps_an_instance_same_bytes_again_change_nothing_different_bytes_are_refused(tmp_path):
+    data, ds = _part10(tmp_path)
+    spool = Spool(tmp_path / "spool")
+    path = spool.write(data, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    inode = path.stat().st_ino
+    assert spool.write(data, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID) == path
+    assert path.stat().st_ino == inode  # not even rewritten
+    ds.SeriesDescription = "changed"
+    with pytest.raises(ConflictingInstance, match="already stored with different content"):
+        spool.write(ds, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    changed = tmp_path / "changed.dcm"
+    ds.save_as(changed, enforce_file_format=True)
+    with pytest.raises(ConflictingInstance):
+        spool.write_file(changed, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    assert path.read_bytes() == data and path.stat().st_ino == inode
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
 
 
 def test_spool_remove_partial_deletes_only_leftover_temporary_files(tmp_path):
@@ -180,6 +198,38 @@ def test_listener_with_the_job_store_loses_nothing_from_five_concurrent_senders(
     assert len(store.series_versions()) == 5
 
 
+def test_an_instance_sent_again_with_different_content_is_refused_and_the_stored_one_kept(tmp_path,
+                                                                                        listener_factory, caplog):
+    """Integrity of a series: a SOP Instance UID names one instance. The same bytes again change nothing; other
+    bytes under a stored UID (while the series collects, and after its version closed) are refused with 0xC000 and
+    a log line, never silently swapped under a series version or a job that already uses the file."""
+    caplog.set_level(logging.INFO, logger="segmap")
+    store = JobStore(tmp_path / "work" / "store.sqlite")
+    study = write_phantom_study(tmp_path / "ct", **SMALL)
+    files = study["dicom_files"]
+    listener = listener_factory(on_arrival=store.record_instance)
+    storescu(files, listener.port, "SEGMAP")
+    stored = sorted((tmp_path / "spool").rglob("*.dcm"))
+    before = {p: p.read_bytes() for p in stored}
+
+    storescu(files, listener.port, "SEGMAP")  # the same bytes again
+    (version,) = store.series_versions()
+    assert (version.version, version.instance_count) == (1, len(files))
+
+    tampered = pydicom.dcmread(files[0])
+    tampered.PixelData = bytes(len(tampered.PixelData))  # other pixels, same UIDs
+    path = tmp_path / "tampered.dcm"
+    tampered.save_as(path, enforce_file_format=True)
+    assert _send_with_pynetdicom(listener.port, tampered) == 0xC000
+    assert f"SOP Instance {tampered.SOPInstanceUID} of series {study['series_uid']} is already stored with " \
+           f"different content" in caplog.text
+    store.close_series(version.id, [], "test: closed", instance_count=len(files))
+    assert _send_with_pynetdicom(listener.port, tampered) == 0xC000  # after the version closed: still refused
+    assert [(v.version, v.instance_count) for v in store.series_versions()] == [(1, len(files))]
+    assert {p: p.read_bytes() for p in sorted((tmp_path / "spool").rglob("*.dcm"))} == before
+    assert listener.counters()["instances_refused"] == 2
+
+
 def test_listener_stores_a_jpeg2000_series_as_received(tmp_path, listener_factory):
     pytest.importorskip("openjpeg")
     study = write_phantom_study(tmp_path / "ct", **SMALL, transfer_syntax=JPEG2000Lossless)
@@ -222,7 +272,8 @@ def test_listener_rejects_a_peer_address_that_is_not_allowed(tmp_path, listener_
     refused = storescu(study["dicom_files"][:1], listener.port, "SEGMAP", check=False)
 
     assert refused.returncode != 0 and listener.on_arrival.arrivals == []
-    assert "rejected: peer address not allowed" in caplog.text
+    assert "connection from 127.0.0.1 refused: peer address not allowed" in caplog.text
+    assert listener.counters()["associations_refused"] == 1
     allowed = listener_factory(allowed_peers=["127.0.0.1"])
     storescu(study["dicom_files"][:1], allowed.port, "SEGMAP")
     assert len(allowed.on_arrival.arrivals) == 1

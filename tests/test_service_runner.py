@@ -35,6 +35,8 @@ PROBE_SCRIPT = (
     "ls /var/holoscan/input | wc -l > $out/inputs; cat /var/holoscan/input/* > /dev/null 2>&1 && echo yes > $out/readable; "
     "if touch /var/holoscan/input/x 2>$out/input-write; then echo writable >> $out/input-write; fi; "
     "if [ -n \"$ALLOC_MB\" ]; then python3 -c \"b = bytearray($ALLOC_MB * 2**20); import time; time.sleep(5)\"; fi; "
+    "touch /probe-root 2>$out/root-write; echo x > /tmp/probe && echo ok > $out/tmp-write; "
+    "if [ -n \"$WRITE_MB\" ]; then head -c $(($WRITE_MB * 1048576)) /dev/zero > $out/big; fi; "
     "echo probe says hello; sleep ${SLEEP_S:-0}; exit ${EXIT_CODE:-0}")
 
 
@@ -278,6 +280,39 @@ def test_container_is_isolated_and_not_root(runner, probe, phantom, tmp_path):
     assert "probe says hello" in runner.logs(spec.name)
     # the private input files were not opened to everyone, only to the container's group
     assert all(p.stat().st_mode & 0o007 == 0 for p in inp.iterdir())
+
+
+def test_a_map_container_is_bounded_pids_read_only_root_small_tmpfs_and_an_output_cap(probe, tmp_path):
+    from segmap.service.runners.docker import DockerOptions, DockerRunner
+
+    r = DockerRunner(options=DockerOptions(pids_limit=64, tmpfs_size="16m", max_output_bytes=8 << 20))
+    r.made = []
+    inp, out = job_folder(tmp_path)
+    spec = spec_for(r, probe, inp, out, env={"WRITE_MB": "32", "SLEEP_S": "120"})
+    try:
+        r.start(spec)
+        host = containers_named(spec.name)[0].attrs["HostConfig"]
+        assert host["PidsLimit"] == 64 and host["ReadonlyRoot" + "fs"] is True
+        assert "size=16m" in host["Tmpfs"]["/tmp"]
+        start = time.monotonic()
+        status = wait_finished(r, spec.name, timeout=60)
+        assert time.monotonic() - start < 30, "a run over its output cap was left running"
+        assert status.state == "failed" and "max_output_bytes (8m)" in status.error, status
+        assert "Read-only file system" in (out / "root-write").read_text()
+        assert (out / "tmp-write").read_text().strip() == "ok"
+    finally:
+        r.cancel(spec.name)
+
+
+@pytest.mark.unit
+def test_docker_bounds_are_settings_with_defaults(tmp_path):
+    from segmap.service.runners.docker import DockerOptions
+    from segmap.service.schema import read_section
+
+    defaults = read_section(DockerOptions, {}, "runner.docker", None)
+    assert defaults == DockerOptions() and defaults.read_only_root and defaults.pids_limit == 1024
+    with pytest.raises(Exception, match=r"runner\.docker\.tmpfs_size"):
+        read_section(DockerOptions, {"tmpfs_size": "lots"}, "runner.docker", None)
 
 
 def test_explicit_user_owns_the_outputs(runner, probe, tmp_path):

@@ -29,6 +29,7 @@ from segmap.tasks import load_task
 from . import schema
 from .export import DESTINATIONS, make_destination
 from .runners import RUNNERS
+from .runners.docker import DockerOptions
 from .runners.options import KubernetesOptions
 from .schema import fail, read_section, setting
 from .workspace import Workspace
@@ -52,6 +53,18 @@ class ListenerConfig:
     allowed_calling_ae_titles: tuple[str, ...] = setting((), "calling AE titles accepted (empty: any)",
                                                          check=schema.ae_titles)
     allowed_peers: tuple[str, ...] = setting((), "peer IP addresses accepted (empty: any)", check=schema.peers)
+    # -- DICOM TLS and resource bounds (svc-edge) --
+    tls: schema.TlsConfig | None = setting(None, "DICOM TLS: cert, key, ca, require_client_cert (none: plain)")
+    max_instance_bytes: int = setting(2 << 30, "largest data set accepted per instance, in bytes (a deflated one "
+                                      "by its inflated size); larger ones get C-STORE status 0xA700",
+                                      check=schema.positive)
+    max_associations: int = setting(16, "associations served at once (more are rejected)", check=schema.positive)
+    first_pdu_timeout_s: float = setting(5.0, "seconds a new connection may stay silent before it is closed",
+                                         check=schema.positive)
+    acse_timeout_s: float = setting(10.0, "seconds to complete association set-up (and a TLS handshake)",
+                                    check=schema.positive)
+    network_timeout_s: float = setting(60.0, "seconds an association may wait for the peer's next message",
+                                       check=schema.positive)
 
 
 @dataclass(frozen=True)
@@ -78,6 +91,8 @@ class RunnerConfig:
     gpus: tuple[str, ...] = setting((), "GPU device ids, e.g. [\"0\"] (NVIDIA container toolkit)")
     #: Kubernetes runner only: namespace, the PersistentVolumeClaim holding the workdir, where it is mounted here.
     options: KubernetesOptions | None = setting(None, "the Kubernetes runner's options", key="kubernetes")
+    #: Docker runner only: pids limit, read-only root with a tmpfs, output cap (svc-edge).
+    docker: DockerOptions | None = setting(None, "the Docker runner's bounds on each MAP container")
 
 
 @dataclass(frozen=True)
@@ -206,6 +221,7 @@ def parse_config(doc: Any, path: Path) -> ServiceConfig:
                                        ("orthanc", "orthanc", OrthancConfig), ("runner", "runner", RunnerConfig))}
     if sections["runner"] is None:
         sections["runner"] = RunnerConfig()
+    _check_tls(sections["listener"], base, path)
     if sections["runner"].kind == "kubernetes" and sections["runner"].options is None:
         fail(path, "runner.kubernetes.pvc_name", "is required (the PersistentVolumeClaim that holds the service's "
                                                  "workdir and is mounted into every MAP pod)")
@@ -217,6 +233,8 @@ def parse_config(doc: Any, path: Path) -> ServiceConfig:
     for name, cfg in dest_doc.items():
         if schema.name(str(name)):
             fail(path, f"destinations.{name}", schema.name(str(name)))
+        if isinstance(cfg, Mapping):
+            cfg = _tls_under(dict(cfg), base)
         try:
             make_destination(str(name), cfg)  # checks every key without contacting the destination
         except ServiceConfigError as e:
@@ -262,6 +280,30 @@ def parse_config(doc: Any, path: Path) -> ServiceConfig:
             fail(path, f"maps[{i}].task", f"task '{task.name}' in {m.task} has no Rules_Text, so no series can be "
                                           f"routed to it")
     return config
+
+
+# -- DICOM TLS (svc-edge) ---------------------------------------------------------------------------------------
+
+
+def _check_tls(listener: ListenerConfig | None, base: Path, path: Path) -> None:
+    """The listener's certificate, key and CA load (found at --check, not at the first association)."""
+    if listener is None or listener.tls is None:
+        return
+    from segmap.tls import server_context
+
+    try:
+        server_context(listener.tls.files("listener.tls", base))
+    except ServiceConfigError as e:
+        raise ServiceConfigError(f"{path}: {e}") from None
+
+
+def _tls_under(cfg: dict, base: Path) -> dict:
+    """A destination's ``tls`` paths made absolute (relative ones are under the configuration file's folder)."""
+    tls = cfg.get("tls")
+    if isinstance(tls, Mapping):
+        cfg["tls"] = {k: str(_under(base, Path(v))) if k in ("cert", "key", "ca") and isinstance(v, str) else v
+                      for k, v in tls.items()}
+    return cfg
 
 
 #: The spleen task shipped inside the package (segmap.demo.run.DEMO_TASK, the file tasks/spleen.yaml points to), named

@@ -126,8 +126,17 @@ class DicomDestination:
     timeout_s: float = setting(30.0, "seconds to wait for each answer", check=schema.positive)
     confirm_by: str = setting("store-status", "store-status (the C-STORE answers) or c-find (ask the archive)",
                               key="confirm", check=schema.one_of(CONFIRMS))
+    tls: schema.TlsConfig | None = setting(None, "DICOM TLS: ca (verifies the peer), cert and key (ours, when the "
+                                                 "peer asks for one)")
     #: SOP Instance UIDs the peer answered success/warning for to this object's sends.
     _stored: set[str] = field(default_factory=set, init=False, repr=False)
+    _tls_context: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        if self.tls is not None:  # the files are checked with the configuration, not at the first export
+            from segmap.tls import client_context
+
+            self._tls_context = client_context(self.tls.files(f"destinations.{self.name}.tls"))
 
     def send(self, files: Sequence[Path]) -> None:
         instances = read_instances(files)
@@ -181,7 +190,7 @@ class DicomDestination:
         from pynetdicom import evt
 
         connected: list[bool] = []  # pynetdicom reports a refused connection as an abort; the open event tells
-        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title,
+        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title, tls_args=self._tls_args(),
                              evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(True))])
         if assoc.is_established:
             return assoc
@@ -191,6 +200,10 @@ class DicomDestination:
             raise ExportError(f"destination {self.name}: {self._peer} does not accept SOP Class "
                               f"{', '.join(dict.fromkeys(refused))} (no presentation context accepted)")
         raise DestinationUnavailable(f"destination {self.name}: {self._peer} {_association_failure(assoc, connected)}")
+
+    def _tls_args(self):
+        """(context, None) for pynetdicom when ``tls`` is set: the peer's certificate must be signed by ``ca``."""
+        return None if self._tls_context is None else (self._tls_context, None)
 
     def confirm(self, files: Sequence[Path]) -> bool:
         instances = read_instances(files)

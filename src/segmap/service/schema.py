@@ -191,3 +191,26 @@ def one_of(choices) -> Check:
 
 def text(v) -> str | None:
     return None if v.strip() else "is required (empty)"
+
+
+# ------------------------------------------------------------------------------------------------ DICOM TLS
+# A section shared by the listener (``listener.tls``) and a C-STORE destination (``destinations.<name>.tls``).
+
+
+@dataclasses.dataclass(frozen=True)
+class TlsConfig:
+    """DICOM TLS (PS3.15 Annex B): PEM files; relative paths are under the configuration file's folder."""
+
+    cert: Path | None = setting(None, "our certificate (PEM)")
+    key: Path | None = setting(None, "its private key (PEM, unencrypted)")
+    ca: Path | None = setting(None, "the CA certificate(s) that sign the peers' certificates (PEM)")
+    require_client_cert: bool = setting(False, "listener: refuse a sender without a certificate signed by ca")
+
+    def files(self, where: str, base: Path | None = None):
+        """The :class:`segmap.tls.TlsFiles` for these settings (``where`` names the section in errors)."""
+        from segmap.tls import TlsFiles
+
+        def under(p):
+            return None if p is None else (Path(p) if base is None or Path(p).is_absolute() else base / p)
+
+        return TlsFiles(under(self.cert), under(self.key), under(self.ca), self.require_client_cert, where)

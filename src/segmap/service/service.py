@@ -102,10 +102,8 @@ class Service:
         if cfg.listener is not None and cfg.does_intake:
             self.spool.remove_partial()  # temp files of writes a crash interrupted
             lc = cfg.listener
-            self.listener = DicomListener(lc.ae_title, lc.host, lc.port, spool=self.spool,
-                                          on_arrival=self.store.record_instance,
-                                          allowed_calling_ae_titles=lc.allowed_calling_ae_titles,
-                                          allowed_peers=lc.allowed_peers)
+            self.listener = DicomListener.from_config(lc, spool=self.spool, on_arrival=self.store.record_instance,
+                                                      base=cfg.path.parent)
             self.listener.start()
             log.info("DICOM listener %s on %s:%d", lc.ae_title, *self.listener.address[:2])
         # Last: /healthz answering means the intake is listening.

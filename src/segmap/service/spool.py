@@ -2,8 +2,13 @@
 
 An instance is acknowledged to its sender (C-STORE success) or its Orthanc change is marked read only after it is on
 disk for good, so :meth:`Spool.write` writes a temporary file in the target folder, flushes and fsyncs it, renames it
-into place (atomic on POSIX) and fsyncs the folder so that the rename itself survives a power loss. A crash leaves at
-most a ``.tmp`` file behind, never a truncated ``.dcm``; :meth:`Spool.remove_partial` clears those at start-up.
+into place (a hard link, atomic on POSIX, that never replaces a file) and fsyncs the folder so that the new name itself
+survives a power loss. A crash leaves at most a ``.tmp`` file behind, never a truncated ``.dcm``;
+:meth:`Spool.remove_partial` clears those at start-up.
+
+A SOP Instance UID names one instance for good (PS3.3 C.12.1.1.1): an instance whose UID is already in the spool is
+accepted again only with the same bytes (a retry, a re-send: nothing changes); different bytes under that UID raise
+:class:`ConflictingInstance` and the stored file, which series versions and jobs may already use, stays as it was.
 
 The UIDs become path components, so they are checked against the DICOM UID grammar first: a sender cannot write
 outside the spool with a UID such as ``..``.
@@ -11,11 +16,14 @@ outside the spool with a UID such as ``..``.
 
 from __future__ import annotations
 
+import filecmp
 import io
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 from pydicom.dataset import Dataset
 
@@ -25,6 +33,10 @@ from segmap.errors import InputError
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _PREAMBLE_AND_PREFIX = 132
 TEMP_SUFFIX = ".tmp"
+
+
+class ConflictingInstance(InputError):
+    """An instance whose SOP Instance UID the spool holds already, with different content."""
 
 
 def check_uid(value: object, what: str) -> str:
@@ -65,8 +77,9 @@ class Spool:
 
         ``bytes`` must already be a DICOM Part 10 file (preamble, ``DICM``, file meta): they are written unchanged, so
         a compressed instance stays exactly as the sender encoded it. A :class:`~pydicom.dataset.Dataset` must carry
-        its ``file_meta`` and is written in the DICOM file format. An instance already there is replaced (the same
-        SOP Instance UID sent again). Raises :class:`InputError` for bad UIDs or bytes that are not a DICOM file, and
+        its ``file_meta`` and is written in the DICOM file format. An instance already there (the same SOP Instance UID
+        sent again) is kept: the same bytes again change nothing, different bytes raise
+        :class:`ConflictingInstance`. Raises :class:`InputError` for bad UIDs or bytes that are not a DICOM file, and
         lets :class:`OSError` (disk full, permissions) through for the caller to answer "out of resources".
         """
         target = self.path(study_uid, series_uid, sop_uid)
@@ -81,20 +94,43 @@ class Spool:
             data = buffer.getvalue()
         else:
             raise TypeError(f"expected a pydicom Dataset or bytes, got {type(dataset_or_bytes).__name__}")
+        return self._commit(target, lambda out: out.write(data))
+
+    def write_file(self, source: str | Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """Like :meth:`write` for a DICOM Part 10 file already on disk (a data set received in chunks), copied in
+        blocks: an instance of any size passes through a small buffer, never whole through memory."""
+        target = self.path(study_uid, series_uid, sop_uid)
+        with open(source, "rb") as src:
+            if not is_part10(src.read(_PREAMBLE_AND_PREFIX + 1)):
+                raise InputError(f"instance {sop_uid} of series {series_uid}: the data is not a DICOM Part 10 file "
+                                 "(no preamble and DICM prefix)")
+            src.seek(0)
+            return self._commit(target, lambda out: shutil.copyfileobj(src, out, 1 << 20))
+
+    def _commit(self, target: Path, fill: Callable[[BinaryIO], object]) -> Path:
+        """Write a temporary file with ``fill``, make it durable and give it the name ``target`` unless that name
+        exists: then the same content is a no-op and different content :class:`ConflictingInstance`."""
         self._make_dirs(target.parent)
         fd, temp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=TEMP_SUFFIX, dir=target.parent)
         try:
             with os.fdopen(fd, "wb") as out:
-                out.write(data)
+                fill(out)
                 out.flush()
                 os.fsync(out.fileno())
-            os.replace(temp_name, target)
-        except BaseException:
+            try:
+                os.link(temp_name, target)  # unlike a rename, never replaces what is there
+                linked = True
+            except FileExistsError:
+                linked = False
+            if not linked and not filecmp.cmp(temp_name, target, shallow=False):
+                raise ConflictingInstance(
+                    f"SOP Instance {target.stem} of series {target.parent.name} is already stored with different "
+                    f"content (a changed instance needs a new SOP Instance UID)")
+        finally:
             try:
                 os.unlink(temp_name)
             except FileNotFoundError:
                 pass
-            raise
         _fsync_dir(target.parent)
         return target
 

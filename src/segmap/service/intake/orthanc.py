@@ -11,12 +11,17 @@ Orthanc 1.10 cannot filter ``/changes`` by type, so every page is read and filte
 :class:`Arrival` (UIDs and Modality from Orthanc's main DICOM tags; the file is fetched only when the job runs),
 ``StableSeries`` marks the series stable. Errors are :class:`OrthancError` with one line naming the URL (never the
 credentials).
+
+A feed that does not advance (``Done: false`` with ``Last`` not past the cursor) ends the poll and is not asked
+again for a back-off that doubles from ``stall_backoff_s`` up to :data:`MAX_STALL_BACKOFF_S` while it stays stuck; one
+poll reads at most :data:`MAX_PAGES_PER_POLL` pages, so even a feed that always has more returns to the loop.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -29,6 +34,11 @@ from segmap.service.store import Arrival
 
 log = logging.getLogger("segmap.service.orthanc")
 
+#: Longest wait before asking a feed that did not advance again.
+MAX_STALL_BACKOFF_S = 60.0
+#: Pages read by one poll at most.
+MAX_PAGES_PER_POLL = 100
+
 
 class OrthancFollower:
     """Follows one Orthanc's ``/changes`` into the job store as source ``orthanc:<name>``.
@@ -37,13 +47,17 @@ class OrthancFollower:
     continues where the last committed page ended.
     """
 
-    def __init__(self, client: OrthancClient, store, spool: Spool, name: str = "main", page_size: int = 100):
+    def __init__(self, client: OrthancClient, store, spool: Spool, name: str = "main", page_size: int = 100,
+                 stall_backoff_s: float = 1.0):
         self.client = client
         self.store = store
         self.spool = spool
         self.name = name
         self.source = f"orthanc:{name}"
         self.page_size = int(page_size)
+        self.stall_backoff_s = float(stall_backoff_s)
+        self._stalls = 0
+        self._resume_at = 0.0
 
     def poll_once(self) -> int:
         """Read the feed from the stored cursor to its end, committing page by page; returns new instances.
@@ -51,10 +65,15 @@ class OrthancFollower:
         Raises :class:`OrthancError` when Orthanc cannot be reached; the pages committed before stay committed and the
         next call continues after them.
         """
+        if time.monotonic() < self._resume_at:
+            return 0  # backing off from a feed that did not advance
         since = self.store.cursor(self.source)
         new = 0
-        while True:
+        for _ in range(MAX_PAGES_PER_POLL):
             changes, last, done = self.client.changes(since, self.page_size)
+            if changes and last <= since and not done:
+                self._stalled(since)
+                break
             if not changes:
                 if last < since:
                     # Orthanc's change log ends before our cursor: its database was replaced. Its sequence numbers
@@ -72,9 +91,21 @@ class OrthancFollower:
                 log.debug("Orthanc %s: changes %d..%d: %d instances, %d stable series", self.name, since + 1, last,
                           len(arrivals), len(stable))
             since = last
+            if self._stalls:
+                log.info("Orthanc %s (%s): its change feed moves again (at %d)", self.name, self.client.url, last)
+                self._stalls = 0
             if done:
                 break
         return new
+
+    def _stalled(self, since: int) -> None:
+        """The feed says there is more but did not move past ``since``: wait before asking again, longer each time."""
+        wait = min(MAX_STALL_BACKOFF_S, self.stall_backoff_s * 2 ** self._stalls)
+        if not self._stalls:
+            log.warning("Orthanc %s (%s): /changes answers Done: false without moving Last past %d; asking again "
+                        "after a back-off (up to %.0f s)", self.name, self.client.url, since, MAX_STALL_BACKOFF_S)
+        self._stalls += 1
+        self._resume_at = time.monotonic() + wait
 
     def _translate(self, changes: Iterable[dict]) -> tuple[list[Arrival], list[str]]:
         arrivals: list[Arrival] = []

@@ -17,7 +17,7 @@ from .base import Runner
 def _docker(options: Any, workdir: Path, where: str) -> Runner:
     from .docker import DockerRunner  # lazy: the Docker SDK is needed only by a service that runs containers here
 
-    return DockerRunner()
+    return DockerRunner(options=options)
 
 
 def _kubernetes(options: Any, workdir: Path, where: str) -> Runner:
@@ -33,4 +33,5 @@ RUNNERS: dict[str, Callable[[Any, Path, str], Runner]] = {"docker": _docker, "ku
 def make_runner(config) -> Runner:
     """The runner a :class:`~segmap.service.config.ServiceConfig` names."""
     kind = config.runner.kind
-    return RUNNERS[kind](config.runner.options, config.workdir, f"{config.path}: runner.{kind}")
+    options = getattr(config.runner, "docker", None) if kind == "docker" else config.runner.options
+    return RUNNERS[kind](options, config.workdir, f"{config.path}: runner.{kind}")

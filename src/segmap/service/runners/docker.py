@@ -8,6 +8,11 @@ is adopted, never started a second time, also when two starters race (the engine
 Each container runs isolated: no network, the input folder mounted read-only, a writable per-job output folder, a
 non-root user, CPU and memory limits (swap off, so an out-of-memory run is reported as such instead of crawling),
 every capability dropped, no privilege escalation, and GPUs only when the spec names them.
+
+And bounded (:class:`DockerOptions`, ``runner.docker``): a limit on its processes (a fork bomb stops there), a
+read-only root filesystem with a small tmpfs at ``/tmp`` (nothing written into the engine's storage), and a cap on
+what it writes into its output folder, checked at every status poll while it runs and once when it ends: a run
+over the cap is killed and failed with one line, so one MAP cannot fill the disk that holds the spool and the store.
 """
 
 from __future__ import annotations
@@ -17,12 +22,14 @@ import os
 import platform
 import stat
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from ...errors import RunnerError
 from segmap.text import one_line
+from ..schema import memory as _memory_check, positive, setting
 from .base import CONTAINER_INPUT, CONTAINER_OUTPUT, RunSpec, RunStatus
 
 log = logging.getLogger(__name__)
@@ -35,6 +42,18 @@ DEADLINE_LABEL = "segmap.deadline"
 TIMEOUT_LABEL = "segmap.timeout_s"
 #: The engine's "never" for StartedAt/FinishedAt.
 _ZERO_TIME = "0001-01-01T00:00:00Z"
+
+
+@dataclass(frozen=True)
+class DockerOptions:
+    """``runner.docker``: what bounds each MAP container besides CPUs, memory and time."""
+
+    pids_limit: int = setting(1024, "processes and threads per container", check=positive)
+    read_only_root: bool = setting(True, "the container's root filesystem read-only (writes go to /tmp and the "
+                                         "output folder)")
+    tmpfs_size: str = setting("512m", "size of the tmpfs at /tmp (in the container's memory)", check=_memory_check)
+    max_output_bytes: int = setting(8 << 30, "bytes a run may write into its output folder; past it the run is "
+                                             "killed and failed", check=positive)
 
 
 class DockerRunner:
@@ -50,7 +69,8 @@ class DockerRunner:
     runs_digest = True
     local = True
 
-    def __init__(self, client: Any = None, *, user: str | None = None) -> None:
+    def __init__(self, client: Any = None, *, user: str | None = None,
+                 options: DockerOptions | None = None) -> None:
         if client is None:
             try:
                 import docker
@@ -61,6 +81,7 @@ class DockerRunner:
                 raise RunnerError(f"cannot reach the Docker engine at {_docker_host()}: {_reason(e)}") from e
         self.client = client
         self.user = user
+        self.options = options or DockerOptions()
         self._node: str | None = None
 
     # ----------------------------------------------------------------------------------------------- interface
@@ -124,7 +145,27 @@ class DockerRunner:
             if container is None:
                 return RunStatus("failed", error=f"timed out after {timeout} s")
             state = container.attrs.get("State", {})
+        over = self._output_over_cap(container)
+        if over is not None:
+            if state.get("Status") in ("running", "restarting", "paused"):
+                log.warning("run %s: %s; killing it", name, over)
+                self._kill(container)
+                container = self._get(name) or container
+                state = container.attrs.get("State", {})
+            return RunStatus("failed", exit_code=state.get("ExitCode"), error=over,
+                             started_at=_epoch(state.get("StartedAt")), finished_at=_epoch(state.get("FinishedAt")),
+                             node=self._node_name())
         return self._status_of(container, state)
+
+    def _output_over_cap(self, container) -> str | None:
+        """One line when the run's output folder holds more than ``max_output_bytes`` (None: within the cap)."""
+        cap = self.options.max_output_bytes
+        for mount in container.attrs.get("Mounts", []):
+            if mount.get("Destination") == CONTAINER_OUTPUT and mount.get("Source"):
+                written = _folder_bytes(Path(mount["Source"]), stop_past=cap)
+                if written > cap:
+                    return f"wrote more than runner.docker.max_output_bytes ({_size(cap)}) into its output folder"
+        return None
 
     def logs(self, name: str, tail: int = 200) -> str:
         container = self._get(name)
@@ -175,7 +216,12 @@ class DockerRunner:
                         str(Path(spec.output_dir).resolve()): {"bind": CONTAINER_OUTPUT, "mode": "rw"}},
             "cap_drop": ["ALL"],
             "security_opt": ["no-new-privileges"],
+            "pids_limit": self.options.pids_limit,
         }
+        if self.options.read_only_root:
+            options["read_only"] = True
+            # A world-writable, sticky /tmp in the container's memory (counted against its memory limit).
+            options["tmpfs"] = {"/tmp": f"rw,nosuid,nodev,size={self.options.tmpfs_size},mode=1777"}
         if spec.cpus:
             options["nano_cpus"] = int(float(spec.cpus) * 1e9)
         if spec.memory:
@@ -323,6 +369,28 @@ class DockerRunner:
 
 
 # ------------------------------------------------------------------------------------------------ functions
+
+
+def _folder_bytes(folder: Path, stop_past: int) -> int:
+    """Bytes of the files under ``folder`` (symbolic links not followed), counting stopped once past ``stop_past``."""
+    total = 0
+    stack = [folder]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_blocks * 512
+            except OSError:
+                continue
+            if total > stop_past:
+                return total
+    return total
 
 
 def _docker_host() -> str:
