@@ -271,3 +271,19 @@ def test_serve_check_accepts_a_multi_modality_map_and_runs_the_routing_checks(tm
     done = subprocess.run([sys.executable, "-m", "segmap.cli", "serve", "-c", str(cfg), "--check"],
                           capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.startswith("OK"), done.stderr
+
+
+def test_submit_counts_the_jobs_a_study_makes_with_the_services_routing(tmp_path):
+    from segmap.submit.client import expected_results
+
+    task = write_task(tmp_path)
+    doc = {"service": {"workdir": str(tmp_path / "work")}, "listener": {"port": 11112},
+           "maps": [{"name": "twomr", "image": "example/twomr:1", "task": str(task)},
+                    {"name": "spleen", "image": "example/spleen:1",
+                     "task": str(Path(__file__).resolve().parents[1] / "tasks" / "spleen.yaml")}]}
+    cfg = tmp_path / "segmap.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    write_study(tmp_path / "full")
+    assert expected_results(cfg, tmp_path / "full") == {"twomr": 1}
+    write_study(tmp_path / "half", series=(("T1 axial", 1, 6),))
+    assert expected_results(cfg, tmp_path / "half") == {}
