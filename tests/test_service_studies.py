@@ -19,7 +19,7 @@ from pydicom.uid import generate_uid
 
 from segmap.demo.phantom import make_phantom, write_dicom_series
 from segmap.dicom.loading import scan_dicom_folder
-from segmap.service.config import parse_config
+from segmap.service.config import MapConfig, parse_config
 from segmap.service.routing import route
 from segmap.service.runners.base import RunStatus
 from segmap.service.service import Service
@@ -150,7 +150,6 @@ def test_the_study_key_names_every_choice_and_nothing_else():
 
 def test_decide_fills_each_modality_and_explains_what_was_passed_over(tmp_path):
     study = write_study(tmp_path, series=(("T1 axial", 1, 6), ("T2 axial", 2, 6), ("T2 scout", 3, 3)))
-    from segmap.service.config import MapConfig
 
     task = load_task(write_task(tmp_path))
     d = decide(scan_dicom_folder(tmp_path), task, MapConfig("twomr", "img", tmp_path / "task.yaml"))
@@ -163,7 +162,6 @@ def test_decide_fills_each_modality_and_explains_what_was_passed_over(tmp_path):
 
 
 def test_decide_names_the_missing_modality_and_ignores_studies_for_no_modality(tmp_path):
-    from segmap.service.config import MapConfig
 
     task = load_task(write_task(tmp_path))
     m = MapConfig("twomr", "img", tmp_path / "task.yaml")
@@ -175,7 +173,6 @@ def test_decide_names_the_missing_modality_and_ignores_studies_for_no_modality(t
 
 
 def test_a_series_is_never_a_job_of_a_study_map_and_says_which_modality_it_may_fill(tmp_path):
-    from segmap.service.config import MapConfig
 
     task = load_task(write_task(tmp_path))
     study = write_study(tmp_path, series=(("T2 axial", 2, 6),))

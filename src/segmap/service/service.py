@@ -41,7 +41,7 @@ from .runners.base import RunSpec
 from .spool import Spool
 from .states import State
 from .store import Job, JobStore, NewJob, SeriesVersion
-from .studies import close_due_studies, study_input_dir
+from .studies import Loop, close_due_studies, study_input_dir
 from .web import make_server
 from .workspace import append_attempt_log, fresh_folder
 
@@ -164,7 +164,7 @@ class Service:
     def tick(self, now: float | None = None) -> None:
         if self.cfg.does_intake:
             self.close_due_series(now)
-            close_due_studies(self, now)
+            close_due_studies(Loop(self.store, self.workspace, self.cfg, self.tasks, self._digest), now)
         if self.cfg.does_work:
             self.advance_held(now)
             self.claim(now)
@@ -257,7 +257,7 @@ class Service:
     def _spec(self, job: Job) -> RunSpec:
         rc = self.cfg.runner
         image = job.image_digest if self.runner.runs_digest and job.image_digest.startswith("sha256:") else job.image
-        input_dir = study_input_dir(self, job) or self.workspace.series_dir(job.series_id)
+        input_dir = study_input_dir(self.store, self.workspace, job) or self.workspace.series_dir(job.series_id)
         return RunSpec(name=job.run_name, image=image, input_dir=input_dir,
                        output_dir=Path(job.output_dir), env={"SEGMAP_UID_SEED": job.key}, cpus=rc.cpus,
                        memory=rc.memory, gpus=rc.gpus, timeout_s=rc.timeout_s,

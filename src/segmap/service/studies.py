@@ -32,7 +32,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from segmap.dicom.loading import DicomScan, DicomSeries, scan_dicom_folder
 from segmap.dicom.selection import SeriesSelection, select_for_task, select_series
@@ -40,14 +40,12 @@ from segmap.errors import InputError, SegmapError
 from segmap.tasks import SegmentationTask
 from segmap.text import one_line
 
-from .config import MapConfig
+from .config import MapConfig, ServiceConfig
 from .keys import run_name, seg_uids
 from .routing import not_a_trigger, trigger_holds
 from .states import State
 from .store import JobStore, NewJob, SeriesVersion, _series
-
-if TYPE_CHECKING:
-    from .service import Service
+from .workspace import Workspace
 
 log = logging.getLogger("segmap.service")
 
@@ -285,20 +283,31 @@ def link_input(folder: Path, files: Iterable[tuple[str, Path]]) -> Path:
     return folder
 
 
-def study_input_dir(service: "Service", job) -> Path | None:
+def study_input_dir(store: JobStore, workspace: Workspace, job) -> Path | None:
     """The input folder of a study job (``jobs/RUN/input``, refilled from its series versions when a restart or a
     cleanup lost it); None for a series job."""
-    inputs = StudyBook(service.store).inputs(job.key)
+    inputs = StudyBook(store).inputs(job.key)
     if not inputs:
         return None
     folder = Path(job.output_dir).parent / "input"
     for key, series_id in inputs:
-        src = service.workspace.series_dir(series_id)
+        src = workspace.series_dir(series_id)
         link_input(folder / str(series_id), [(p.name, p) for p in sorted(src.glob("*.dcm"))])
     return folder
 
 
-def _study_scan(service: "Service", versions: Sequence[SeriesVersion]) -> tuple[DicomScan, dict[str, SeriesVersion]]:
+@dataclass(frozen=True)
+class Loop:
+    """What the service loop lends this step: its store, workdir, configuration, tasks and image digests."""
+
+    store: JobStore
+    workspace: Workspace
+    cfg: ServiceConfig
+    tasks: Mapping[str, SegmentationTask]
+    digest: Callable[[str], str]
+
+
+def _study_scan(service: Loop, versions: Sequence[SeriesVersion]) -> tuple[DicomScan, dict[str, SeriesVersion]]:
     """The image series of the study's closed versions (never-trigger series left out), and series UID -> version."""
     series: list[DicomSeries] = []
     by_uid = {}
@@ -319,8 +328,9 @@ def _study_scan(service: "Service", versions: Sequence[SeriesVersion]) -> tuple[
     return DicomScan(folder=service.workspace.root, series=series), by_uid
 
 
-def close_due_studies(service: "Service", now: float | None = None) -> None:
-    """Step 1b of the loop: look at the studies due for each multi-modality MAP; fail those waiting too long."""
+def close_due_studies(service: Loop, now: float | None = None) -> None:
+    """Step 1b of the service loop: look at the studies due for each multi-modality MAP; fail those waiting too
+    long."""
     now = time.time() if now is None else now
     maps = [m for m in service.cfg.maps if is_study_map(service.tasks[m.name])]
     if not maps:
@@ -336,7 +346,7 @@ def close_due_studies(service: "Service", now: float | None = None) -> None:
         log.warning("study %s: no job for %s: %s", s.study_uid, s.map_name, s.decision)
 
 
-def _look(service: "Service", book: StudyBook, m: MapConfig, study_uid: str, seen_closed_at: float,
+def _look(service: Loop, book: StudyBook, m: MapConfig, study_uid: str, seen_closed_at: float,
           now: float) -> None:
     scan, by_uid = _study_scan(service, book.closed_versions(study_uid))
     task = service.tasks[m.name]
@@ -350,7 +360,7 @@ def _look(service: "Service", book: StudyBook, m: MapConfig, study_uid: str, see
         return
     inputs = [(key, by_uid[sel.series.series_instance_uid]) for key, sel in decision.chosen.items()]
     sops = {key: (v.series_uid, [i.sop_uid for i in service.store.instances(v.id)]) for key, v in inputs}
-    digest = service._digest(m.image)
+    digest = service.digest(m.image)
     key = study_job_key(study_uid, sops, m.name, m.destinations, digest)
     name = run_name(key)
     output_dir = service.workspace.output_dir(name)
