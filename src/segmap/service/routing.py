@@ -35,26 +35,16 @@ class Route:
 
 
 def load_routable_tasks(maps: Sequence[MapConfig]) -> dict[str, SegmentationTask]:
-    """MAP name -> its task, after every check ``segmap serve`` makes of the MAPs before it starts (``segmap serve
-    --check`` runs the same): each task loads, has at least one modality, and every modality has DICOM rules."""
+    """MAP name -> its task: what ``segmap serve`` loads and checks of its MAPs before it serves, and what ``segmap
+    serve --check`` runs too. Any task whose modalities all have DICOM rules is routable (one modality: per series;
+    several: per study, :mod:`.studies`); the configuration reader already refused a task without rules."""
     tasks = {}
     for i, m in enumerate(maps):
         try:
-            task = load_task(m.task, m.task_name)
+            tasks[m.name] = load_task(m.task, m.task_name)
         except SegmapError as e:
             raise ServiceConfigError(f"maps[{i}] ({m.name}): {first_line(e)}") from None
-        check_routable(i, m, task)
-        tasks[m.name] = task
     return tasks
-
-
-def check_routable(index: int, m: MapConfig, task: SegmentationTask) -> None:
-    if not task.modalities:
-        raise ServiceConfigError(f"maps[{index}] ({m.name}): task '{task.name}' has no modality to route on")
-    for modality in task.modalities:
-        if modality.rules is None:
-            raise ServiceConfigError(f"maps[{index}] ({m.name}): modality '{modality.key}' of task '{task.name}' "
-                                     f"has no Rules_Text, so no DICOM series can be routed to it")
 
 
 def trigger_holds(series: DicomSeries, m: MapConfig) -> bool:

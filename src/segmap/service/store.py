@@ -86,7 +86,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             first_seen {real} NOT NULL, evaluated_at {real}, seen_closed_at {real} NOT NULL, decision TEXT,
             lacking TEXT, job_key TEXT, UNIQUE (study_uid, map_name))""",
         """CREATE TABLE job_inputs (
-            job_key TEXT NOT NULL, position INTEGER NOT NULL, modality_key TEXT NOT NULL, series_id BIGINT NOT NULL,
+            job_key TEXT NOT NULL, input_order INTEGER NOT NULL, modality_key TEXT NOT NULL, series_id BIGINT NOT NULL,
             PRIMARY KEY (job_key, modality_key))""",
         """CREATE INDEX series_study ON series (study_uid)""",
     ]),

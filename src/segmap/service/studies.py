@@ -202,9 +202,9 @@ class StudyBook:
                 inserted = cur.fetchone()
                 created = inserted is not None
                 if created:
-                    for position, (key, v) in enumerate(inputs):
-                        db.execute("INSERT INTO job_inputs (job_key, position, modality_key, series_id) "
-                                   "VALUES (?, ?, ?, ?)", (job.key, position, key, v.id))
+                    for order, (key, v) in enumerate(inputs):
+                        db.execute("INSERT INTO job_inputs (job_key, input_order, modality_key, series_id) "
+                                   "VALUES (?, ?, ?, ?)", (job.key, order, key, v.id))
                     self.store._event(db, inserted["id"], State.QUEUED,
                                       f"study complete: {', '.join(f'{k} <- {v.series_uid} v{v.version}' for k, v in inputs)}",
                                       now)
@@ -247,7 +247,7 @@ class StudyBook:
     def inputs(self, job_key: str) -> list[tuple[str, int]]:
         """(modality key, series version id) of a study job, in task order; [] for a series job."""
         rows = self.store._db().execute("SELECT modality_key, series_id FROM job_inputs WHERE job_key = ? "
-                                        "ORDER BY position", (job_key,)).fetchall()
+                                        "ORDER BY input_order", (job_key,)).fetchall()
         return [(r["modality_key"], r["series_id"]) for r in rows]
 
 
