@@ -265,3 +265,19 @@ def test_dicom_query_names_a_refused_cget(tmp_path):
     finally:
         server.stop()
     assert "C-GET" in str(e.value) and SUBMIT_AE in str(e.value) and "\n" not in str(e.value)
+
+
+def test_submit_waits_for_the_seg_of_every_job_the_study_makes(orthanc, tmp_path):
+    """Two MAPs make a SEG each of one study: with ``expect=2`` the client does not stop at the first."""
+    study = phantom(tmp_path / "ct")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = PlayService(orthanc, study, tmp_path / "a"), PlayService(orthanc, study, tmp_path / "b", delay=4)
+    first.start()
+    second.start()
+    paths, lines = run_submit(orthanc, study, f"orthanc+{orthanc.url}", tmp_path, expect=2)
+    first.join(30)
+    second.join(30)
+    assert first.error is None and second.error is None
+    assert sorted(str(pydicom.dcmread(p).SOPInstanceUID) for p in paths) == sorted([first.seg_uid, second.seg_uid])
+    assert "waiting up to 60 s for 2 SEG series" in " ".join(lines)

@@ -88,3 +88,13 @@ def test_an_image_series_we_made_is_never_a_trigger(ct, tmp_path):
     assert not r.matched and "made by segmap" in r.reason
     (r,) = route(scan_dicom_folder(ct["dicom_dir"]), maps(), TASKS, lambda uid: uid == ct["series_uid"])
     assert not r.matched and "output of one of our jobs" in r.reason
+
+
+def test_serve_loads_every_task_once_and_names_the_map_of_a_broken_one(tmp_path):
+    from segmap.errors import ServiceConfigError
+    from segmap.service.routing import load_routable_tasks
+
+    assert list(load_routable_tasks(maps())) == ["spleen"]
+    (tmp_path / "bad.yaml").write_text("tasks: {}\n")
+    with pytest.raises(ServiceConfigError, match=r"maps\[1\] \(broken\)"):
+        load_routable_tasks([*maps(), MapConfig("broken", "img", tmp_path / "bad.yaml")])

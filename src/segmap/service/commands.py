@@ -15,8 +15,10 @@ from . import operations
 from .config import EXAMPLE, load_config
 from .operations import OperationRefused
 from .runners import make_runner
+from .routing import load_routable_tasks
 from .service import Service
 from .store import JobStore
+from .studies import study_lines
 from .web import human_seconds
 
 log = logging.getLogger("segmap.service")
@@ -34,6 +36,7 @@ def serve(args: argparse.Namespace) -> int:
         return 0
     config = _load(args)
     if args.check:
+        load_routable_tasks(config.maps)  # what Service() checks of the MAPs before it serves
         print(f"OK: {config.path}: {len(config.maps)} MAP(s), "
               f"intake: {', '.join(x for x in ('listener' if config.listener else '', config.orthanc.source if config.orthanc else '') if x)}, "
               f"runner {config.runner.kind}, workdir {config.workdir}")
@@ -66,11 +69,15 @@ def jobs(args: argparse.Namespace) -> int:
             print(f"{j.key[:12]:<12} {j.map_name[:12]:<12} {j.state:<10} {j.attempts}/{j.max_attempts:<3} "
                   f"{human_seconds(j.age_s):>9} {human_seconds(j.duration_s):>9} {(j.worker or '-')[:12]:<12} "
                   f"{j.error or j.series_uid}")
+        for line in study_lines(store):  # studies of multi-modality MAPs waiting for a modality, or failed
+            print(line)
         return 0
     if args.action == "series":
         for v in store.series_versions(args.limit):
             print(f"{v.series_uid} v{v.version} {v.modality or '?'} {v.instance_count} inst. {v.source} {v.state}"
                   f"{': ' + v.decision if v.decision else ''}")
+        for line in study_lines(store, states=None):  # which series filled which modality, what was passed over
+            print(line)
         return 0
     if not args.job:
         raise SegmapError(f"`segmap jobs {args.action}` needs a job key (or prefix) or id")

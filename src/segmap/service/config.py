@@ -147,6 +147,10 @@ class ServiceConfig:
     role: str = setting("all", "all, intake (listener/follower) or worker (claim, run, export)",
                         check=schema.one_of(ROLES))
 
+    # Study-level jobs (multi-modality MAPs, :mod:`.studies`).
+    study_give_up_s: float = setting(86400.0, "seconds a study of a multi-modality MAP may wait for a missing "
+                                              "modality before it is failed", check=schema.positive)
+
     @property
     def does_intake(self) -> bool:
         return self.role in ("all", "intake")

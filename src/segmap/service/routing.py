@@ -1,4 +1,4 @@
-"""Which MAPs a complete series is a job for.
+"""Which MAPs a complete series is a job for, and the checks of the MAPs made before serving.
 
 A series becomes a job for each configured MAP whose task's ``Rules_Text`` select it (the same selection code a
 MAP runs on its input, :mod:`segmap.dicom.selection`) and whose optional trigger holds. Never a trigger, with the
@@ -6,9 +6,8 @@ reason logged: anything that is not an image (SEG, RTSTRUCT, presentation states
 service from looping on its own output), and anything segmap produced -- recognised by the job store (the SEG
 series UIDs of our jobs) and by the Manufacturer our writer puts in every SEG.
 
-Multi-modality tasks need several series of a study; routing works per series, so such a MAP is routed on its
-first modality's rules only when the MAP's input holds the whole study -- not supported yet: it is refused at start
-with the reason (see :func:`check_routable`).
+A MAP whose task has several modalities is never a job for one series: its series only say which modality they
+may fill, and the study they belong to is looked at as a whole once it is quiet (:mod:`.studies`).
 """
 
 from __future__ import annotations
@@ -16,11 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
-from segmap.dicom.loading import NON_IMAGE_MODALITIES, DicomScan
+from segmap.dicom.loading import NON_IMAGE_MODALITIES, DicomScan, DicomSeries
 from segmap.dicom.selection import select_series
 from segmap.errors import SegmapError, ServiceConfigError
 from segmap.outputs.seg import MANUFACTURER as OUR_MANUFACTURER
-from segmap.tasks import SegmentationTask
+from segmap.tasks import SegmentationTask, load_task
+from segmap.text import first_line
 
 from .config import MapConfig
 
@@ -34,13 +34,25 @@ class Route:
     reason: str
 
 
-def check_routable(maps: Sequence[MapConfig], tasks: Mapping[str, SegmentationTask]) -> None:
+def load_routable_tasks(maps: Sequence[MapConfig]) -> dict[str, SegmentationTask]:
+    """MAP name -> its task: what ``segmap serve`` loads and checks of its MAPs before it serves, and what ``segmap
+    serve --check`` runs too. Any task whose modalities all have DICOM rules is routable (one modality: per series;
+    several: per study, :mod:`.studies`); the configuration reader already refused a task without rules."""
+    tasks = {}
     for i, m in enumerate(maps):
-        task = tasks[m.name]
-        if len(task.modalities) != 1:
-            raise ServiceConfigError(f"maps[{i}] ({m.name}): task '{task.name}' needs {len(task.modalities)} "
-                                     f"modalities; the service routes single series, so only single-modality tasks "
-                                     f"can be triggered")
+        try:
+            tasks[m.name] = load_task(m.task, m.task_name)
+        except SegmapError as e:
+            raise ServiceConfigError(f"maps[{i}] ({m.name}): {first_line(e)}") from None
+    return tasks
+
+
+def trigger_holds(series: DicomSeries, m: MapConfig) -> bool:
+    """Whether the MAP's optional trigger holds on ``series`` (always without a trigger)."""
+    if m.trigger is None:
+        return True
+    values = {str(inst.dataset.get(m.trigger.tag, "") or "") for inst in series.instances}
+    return any(m.trigger.contains.lower() in v.lower() for v in values)
 
 
 def not_a_trigger(scan: DicomScan, is_our_output: Callable[[str], bool]) -> str | None:
@@ -73,7 +85,11 @@ def route(scan: DicomScan, maps: Sequence[MapConfig], tasks: Mapping[str, Segmen
     series = scan.series[0]
     routes = []
     for m in maps:
-        modality = tasks[m.name].modalities[0]
+        task = tasks[m.name]
+        if len(task.modalities) > 1:
+            routes.append(_study_route(scan, series, m, task))
+            continue
+        modality = task.modalities[0]
         try:
             chosen = select_series(scan, modality.rules, modality_key=modality.key)
         except SegmapError as e:
@@ -82,12 +98,24 @@ def route(scan: DicomScan, maps: Sequence[MapConfig], tasks: Mapping[str, Segmen
         if chosen.series.series_instance_uid != series.series_instance_uid:
             routes.append(Route(m.name, False, "task rules select another stack"))
             continue
-        if m.trigger is not None:
-            values = {str(inst.dataset.get(m.trigger.tag, "") or "") for inst in series.instances}
-            if not any(m.trigger.contains.lower() in v.lower() for v in values):
-                routes.append(Route(m.name, False, f"trigger {m.trigger.tag} does not contain "
-                                                   f"{m.trigger.contains!r}"))
-                continue
+        if not trigger_holds(series, m):
+            routes.append(Route(m.name, False, f"trigger {m.trigger.tag} does not contain {m.trigger.contains!r}"))
+            continue
         routes.append(Route(m.name, True, f"selected by '{chosen.selection_name}'"))
     return routes
+
+
+def _study_route(scan: DicomScan, series: DicomSeries, m: MapConfig, task: SegmentationTask) -> Route:
+    """A multi-modality MAP: never a series job; which modalities the series may fill (the study decides)."""
+    fits = []
+    for modality in task.modalities:
+        try:
+            select_series(scan, modality.rules, modality_key=modality.key)
+        except SegmapError:
+            continue
+        fits.append(modality.key)
+    if not fits:
+        return Route(m.name, False, "study-level MAP: no modality's rules select it")
+    return Route(m.name, False, f"study-level MAP: may fill {', '.join(repr(k) for k in fits)}; decided with its "
+                                f"study {series.study_instance_uid}")
 

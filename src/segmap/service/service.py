@@ -29,19 +29,19 @@ import pydicom
 from segmap.dicom.loading import scan_dicom_folder
 from segmap.errors import DestinationUnavailable, ExportError, OrthancError, RunnerError, SegmapError
 from segmap.orthanc import OrthancClient
-from segmap.tasks import load_task
 
 from .config import ServiceConfig
 from .export import make_destination
 from .intake.listener import DicomListener
 from .intake.orthanc import OrthancFollower
 from .keys import job_key, run_name, seg_uids
-from .routing import check_routable, route
+from .routing import load_routable_tasks, route
 from .runners import make_runner
 from .runners.base import RunSpec
 from .spool import Spool
 from .states import State
 from .store import Job, JobStore, NewJob, SeriesVersion
+from .studies import Loop, close_due_studies, study_input_dir
 from .web import make_server
 from .workspace import append_attempt_log, fresh_folder
 
@@ -75,8 +75,7 @@ class Service:
         self.workspace = config.workspace
         self.workspace.create()
         self.store = JobStore(config.store_location)
-        self.tasks = {m.name: load_task(m.task, m.task_name) for m in config.maps}
-        check_routable(config.maps, self.tasks)
+        self.tasks = load_routable_tasks(config.maps)
         self.runner = runner if runner is not None else make_runner(config)
         if destinations is None:
             destinations = {name: make_destination(name, cfg) for name, cfg in config.destinations.items()}
@@ -163,6 +162,7 @@ class Service:
     def tick(self, now: float | None = None) -> None:
         if self.cfg.does_intake:
             self.close_due_series(now)
+            close_due_studies(Loop(self.store, self.workspace, self.cfg, self.tasks, self._digest), now)
         if self.cfg.does_work:
             self.advance_held(now)
             self.claim(now)
@@ -255,7 +255,8 @@ class Service:
     def _spec(self, job: Job) -> RunSpec:
         rc = self.cfg.runner
         image = job.image_digest if self.runner.runs_digest and job.image_digest.startswith("sha256:") else job.image
-        return RunSpec(name=job.run_name, image=image, input_dir=self.workspace.series_dir(job.series_id),
+        input_dir = study_input_dir(self.store, self.workspace, job) or self.workspace.series_dir(job.series_id)
+        return RunSpec(name=job.run_name, image=image, input_dir=input_dir,
                        output_dir=Path(job.output_dir), env={"SEGMAP_UID_SEED": job.key}, cpus=rc.cpus,
                        memory=rc.memory, gpus=rc.gpus, timeout_s=rc.timeout_s,
                        labels={"segmap.job": job.key, "segmap.map": job.map_name})

@@ -77,6 +77,19 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             id {id}, job_id BIGINT NOT NULL REFERENCES jobs (id), at {real} NOT NULL,
             state TEXT NOT NULL, message TEXT NOT NULL)""",
     ]),
+    # Study-level jobs (:mod:`.studies`): what each multi-modality MAP made of a study, and which series versions
+    # are a study job's input. No foreign keys, so that retention may delete jobs and series in any order.
+    (2, [
+        """CREATE TABLE studies (
+            id {id}, study_uid TEXT NOT NULL, map_name TEXT NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ('waiting', 'complete', 'failed', 'none')),
+            first_seen {real} NOT NULL, evaluated_at {real}, seen_closed_at {real} NOT NULL, decision TEXT,
+            lacking TEXT, job_key TEXT, UNIQUE (study_uid, map_name))""",
+        """CREATE TABLE job_inputs (
+            job_key TEXT NOT NULL, input_order INTEGER NOT NULL, modality_key TEXT NOT NULL, series_id BIGINT NOT NULL,
+            PRIMARY KEY (job_key, modality_key))""",
+        """CREATE INDEX series_study ON series (study_uid)""",
+    ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -25,15 +25,32 @@ def add_submit_parser(sub) -> None:
     p.add_argument("--out", required=True, help="folder to save the SEG into")
     p.add_argument("--calling-ae", default="SEGMAP-SUBMIT", help="our AE title (default SEGMAP-SUBMIT)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the SEG (default 600)")
+    wait = p.add_mutually_exclusive_group()
+    wait.add_argument("--config", metavar="FILE", help="the service's configuration: wait for the SEG of every MAP "
+                                                      "(every job) it makes of this study")
+    wait.add_argument("--expect", type=int, default=None, metavar="N",
+                      help="wait for N SEG series (one per job the study makes; default 1)")
     p.set_defaults(func=_cmd_submit)
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from .client import submit  # lazy: see the module docstring
+    from .client import SubmitError, expected_results, submit  # lazy: see the module docstring
 
     t0 = time.monotonic()
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    expect = args.expect or 1
+    if args.config:
+        counts = expected_results(args.config, args.study)
+        if not counts:
+            raise SubmitError(f"--config {args.config}: no MAP of the service makes a job of {args.study}")
+        expect = sum(counts.values())
+        say(f"the service makes {expect} job(s) of this study: "
+            + ", ".join(f"{name} x{n}" for name, n in counts.items()))
     paths = submit(Path(args.study), args.to, calling_ae=args.calling_ae, query=args.query, out_dir=Path(args.out),
-                   timeout_s=args.timeout, progress=lambda line: print(line, file=sys.stderr, flush=True))
+                   timeout_s=args.timeout, progress=say, expect=expect)
     for p in paths:
         print(p)
     print(f"segmap submit: {len(paths)} SEG file(s) in {time.monotonic() - t0:.1f} s", file=sys.stderr)

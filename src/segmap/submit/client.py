@@ -13,6 +13,10 @@ reports progress, and only a SEG that really references a sent series is taken. 
 A SEG that was already at the node before sending is taken only when it references exactly the instances sent
 (the service does not run the same input twice, so for an unchanged study that SEG is the answer); otherwise only
 a SEG that appeared after sending counts, so a study sent again with one more instance waits for its new SEG.
+
+One study may make several jobs (one per MAP whose rules select a series of it, one per study for a
+multi-modality MAP), each with its own SEG series: the client waits until ``expect`` SEG series answered.
+:func:`expected_results` counts them with the service's own routing, from its configuration file.
 """
 
 from __future__ import annotations
@@ -386,19 +390,50 @@ def _quiet_pynetdicom():
         logger.setLevel(level)
 
 
+def expected_results(config_path: str | Path, study_folder: str | Path) -> dict[str, int]:
+    """MAP name -> how many SEGs the service configured in ``config_path`` makes of the study in ``study_folder``
+    (MAPs that make none left out): its routing of each series, and each multi-modality MAP's study decision."""
+    from segmap.dicom.loading import scan_dicom_folder
+    from segmap.errors import SegmapError
+    from segmap.service.config import load_config
+    from segmap.service.routing import load_routable_tasks, route
+    from segmap.service.studies import COMPLETE, decide, is_study_map
+
+    try:
+        config = load_config(config_path)
+        tasks = load_routable_tasks(config.maps)
+        scan = scan_dicom_folder(study_folder)
+    except SegmapError as e:
+        raise SubmitError(f"--config {config_path}: {e}") from None
+    counts: dict[str, int] = {}
+    for series in scan.series:
+        one = type(scan)(folder=scan.folder, series=[series])
+        for r in route(one, config.maps, tasks, lambda uid: False):
+            if r.matched:
+                counts[r.map_name] = counts.get(r.map_name, 0) + 1
+    for m in config.maps:
+        if is_study_map(tasks[m.name]) and scan.series and decide(scan, tasks[m.name], m).state == COMPLETE:
+            counts[m.name] = 1
+    return counts
+
+
 def submit(study_folder: str | Path, to: str, *, calling_ae: str = "SEGMAP-SUBMIT", query: str,
            out_dir: str | Path, timeout_s: float = 600, poll_s: float = 2,
-           modality_filter: Sequence[str] = ("CT", "MR"), progress: Progress | None = None) -> list[Path]:
+           modality_filter: Sequence[str] = ("CT", "MR"), progress: Progress | None = None,
+           expect: int = 1) -> list[Path]:
     """Send the study in ``study_folder`` to ``to``, wait for its SEG at ``query``, save it in ``out_dir``.
 
     ``to`` is ``HOST:PORT[/AE]``; ``query`` is ``orthanc+http://HOST:PORT`` or ``dicom://HOST:PORT/AE``. Only
     series whose Modality is in ``modality_filter`` are sent. ``timeout_s`` bounds the wait for the SEG (seconds,
-    from the end of sending); the query node is asked every ``poll_s`` seconds. Returns the saved SEG files (every
-    SEG that referenced a sent series when the first one was found). Raises :class:`SubmitError` with one line
+    from the end of sending); the query node is asked every ``poll_s`` seconds, until ``expect`` SEG series (one
+    per job the study makes, see :func:`expected_results`) answered. Returns the saved SEG files (every SEG that
+    referenced a sent series by then). Raises :class:`SubmitError` with one line
     for a folder without DICOM or with several studies, a refused or unreachable node, a refused instance, and
     for a wait that ran out.
     """
     say = progress or (lambda line: None)
+    if expect < 1:
+        raise SubmitError(f"expect {expect}: must wait for at least one SEG")
     node = parse_node(to)
     if not calling_ae or len(calling_ae) > 16:
         raise SubmitError(f"calling AE title {calling_ae!r}: must be 1-16 characters")
@@ -410,26 +445,32 @@ def submit(study_folder: str | Path, to: str, *, calling_ae: str = "SEGMAP-SUBMI
     say(f"study {study.study_uid}: {len(study.files)} instances, series {described}")
 
     with _quiet_pynetdicom():
-        return _send_and_wait(study, node, finder, calling_ae, Path(out_dir), timeout_s, poll_s, say)
+        return _send_and_wait(study, node, finder, calling_ae, Path(out_dir), timeout_s, poll_s, say, expect)
 
 
 def _send_and_wait(study: Study, node: Node, finder, calling_ae: str, out_dir: Path, timeout_s: float,
-                   poll_s: float, say: Progress) -> list[Path]:
+                   poll_s: float, say: Progress, expect: int = 1) -> list[Path]:
     before = finder.snapshot(study.study_uid)
     send_study(study, node, calling_ae=calling_ae, progress=say)
-    say(f"waiting up to {timeout_s:g} s for a SEG at {finder.where}")
+    say(f"waiting up to {timeout_s:g} s for {expect} SEG series at {finder.where}")
     deadline = time.monotonic() + timeout_s
     last_note = time.monotonic()
+    paths: list[Path] = []
+    seg_series: set[str] = set()
     while True:
         found = finder.poll(study, before)
         if found:
-            paths = save(found, out_dir)
-            for ds, path in zip(found, paths):
+            saved = save(found, out_dir)
+            for ds, path in zip(found, saved):
                 say(f"found SEG {ds.SOPInstanceUID} (series {ds.SeriesInstanceUID}): {path}")
-            return paths
+                seg_series.add(str(ds.SeriesInstanceUID))
+            paths += saved
+            if len(seg_series) >= expect:
+                return paths
         now = time.monotonic()
         if now >= deadline:
-            raise SubmitError(f"no SEG referencing series {', '.join(study.series)} appeared at {finder.where} "
+            what = f"only {len(seg_series)} of {expect} SEG series" if seg_series else "no SEG"
+            raise SubmitError(f"{what} referencing series {', '.join(study.series)} appeared at {finder.where} "
                               f"within {timeout_s:g} s")
         if now - last_note >= 30:
             say(f"waiting ({deadline - now:.0f} s left)")
