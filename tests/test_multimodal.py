@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import yaml
+from pydicom import dcmread
 
 pytest.importorskip("dynamic_network_architectures")
 
@@ -16,6 +17,7 @@ from segmap_tools.plans import build_network, make_dataset_json, make_plans  # n
 from segmap.model import default_metadata, export_monet, load_model  # noqa: E402
 from segmap.run import run  # noqa: E402
 from segmap.settings import Settings  # noqa: E402
+from test_app import dciodvfy_errors  # noqa: E402
 
 RULES = '{"selections": [{"name": "%s", "conditions": {"Modality": "(?i)MR", "SeriesDescription": "(?i)%s"}}]}'
 
@@ -85,6 +87,15 @@ def test_dicom_two_modalities_on_reference_grid(setup, tmp_path):
     assert got.shape == t1.hu.shape
     assert np.array_equal(got, expected)
     assert len(np.unique(expected)) >= 2
+
+    # The SEG names every series it was derived from: T1 (its frames' source) and T2, each with all its instances.
+    seg = dcmread(tmp_path / "segmentation.dcm")
+    referenced = {str(item.SeriesInstanceUID): {str(i.ReferencedSOPInstanceUID) for i in item.ReferencedInstanceSequence}
+                  for item in seg.ReferencedSeriesSequence}
+    t2_series = next(s for s in scan.series if s.description == "T2 axial")
+    assert referenced == {ref.meta["series_instance_uid"]: set(ref.meta["sop_instance_uids"]),
+                          t2_series.series_instance_uid: {d.SOPInstanceUID for d in t2_series.datasets}}
+    assert dciodvfy_errors(tmp_path / "segmentation.dcm") == []
 
 
 def test_nifti_two_modalities_match_dicom(setup, tmp_path):

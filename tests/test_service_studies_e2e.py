@@ -123,7 +123,9 @@ def test_interleaved_studies_through_kill9_give_one_seg_each_and_only_a_changed_
             study = a if str(s.StudyInstanceUID) == a["study_uid"] else b
             (job,) = [j for j in jobs if j.study_uid == study["study_uid"]]
             assert (str(s.SeriesInstanceUID), str(s.SOPInstanceUID)) == seg_uids(job.key)
-            assert {str(r.SeriesInstanceUID) for r in s.ReferencedSeriesSequence} == {study["T1 axial"][0]}
+            # every input series: T1 (the frames' source) and T2
+            assert {str(r.SeriesInstanceUID) for r in s.ReferencedSeriesSequence} == {study["T1 axial"][0],
+                                                                                      study["T2 axial"][0]}
         assert "adopted" in svc.log()
 
         # The whole of study a again, unchanged: no new job.

@@ -54,6 +54,8 @@ class SourceImage(Protocol):
     volume: "Volume"
     #: DICOM input: the reference series' headers in the volume's z order; None for NIfTI input.
     reference_datasets: list | None
+    #: DICOM input of a multi-modality task: the headers of each further input series (not the reference one).
+    other_input_datasets: list | None
 
 
 class Writer(Protocol):

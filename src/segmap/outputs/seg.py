@@ -90,6 +90,7 @@ def write_seg(
     segmentation_type: str = SEG_TYPES[0],
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
+    other_input_series: Sequence[Sequence[pydicom.Dataset]] = (),
 ) -> Path:
     """Write ``labels_zyx`` as a DICOM SEG instance referencing ``source_datasets``; return the written path.
 
@@ -98,6 +99,10 @@ def write_seg(
     Columns == x); headers without PixelData are enough.
     ``series_description`` defaults to ``"segmap: <algorithm name>"``. New Series and SOP Instance UIDs are
     generated unless given. ``segmentation_type`` is ``"BINARY"`` (default) or ``"LABELMAP"``.
+    ``other_input_series``: the instance headers of the other series the label map was computed from (a
+    multi-modality model's further inputs, e.g. T2 and FLAIR beside T1); each is listed in the SEG's Referenced
+    Series Sequence (Common Instance Reference module), so the SEG names every series it was derived from, while
+    its frames reference the source series' slices.
 
     Raises ``ValueError`` for a label map that does not fit the source or the segments (naming the offending
     value or shape), :class:`~segmap.errors.InputError` when the source instances lack the identifiers a SEG must
@@ -139,6 +144,7 @@ def write_seg(
         omit_empty_frames=omit_empty_frames,
         workers=0,
     )
+    _reference_other_series(seg, other_input_series)
     seg.SeriesDescription = series_description
     now = datetime.datetime.now()
     seg.SeriesDate = now.strftime("%Y%m%d")
@@ -149,6 +155,30 @@ def write_seg(
     except OSError as e:
         raise OutputError(f"{path}: cannot write the DICOM SEG ({e.strerror or e})") from e
     return path
+
+
+def _reference_other_series(seg: pydicom.Dataset, other_input_series: Sequence[Sequence[pydicom.Dataset]]) -> None:
+    """Append each further input series (same study) to the SEG's Referenced Series Sequence, once per series."""
+    listed = {str(item.SeriesInstanceUID) for item in seg.ReferencedSeriesSequence}
+    for datasets in other_input_series:
+        datasets = list(datasets)
+        if not datasets:
+            continue
+        _check_source(datasets)
+        series_uid = str(datasets[0].SeriesInstanceUID)
+        if series_uid in listed:
+            continue
+        listed.add(series_uid)
+        item = pydicom.Dataset()
+        item.SeriesInstanceUID = series_uid
+        instances = []
+        for ds in datasets:
+            ref = pydicom.Dataset()
+            ref.ReferencedSOPClassUID = ds.SOPClassUID
+            ref.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+            instances.append(ref)
+        item.ReferencedInstanceSequence = instances
+        seg.ReferencedSeriesSequence.append(item)
 
 
 def segment_description(number: int, segment: Segment) -> hd.seg.SegmentDescription:
@@ -316,4 +346,5 @@ class DicomSegWriter:
                     "sop_instance_uid": seeded_uid(self.uid_seed, "sop")}
         return write_seg(labels.array[0], image.reference_datasets, self.segments, Path(folder) / self.filename,
                          omit_empty_frames=self.omit_empty_frames, software_version=provenance.software_versions,
-                         segmentation_type=self.segmentation_type, **uids)
+                         segmentation_type=self.segmentation_type,
+                         other_input_series=image.other_input_datasets or (), **uids)

@@ -57,3 +57,17 @@ class InputImage:
     #: DICOM only: modality key -> the selection of its series.
     selections: dict[str, SeriesSelection] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def other_input_datasets(self) -> list[list] | None:
+        """DICOM only: the headers of each chosen series besides the reference one (a SEG references them all)."""
+        if self.reference_datasets is None:
+            return None
+        reference = str(self.reference_datasets[0].SeriesInstanceUID) if self.reference_datasets else None
+        others, seen = [], {reference}
+        for selection in self.selections.values():
+            uid = selection.series.series_instance_uid
+            if uid not in seen:
+                seen.add(uid)
+                others.append(selection.series.datasets)
+        return others
