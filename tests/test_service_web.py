@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pacs import chromium
 from segmap.service.store import JobStore
-from segmap.service.web import make_server, redact_patient_lines
+from segmap.privacy import redact
+from segmap.service.web import make_server
 from segmap.service.workspace import Workspace
 from service_harness import seed_job
 
@@ -197,7 +198,7 @@ def test_job_detail_escapes_the_error_and_shows_the_log(web):
     assert keys["failed"] in r.text and "exit_code" in r.text
     done = requests.get(server.url + f"/jobs/{keys['done']}", timeout=10).text
     assert "segmentation written" in done and "every destination confirmed" in done
-    assert "Doe" not in done and "PatientName [redacted]" in done
+    assert "Doe" not in done and "PatientName: [redacted]" in done
     assert "total" in done and "45.000 s" in done
     api = requests.get(server.url + f"/api/jobs/{keys['done'][:8]}", timeout=10).json()
     assert api["key"] == keys["done"] and "Doe" not in api["log"]
@@ -206,9 +207,10 @@ def test_job_detail_escapes_the_error_and_shows_the_log(web):
 
 
 def test_redaction_of_patient_attributes_in_log_lines():
+    """The pages' one redaction function (segmap.privacy.redact) on the dump forms a log line carries."""
     text = ("(0010, 0010) Patient's Name PN: 'Doe^Jane'\nPatientID=ID-123 ok\n"
             "Patient's Birth Date DA: '19700101'\nseries 1.2.3 done")
-    out = redact_patient_lines(text)
+    out = redact(text)
     assert "Doe" not in out and "ID-123" not in out and "19700101" not in out
     assert out.splitlines()[-1] == "series 1.2.3 done"
 

@@ -14,6 +14,7 @@ prints.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any, Mapping
 import yaml
 from pydicom.datadict import tag_for_keyword
 
+from segmap.credentials import Secret
 from segmap.errors import SegmapError, ServiceConfigError
 from segmap.tasks import load_task
 
@@ -31,6 +33,7 @@ from .export import DESTINATIONS, make_destination
 from .runners import RUNNERS
 from .runners.options import KubernetesOptions
 from .schema import fail, read_section, setting
+from .security import WEB_PASSWORD, WEB_TOKEN, resolve_config_secrets
 from .workspace import Workspace
 
 RUNNER_KINDS = tuple(RUNNERS)
@@ -39,9 +42,21 @@ DESTINATION_KINDS = tuple(DESTINATIONS)
 
 
 @dataclass(frozen=True)
+class WebAuthConfig:
+    """Who may read the job page, /api/jobs, /metrics and /healthz; secrets from a file or the environment only."""
+
+    token_file: str | None = setting(None, "a file holding the bearer token (a mounted Secret)")
+    token_env: str | None = setting(None, "an environment variable holding the bearer token")
+    user: str | None = setting(None, "HTTP basic user (with password_file or password_env)")
+    password_file: str | None = setting(None, "a file holding the basic-auth password")
+    password_env: str | None = setting(None, "an environment variable holding the basic-auth password")
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     host: str = setting("127.0.0.1", "address of the job page, /metrics and /healthz")
     port: int = setting(8642, "its port (0: no web server)", check=lambda v: None if v == 0 else schema.port(v))
+    auth: WebAuthConfig | None = setting(None, "web authentication: bearer token and/or basic credentials")
 
 
 @dataclass(frozen=True)
@@ -131,6 +146,10 @@ class ServiceConfig:
     #: ``worker`` (claim, run, export) -- several workers share one PostgreSQL store and one shared workdir.
     role: str = setting("all", "all, intake (listener/follower) or worker (claim, run, export)",
                         check=schema.one_of(ROLES))
+    #: Start although exposed without protection (security.exposure_problems); logged as a warning at each start.
+    insecure: bool = setting(False, "start even when the job page or the listener is exposed without protection")
+    #: Where each secret of the file came from (security.resolve_config_secrets); values hidden in repr.
+    secrets: Mapping[str, Secret] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
     def does_intake(self) -> bool:
@@ -198,6 +217,7 @@ def parse_config(doc: Any, path: Path) -> ServiceConfig:
         doc = {}
     if not isinstance(doc, Mapping):
         fail(path, "", f"must be a mapping, got {type(doc).__name__}")
+    doc, secrets = resolve_config_secrets(doc, path)
     unknown = sorted(set(map(str, doc)) - set(SECTIONS))
     if unknown:
         fail(path, unknown[0], f"unknown key (known: {', '.join(sorted(SECTIONS))})")
@@ -249,6 +269,12 @@ def parse_config(doc: Any, path: Path) -> ServiceConfig:
     config = read_section(ServiceConfig, svc_doc, "service", path, path=path, maps=tuple(maps),
                           destinations=destinations, **{k: v for k, v in sections.items() if v is not None})
     config = ServiceConfig(**{**config.__dict__, "workdir": _under(base, Path(config.workdir))})
+    config = dataclasses.replace(config, secrets=secrets)
+    auth = config.http.auth
+    if auth is not None and (auth.user is None) != (secrets.get(WEB_PASSWORD) is None):
+        fail(path, "service.http.auth", "give user together with password_file (or password_env)")
+    if auth is not None and not (secrets.get(WEB_TOKEN) or secrets.get(WEB_PASSWORD)):
+        fail(path, "service.http.auth", "give token_file or token_env, or user with password_file or password_env")
     if config.listener is None and config.orthanc is None and config.role != "worker":
         fail(path, "listener", "no intake configured: give a 'listener' section, an 'orthanc' section, or both")
 
