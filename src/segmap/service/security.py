@@ -20,7 +20,7 @@ import copy
 from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import parse_qs, urlsplit
 
-from segmap.credentials import Secret, plaintext_warnings, resolve_secret
+from segmap.credentials import Secret, resolve_secret
 from segmap.privacy import SECRET_KEYS
 from segmap.webauth import WebAuth, is_loopback
 
@@ -117,5 +117,8 @@ def exposure_problems(config: "ServiceConfig") -> list[str]:
 
 
 def secret_warnings(config: "ServiceConfig") -> list[str]:
-    """One line per secret written into the configuration file, saying where to move it."""
-    return plaintext_warnings(config.secrets)
+    """One line per secret written into the configuration file, saying where to move it. Worded without
+    ``password:`` (credentials.plaintext_warnings' form), which the log redaction would take for a secret's value."""
+    return [f"{where} is written in the configuration file in plaintext; move it to {where.rpartition('.')[2]}_file "
+            f"(a mounted Secret) or {where.rpartition('.')[2]}_env"
+            for where, secret in config.secrets.items() if secret.plaintext]
