@@ -212,6 +212,17 @@ TIMINGS = {
 }
 
 
+def _bucket_of(value: str, bounds: Sequence[float], lo: int = 0, hi: int | None = None) -> str:
+    """SQL for the index of the first of ``bounds`` that ``value`` is at most (``len(bounds)``: above all of them),
+    as a binary search of nested ``CASE`` expressions."""
+    hi = len(bounds) if hi is None else hi
+    if lo == hi:
+        return str(lo)
+    mid = (lo + hi) // 2
+    return (f"(CASE WHEN {value} <= {float(bounds[mid])!r} THEN {_bucket_of(value, bounds, lo, mid)} "
+            f"ELSE {_bucket_of(value, bounds, mid + 1, hi)} END)")
+
+
 def _job(row: sqlite3.Row) -> Job:
     d = dict(row)
     d["destinations"] = tuple(json.loads(d["destinations"]))
@@ -686,16 +697,15 @@ class JobStore:
                          ) -> dict[tuple[str, ...], tuple[list[int], int, float]]:
         """A histogram of one of :data:`TIMINGS` over every job that has it, counted by the database (a scrape of
         100,000 jobs loads none of them): ``{labels: (cumulative count per bucket, count, sum)}``, labels ``(state,)``
-        when ``by_state``."""
+        when ``by_state``. Each job's span is computed once and placed in its bucket by a binary search written as
+        nested ``CASE`` (four comparisons for fourteen buckets; SQLite has no ``width_bucket``)."""
         start, end, states = TIMINGS[timing]
-        value = f"({end} - {start})"
-        # The index of the first bucket the value fits (len(buckets): only +Inf); CASE stops at the first match.
-        index = "CASE " + " ".join(f"WHEN {value} <= {float(b)!r} THEN {i}" for i, b in enumerate(buckets)) + \
-            f" ELSE {len(buckets)} END"
         where = f"{start} IS NOT NULL AND {end} IS NOT NULL" + (f" AND state IN ({sql_in(states)})" if states else "")
         group = "state, " if by_state else ""
-        rows = self._db().execute(f"SELECT {group}{index} AS b, COUNT(*) AS n, SUM({value}) AS total FROM jobs "
-                                  f"WHERE {where} GROUP BY {group}b").fetchall()
+        rows = self._db().execute(
+            f"SELECT {group}b, COUNT(*) AS n, SUM(v) AS total FROM (SELECT {group}v, {_bucket_of('v', buckets)} AS b "
+            f"FROM (SELECT {group}{end} - {start} AS v FROM jobs WHERE {where}) AS spans) AS placed "
+            f"GROUP BY {group}b").fetchall()
         out: dict[tuple[str, ...], tuple[list[int], int, float]] = {}
         for row in rows:
             labels = (row["state"],) if by_state else ()

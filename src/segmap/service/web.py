@@ -95,6 +95,7 @@ class StoreCollector:
             histograms = [(name, doc, self.store.timing_histogram(timing, BUCKETS, by_state), by_state)
                           for name, doc, timing, by_state in HISTOGRAMS]
         except STORE_ERRORS as e:
+            self.store.close()  # this thread's connection is broken: connect afresh next time
             log.warning("metrics: job store unreadable (%s)", redact(first_line(e)))
             up.add_metric([], 0)
             yield up
@@ -264,7 +265,7 @@ class _Handler(BaseHTTPRequestHandler):
                                    f"job store unreadable: {redact(first_line(e))}\n".encode(),
                                    "text/plain; charset=utf-8")
         finally:
-            store.close()  # each request runs in a pool thread; its SQLite connection ends with the request
+            store.close()  # a fresh connection per request: a replaced or restored database is seen at once
         self._send(status, body, ctype, head=head)
 
     def _route(self, store: JobStore, path: str, query: dict) -> tuple[int, bytes, str]:
@@ -272,6 +273,7 @@ class _Handler(BaseHTTPRequestHandler):
             try:
                 store.count_by_state()
             except STORE_ERRORS:
+                store.close()
                 return HTTPStatus.SERVICE_UNAVAILABLE, b"not ready: the job store cannot be read\n", \
                     "text/plain; charset=utf-8"
             return HTTPStatus.OK, b"ready\n", "text/plain; charset=utf-8"
@@ -311,6 +313,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             counts = store.count_by_state()
         except STORE_ERRORS as e:
+            store.close()
             doc = {"status": "error", "error": f"job store unreadable: {redact(first_line(e))}", "store": where}
             return HTTPStatus.SERVICE_UNAVAILABLE, _json(doc), "application/json"
         doc = {"status": "ok", "store": where, "jobs": counts, "version": __version__,
