@@ -257,3 +257,70 @@ def test_healthz_503_when_the_postgresql_database_is_gone(postgres_server, tmp_p
         assert samples(requests.get(server.url + "/metrics", timeout=30).text)[("segmap_up", frozenset())] == 0
     finally:
         server.shutdown()
+
+
+def test_idle_connections_hold_no_threads_and_a_request_is_still_answered(filled):
+    """150 connections that never send a request (issue 20.9: they held 152 threads) wait in one selector thread;
+    a real request beside them is answered at once, and the idle ones are closed after the idle timeout."""
+    import socket
+    import threading
+    import time
+
+    from segmap.service.web import WebServer
+
+    store, _ = filled
+    server = WebServer(store, "127.0.0.1", 0, idle_timeout_s=2.0)
+    server.serve_in_thread()
+    idle: list[socket.socket] = []
+    try:
+        requests.get(server.url + "/livez", timeout=10)
+        before = threading.active_count()
+        for _ in range(150):
+            idle.append(socket.create_connection(server.server_address[:2], timeout=5))
+        time.sleep(0.5)
+        during = threading.active_count()
+        t = time.perf_counter()
+        r = requests.get(server.url + "/api/jobs", timeout=10)
+        answered_s = time.perf_counter() - t
+        assert r.status_code == 200 and len(r.json()["jobs"]) == 6
+        assert during - before <= 2, (before, during)  # no thread per idle connection
+        assert threading.active_count() <= before + 8  # at most the worker pool
+        assert answered_s < 1.0, answered_s
+
+        time.sleep(3.5)  # past the idle timeout: the server closed them (the peer reads EOF)
+        closed = 0
+        for s in idle:
+            s.settimeout(2)
+            try:
+                closed += s.recv(1) == b""
+            except OSError:
+                closed += 1
+        assert closed == 150
+    finally:
+        for s in idle:
+            s.close()
+        server.shutdown()
+
+
+def test_a_slow_client_is_cut_off_by_the_socket_timeout(filled, monkeypatch):
+    """A client that starts a request and stalls holds one worker only until the per-read timeout."""
+    import socket
+    import time
+
+    from segmap.service import web
+
+    store, _ = filled
+    monkeypatch.setattr(web._Handler, "timeout", 1.0)
+    server = web.WebServer(store, "127.0.0.1", 0, workers=1)
+    server.serve_in_thread()
+    try:
+        slow = socket.create_connection(server.server_address[:2], timeout=10)
+        slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # never finishes its headers
+        t = time.perf_counter()
+        r = requests.get(server.url + "/livez", timeout=10)  # waits for the one worker
+        assert r.status_code == 200 and time.perf_counter() - t < 5
+        slow.settimeout(5)
+        assert slow.recv(1024) == b""  # the server gave up on it and closed the connection
+        slow.close()
+    finally:
+        server.shutdown()
