@@ -10,21 +10,28 @@ Every problem is a :class:`~segmap.errors.ServiceConfigError` naming the file an
 ``destinations.pacs.port``) and what was expected, before anything starts. Paths in the file are relative to the
 file's folder. ``example_config()`` is the worked example the README documents and ``segmap serve --example``
 prints.
+
+Secrets (passwords, the database URL, the web token) may come from a file or the environment: ``password_file:``,
+``password_env:`` and so on, read by :func:`resolve_config_secrets`; :attr:`ServiceConfig.secrets` says where each
+came from (:mod:`.security` warns about those written in plaintext).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
 from pydicom.datadict import tag_for_keyword
 
-from segmap.credentials import Secret
+from segmap.credentials import Secret, resolve_secret
+from segmap.privacy import SECRET_KEYS
 from segmap.errors import SegmapError, ServiceConfigError
 from segmap.tasks import load_task
 
@@ -33,7 +40,6 @@ from .export import DESTINATIONS, make_destination
 from .runners import RUNNERS
 from .runners.options import KubernetesOptions
 from .schema import fail, read_section, setting
-from .security import WEB_PASSWORD, WEB_TOKEN, resolve_config_secrets
 from .workspace import Workspace
 
 RUNNER_KINDS = tuple(RUNNERS)
@@ -288,6 +294,67 @@ def parse_config(doc: Any, path: Path) -> ServiceConfig:
             fail(path, f"maps[{i}].task", f"task '{task.name}' in {m.task} has no Rules_Text, so no series can be "
                                           f"routed to it")
     return config
+
+
+# ------------------------------------------------------------------------------------------------ secrets
+#: The web credentials' names in :attr:`ServiceConfig.secrets`.
+WEB_TOKEN, WEB_PASSWORD = "service.http.auth.token", "service.http.auth.password"
+
+
+def resolve_config_secrets(doc: Any, path=None, environ: Mapping[str, str] | None = None
+                           ) -> tuple[Any, dict[str, Secret]]:
+    """``doc`` (the parsed YAML) with every ``password_file``/``password_env`` (and ``database_file``/``database_env``)
+    replaced by the secret's value under the plain key, and ``{where: Secret}`` of every secret found. The web
+    credentials stay where they are (their section declares only the file and environment forms)."""
+    if not isinstance(doc, Mapping):
+        return doc, {}
+    doc = copy.deepcopy(dict(doc))
+    secrets: dict[str, Secret | None] = {}
+
+    def resolve(section: Any, name: str, where: str, replace: bool = True) -> None:
+        if not isinstance(section, dict):
+            return
+        secret = resolve_secret(section, name, where if path is None else f"{path}: {where}", environ)
+        if secret is None:
+            return
+        secrets[f"{where}.{name}"] = secret
+        if replace:
+            for key in (f"{name}_file", f"{name}_env"):
+                section.pop(key, None)
+            section[name] = secret.value
+
+    if isinstance(doc.get("orthanc"), Mapping):
+        doc["orthanc"] = dict(doc["orthanc"])
+        resolve(doc["orthanc"], "password", "orthanc")
+    if isinstance(doc.get("destinations"), Mapping):
+        doc["destinations"] = {name: dict(cfg) if isinstance(cfg, Mapping) else cfg
+                               for name, cfg in doc["destinations"].items()}
+        for name, cfg in doc["destinations"].items():
+            resolve(cfg, "password", f"destinations.{name}")
+    service = doc.get("service")
+    if isinstance(service, Mapping):
+        doc["service"] = service = dict(service)
+        resolve(service, "database", "service")
+        database = secrets.get("service.database")
+        if database is not None and database.plaintext and not url_has_password(database.value):
+            del secrets["service.database"]  # a URL without a password is not a secret
+        http = service.get("http")
+        auth = http.get("auth") if isinstance(http, Mapping) else None
+        if isinstance(auth, Mapping):
+            for name in ("token", "password"):
+                given = {k: v for k, v in auth.items() if k in (f"{name}_file", f"{name}_env")}
+                resolve(dict(given), name, "service.http.auth", replace=False)
+    return doc, {k: v for k, v in secrets.items() if v is not None}
+
+
+def url_has_password(url: str) -> bool:
+    """Whether a URL carries a password: in its user-info or as a ``password=``-style query value."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    query = {k.lower() for k in parse_qs(parts.query)}
+    return parts.password is not None or bool(query & set(SECRET_KEYS))
 
 
 EXAMPLE = """\
