@@ -194,6 +194,15 @@ def reference_table() -> list[dict]:
         rows += schema.reference(cls, key)
     for kind, cls in DESTINATIONS.items():
         rows += schema.reference(cls, f"destinations.<{kind}>")
+    # Each secret's file and environment forms (resolve_config_secrets), read instead of the plaintext key.
+    plain = {r["name"] for r in rows}
+    for row in [r for r in rows if r["name"].rpartition(".")[2] in SECRET_SETTINGS]:
+        for form, kind, words in (("file", "a path", "a file holding"),
+                                  ("env", "text", "an environment variable holding")):
+            name = f"{row['name']}_{form}"
+            if name not in plain:
+                rows.append({"name": name, "type": kind, "default": None, "required": False,
+                             "help": f"{words} {row['name']} (instead of writing it in this file)"})
     return rows
 
 
@@ -297,6 +306,8 @@ def parse_config(doc: Any, path: Path) -> ServiceConfig:
 
 
 # ------------------------------------------------------------------------------------------------ secrets
+#: The keys whose value is a secret, read by resolve_config_secrets from ``KEY_file``/``KEY_env`` too.
+SECRET_SETTINGS = ("password", "database")
 #: The web credentials' names in :attr:`ServiceConfig.secrets`.
 WEB_TOKEN, WEB_PASSWORD = "service.http.auth.token", "service.http.auth.password"
 
