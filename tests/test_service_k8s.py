@@ -370,6 +370,7 @@ def test_namespace_defaults_to_the_pods_own(monkeypatch):
 
 #: (apiVersion, kind) of every object deploy/ may hold -> the client's model.
 MODELS = {
+    ("v1", "Namespace"): "V1Namespace",
     ("v1", "ServiceAccount"): "V1ServiceAccount",
     ("v1", "ConfigMap"): "V1ConfigMap",
     ("v1", "PersistentVolumeClaim"): "V1PersistentVolumeClaim",
@@ -408,8 +409,8 @@ def deployed():
 
 def test_every_manifest_validates_against_the_clients_models(deployed):
     kinds = sorted({kind for kind, _ in deployed})
-    assert kinds == ["ConfigMap", "Deployment", "NetworkPolicy", "PersistentVolumeClaim", "Role", "RoleBinding",
-                     "Service", "ServiceAccount"]
+    assert kinds == ["ConfigMap", "Deployment", "Namespace", "NetworkPolicy", "PersistentVolumeClaim", "Role",
+                     "RoleBinding", "Service", "ServiceAccount"]
 
 
 def test_kustomize_build_validates_too():
@@ -469,8 +470,9 @@ def test_deployment_wiring(deployed):
     [c] = pod.containers
     ports = {p.name: p.container_port for p in c.ports}
     assert ports == {"dicom": 11112, "http": 8642}
-    for probe in (c.liveness_probe, c.readiness_probe, c.startup_probe):
-        assert probe.http_get.path == "/healthz" and ports[probe.http_get.port] == 8642
+    # The probes are the open paths: liveness asks the process only, readiness the job store.
+    for probe, path in ((c.liveness_probe, "/livez"), (c.startup_probe, "/livez"), (c.readiness_probe, "/readyz")):
+        assert probe.http_get.path == path and ports[probe.http_get.port] == 8642
     env = {e.name: e for e in c.env}
     ref = env["SEGMAP_DATABASE_URL"].value_from.secret_key_ref
     assert (ref.name, ref.key) == ("segmap-database", "url") and env["SEGMAP_DATABASE_URL"].value is None
@@ -507,11 +509,18 @@ def test_the_config_map_is_a_valid_service_configuration(deployed, tmp_path, mon
     in the pod's namespace on the deployed claim, with pinned images."""
     from segmap.service.config import parse_config
 
+    from segmap.service.security import exposure_problems, secret_warnings
+
     doc = yaml.safe_load(deployed[("ConfigMap", "segmap-config")].data["segmap.yaml"])
     for m in doc["maps"]:  # the tasks ConfigMap is the operator's; use the repository's task of that name
         m["task"] = str(ROOT / "tasks" / Path(m["task"]).name)
+    token_file = Path(doc["service"]["http"]["auth"]["token_file"])  # the Secret's file, made here
+    (tmp_path / token_file.name).write_text("a-token\n")
+    doc["service"]["http"]["auth"]["token_file"] = str(tmp_path / token_file.name)
     cfg = parse_config(doc, tmp_path / "segmap.yaml")
     assert cfg.runner.kind == "kubernetes"
+    # Bound to all of the pod's interfaces, yet neither refused nor insecure: a token, and allowed peers.
+    assert exposure_problems(cfg) == [] and not cfg.insecure and secret_warnings(cfg) == []
     monkeypatch.setenv("POD_NAMESPACE", "radiology")
     runner = KubernetesRunner.from_options(cfg.runner.options, workdir_root=cfg.workdir, api_client=k8s.ApiClient())
     assert (runner.namespace, runner.pvc_name, runner.service_account) == ("radiology", "segmap-work", "segmap-map")
@@ -650,3 +659,83 @@ def test_a_failed_job_is_retried_as_a_fresh_job_and_a_timeout_is_reported(stub, 
     svc.advance_held()
     job = svc.store.get_job(key)
     assert (job.state, job.attempts, job.error) == ("queued", 2, "timed out after 600 s")
+
+
+# ------------------------------------------------------------------------------------ deploy/: security (issue 21)
+
+
+def test_secrets_live_in_a_secret_not_the_config_map(deployed):
+    """The ConfigMap names secret files only; the Deployment mounts the Secret where those names point."""
+    config_map = deployed[("ConfigMap", "segmap-config")]
+    config = yaml.safe_load(config_map.data["segmap.yaml"])
+
+    def keys(node, where=""):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                yield f"{where}.{k}".lstrip("."), v
+                yield from keys(v, f"{where}.{k}")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                yield from keys(v, f"{where}[{i}]")
+
+    plain = [k for k, v in keys(config) if k.rsplit(".", 1)[-1] in ("password", "token", "database") and v]
+    assert not plain, plain
+    assert "service.database" not in dict(keys(config))  # the store's URL comes from the Secret segmap-database
+    files = [Path(v) for k, v in keys(config) if k.endswith("_file")]
+    assert files, "the web token must come from a file"
+
+    pod = deployed[("Deployment", "segmap")].spec.template.spec
+    [c] = pod.containers
+    mounts = {m.name: m for m in c.volume_mounts}
+    secret_volumes = {v.name: v.secret for v in pod.volumes if v.secret is not None}
+    assert set(secret_volumes) == {"secrets"} and secret_volumes["secrets"].secret_name == "segmap-secrets"
+    assert mounts["secrets"].read_only
+    for f in files:
+        assert f.parent == Path(mounts["secrets"].mount_path), f
+    assert secret_volumes["secrets"].default_mode == 0o440  # the pod's group (fsGroup) reads, nobody else
+
+
+def test_the_service_pod_takes_dicom_from_one_network_and_http_from_monitoring(deployed):
+    import ipaddress
+
+    policy = deployed[("NetworkPolicy", "segmap-serve-ingress")]
+    serve_labels = deployed[("Deployment", "segmap")].spec.template.metadata.labels
+    assert policy.spec.pod_selector.match_labels.items() <= serve_labels.items()
+    map_labels = job_manifest(make_spec(), pvc_name="segmap-work", workdir_root=WORKDIR).spec.template.metadata.labels
+    assert not policy.spec.pod_selector.match_labels.items() <= map_labels.items()
+    assert policy.spec.policy_types == ["Ingress"]
+
+    rules = {r.ports[0].port: r for r in policy.spec.ingress}
+    assert set(rules) == {"dicom", "http"} and all(len(r.ports) == 1 for r in policy.spec.ingress)
+    [dicom_from] = rules["dicom"]._from
+    network = ipaddress.ip_network(dicom_from.ip_block.cidr)
+    assert network.prefixlen >= 8 and not dicom_from.ip_block._except
+    [http_from] = rules["http"]._from
+    assert http_from.namespace_selector.match_labels == {"kubernetes.io/metadata.name": "monitoring"}
+    assert http_from.ip_block is None and http_from.pod_selector is None
+
+    # The listener's own allowed peers sit inside the network the policy lets in.
+    config = yaml.safe_load(deployed[("ConfigMap", "segmap-config")].data["segmap.yaml"])
+    peers = config["listener"]["allowed_peers"]
+    assert peers and all(ipaddress.ip_address(p) in network for p in peers)
+
+
+def test_the_namespace_enforces_pod_security_restricted_and_both_pods_meet_it(deployed):
+    """The labels, and what "restricted" checks, on segmap serve's pod and on a MAP run's pod."""
+    [namespace] = [obj for (kind, _), obj in deployed.items() if kind == "Namespace"]
+    labels = namespace.metadata.labels
+    for mode in ("enforce", "audit", "warn"):
+        assert labels[f"pod-security.kubernetes.io/{mode}"] == "restricted"
+
+    serve = deployed[("Deployment", "segmap")].spec.template.spec
+    run = job_manifest(make_spec(), pvc_name="segmap-work", workdir_root=WORKDIR).spec.template.spec
+    for pod in (serve, run):
+        assert pod.security_context.run_as_non_root and pod.security_context.seccomp_profile.type == "RuntimeDefault"
+        assert not pod.host_network and not pod.host_pid and not pod.host_ipc
+        assert all(v.host_path is None for v in pod.volumes or [])
+        for c in pod.containers + (pod.init_containers or []):
+            sc = c.security_context
+            assert sc.allow_privilege_escalation is False and sc.capabilities.drop == ["ALL"]
+            assert not sc.capabilities.add and not sc.privileged
+            assert sc.run_as_user is None or sc.run_as_user > 0
+            assert not any(p.host_port for p in c.ports or [])

@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pacs import chromium
 from segmap.service.store import JobStore
-from segmap.service.web import make_server, redact_patient_lines
+from segmap.privacy import redact
+from segmap.service.web import make_server
 from segmap.service.workspace import Workspace
 from service_harness import seed_job
 
@@ -197,7 +198,7 @@ def test_job_detail_escapes_the_error_and_shows_the_log(web):
     assert keys["failed"] in r.text and "exit_code" in r.text
     done = requests.get(server.url + f"/jobs/{keys['done']}", timeout=10).text
     assert "segmentation written" in done and "every destination confirmed" in done
-    assert "Doe" not in done and "PatientName [redacted]" in done
+    assert "Doe" not in done and "PatientName: [redacted]" in done
     assert "total" in done and "45.000 s" in done
     api = requests.get(server.url + f"/api/jobs/{keys['done'][:8]}", timeout=10).json()
     assert api["key"] == keys["done"] and "Doe" not in api["log"]
@@ -206,9 +207,10 @@ def test_job_detail_escapes_the_error_and_shows_the_log(web):
 
 
 def test_redaction_of_patient_attributes_in_log_lines():
+    """The pages' one redaction function (segmap.privacy.redact) on the dump forms a log line carries."""
     text = ("(0010, 0010) Patient's Name PN: 'Doe^Jane'\nPatientID=ID-123 ok\n"
             "Patient's Birth Date DA: '19700101'\nseries 1.2.3 done")
-    out = redact_patient_lines(text)
+    out = redact(text)
     assert "Doe" not in out and "ID-123" not in out and "19700101" not in out
     assert out.splitlines()[-1] == "series 1.2.3 done"
 
@@ -253,5 +255,72 @@ def test_healthz_503_when_the_postgresql_database_is_gone(postgres_server, tmp_p
         assert r.status_code == 503 and r.json()["status"] == "error"
         assert "postgresql job store" in r.json()["store"]
         assert samples(requests.get(server.url + "/metrics", timeout=30).text)[("segmap_up", frozenset())] == 0
+    finally:
+        server.shutdown()
+
+
+def test_idle_connections_hold_no_threads_and_a_request_is_still_answered(filled):
+    """150 connections that never send a request (issue 20.9: they held 152 threads) wait in one selector thread;
+    a real request beside them is answered at once, and the idle ones are closed after the idle timeout."""
+    import socket
+    import threading
+    import time
+
+    from segmap.service.web import WebServer
+
+    store, _ = filled
+    server = WebServer(store, "127.0.0.1", 0, idle_timeout_s=2.0)
+    server.serve_in_thread()
+    idle: list[socket.socket] = []
+    try:
+        requests.get(server.url + "/livez", timeout=10)
+        before = threading.active_count()
+        for _ in range(150):
+            idle.append(socket.create_connection(server.server_address[:2], timeout=5))
+        time.sleep(0.5)
+        during = threading.active_count()
+        t = time.perf_counter()
+        r = requests.get(server.url + "/api/jobs", timeout=10)
+        answered_s = time.perf_counter() - t
+        assert r.status_code == 200 and len(r.json()["jobs"]) == 6
+        assert during - before <= 2, (before, during)  # no thread per idle connection
+        assert threading.active_count() <= before + 8  # at most the worker pool
+        assert answered_s < 1.0, answered_s
+
+        time.sleep(3.5)  # past the idle timeout: the server closed them (the peer reads EOF)
+        closed = 0
+        for s in idle:
+            s.settimeout(2)
+            try:
+                closed += s.recv(1) == b""
+            except OSError:
+                closed += 1
+        assert closed == 150
+    finally:
+        for s in idle:
+            s.close()
+        server.shutdown()
+
+
+def test_a_slow_client_is_cut_off_by_the_socket_timeout(filled, monkeypatch):
+    """A client that starts a request and stalls holds one worker only until the per-read timeout."""
+    import socket
+    import time
+
+    from segmap.service import web
+
+    store, _ = filled
+    monkeypatch.setattr(web._Handler, "timeout", 1.0)
+    server = web.WebServer(store, "127.0.0.1", 0, workers=1)
+    server.serve_in_thread()
+    try:
+        slow = socket.create_connection(server.server_address[:2], timeout=10)
+        slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # never finishes its headers
+        t = time.perf_counter()
+        r = requests.get(server.url + "/livez", timeout=10)  # waits for the one worker
+        assert r.status_code == 200 and time.perf_counter() - t < 5
+        slow.settimeout(5)
+        assert slow.recv(1024) == b""  # the server gave up on it and closed the connection
+        slow.close()
     finally:
         server.shutdown()

@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 from segmap import signals
-from segmap.errors import SegmapError
+from segmap.errors import SegmapError, ServiceConfigError
+from segmap.privacy import install_log_redaction, redact
 
 from . import operations
-from .config import EXAMPLE, load_config
+from .config import EXAMPLE, ServiceConfig, load_config
 from .operations import OperationRefused
+from .security import exposure_problems, secret_warnings
 from .runners import make_runner
 from .routing import load_routable_tasks
 from .service import Service
@@ -30,11 +32,26 @@ def _load(args):
     return load_config(args.config)
 
 
+def check_exposure(config: ServiceConfig) -> list[str]:
+    """Refuse (one line naming the setting to add) a service exposed without protection, unless the file says
+    ``service.insecure: true``; then each problem is a warning line, returned for the caller to show."""
+    problems = exposure_problems(config)
+    if problems and not config.insecure:
+        raise ServiceConfigError(f"{config.path}: refusing to start: {'; '.join(problems)} "
+                                 f"(service.insecure: true starts anyway)")
+    return [f"INSECURE (service.insecure: true): {p}" for p in problems]
+
+
 def serve(args: argparse.Namespace) -> int:
     if args.example:
         sys.stdout.write(EXAMPLE)
         return 0
+    # Every line the service logs passes the one redaction function (patient data, URL passwords).
+    install_log_redaction()
     config = _load(args)
+    warnings = check_exposure(config) + secret_warnings(config)
+    for line in warnings:
+        log.warning("%s", line)
     if args.check:
         load_routable_tasks(config.maps)  # what Service() checks of the MAPs before it serves
         print(f"OK: {config.path}: {len(config.maps)} MAP(s), "
@@ -84,12 +101,13 @@ def jobs(args: argparse.Namespace) -> int:
     job = operations.find_job(store, args.job)
     if args.action == "show":
         if args.json:
-            print(json.dumps({**job.as_dict(), "events": store.events(job)}, indent=1))
+            events = [{**e, "message": redact(e["message"])} for e in store.events(job)]
+            print(json.dumps({**job.as_dict(), "events": events}, indent=1))
             return 0
         for k, v in job.as_dict().items():
-            print(f"{k}: {v}")
+            print(f"{k}: {v}")  # the error is redacted when read from the store
         print()
-        print(operations.job_log(store, job))
+        print(operations.job_log(store, job))  # redacted: the container log may name the patient
         return 0
     if args.action == "retry":
         operations.retry(store, job)

@@ -10,19 +10,28 @@ Every problem is a :class:`~segmap.errors.ServiceConfigError` naming the file an
 ``destinations.pacs.port``) and what was expected, before anything starts. Paths in the file are relative to the
 file's folder. :data:`EXAMPLE` is the worked example the README documents and ``segmap serve --example`` prints; it
 passes its own ``--check``.
+
+Secrets (passwords, the database URL, the web token) may come from a file or the environment: ``password_file:``,
+``password_env:`` and so on, read by :func:`resolve_config_secrets`; :attr:`ServiceConfig.secrets` says where each
+came from (:mod:`.security` warns about those written in plaintext).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import parse_qs, urlsplit
 
 import yaml
 from pydicom.datadict import tag_for_keyword
 
+from segmap.credentials import Secret, resolve_secret
+from segmap.privacy import SECRET_KEYS
 from segmap.errors import SegmapError, ServiceConfigError
 from segmap.tasks import load_task
 
@@ -40,9 +49,21 @@ DESTINATION_KINDS = tuple(DESTINATIONS)
 
 
 @dataclass(frozen=True)
+class WebAuthConfig:
+    """Who may read the job page, /api/jobs, /metrics and /healthz; secrets from a file or the environment only."""
+
+    token_file: str | None = setting(None, "a file holding the bearer token (a mounted Secret)")
+    token_env: str | None = setting(None, "an environment variable holding the bearer token")
+    user: str | None = setting(None, "HTTP basic user (with password_file or password_env)")
+    password_file: str | None = setting(None, "a file holding the basic-auth password")
+    password_env: str | None = setting(None, "an environment variable holding the basic-auth password")
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     host: str = setting("127.0.0.1", "address of the job page, /metrics and /healthz")
     port: int = setting(8642, "its port (0: no web server)", check=lambda v: None if v == 0 else schema.port(v))
+    auth: WebAuthConfig | None = setting(None, "web authentication: bearer token and/or basic credentials")
 
 
 @dataclass(frozen=True)
@@ -146,6 +167,10 @@ class ServiceConfig:
     #: ``worker`` (claim, run, export) -- several workers share one PostgreSQL store and one shared workdir.
     role: str = setting("all", "all, intake (listener/follower) or worker (claim, run, export)",
                         check=schema.one_of(ROLES))
+    #: Start although exposed without protection (security.exposure_problems); logged as a warning at each start.
+    insecure: bool = setting(False, "start even when the job page or the listener is exposed without protection")
+    #: Where each secret of the file came from (security.resolve_config_secrets); values hidden in repr.
+    secrets: Mapping[str, Secret] = dataclasses.field(default_factory=dict, repr=False)
 
     # Study-level jobs (multi-modality MAPs, :mod:`.studies`).
     study_give_up_s: float = setting(86400.0, "seconds a study of a multi-modality MAP may wait for a missing "
@@ -188,6 +213,15 @@ def reference_table() -> list[dict]:
         rows += schema.reference(cls, key)
     for kind, cls in DESTINATIONS.items():
         rows += schema.reference(cls, f"destinations.<{kind}>")
+    # Each secret's file and environment forms (resolve_config_secrets), read instead of the plaintext key.
+    plain = {r["name"] for r in rows}
+    for row in [r for r in rows if r["name"].rpartition(".")[2] in SECRET_SETTINGS]:
+        for form, kind, words in (("file", "a path", "a file holding"),
+                                  ("env", "text", "an environment variable holding")):
+            name = f"{row['name']}_{form}"
+            if name not in plain:
+                rows.append({"name": name, "type": kind, "default": None, "required": False,
+                             "help": f"{words} {row['name']} (instead of writing it in this file)"})
     return rows
 
 
@@ -217,6 +251,7 @@ def parse_config(doc: Any, path: Path) -> ServiceConfig:
         doc = {}
     if not isinstance(doc, Mapping):
         fail(path, "", f"must be a mapping, got {type(doc).__name__}")
+    doc, secrets = resolve_config_secrets(doc, path)
     unknown = sorted(set(map(str, doc)) - set(SECTIONS))
     if unknown:
         fail(path, unknown[0], f"unknown key (known: {', '.join(sorted(SECTIONS))})")
@@ -271,6 +306,12 @@ def parse_config(doc: Any, path: Path) -> ServiceConfig:
     config = read_section(ServiceConfig, svc_doc, "service", path, path=path, maps=tuple(maps),
                           destinations=destinations, **{k: v for k, v in sections.items() if v is not None})
     config = ServiceConfig(**{**config.__dict__, "workdir": _under(base, Path(config.workdir))})
+    config = dataclasses.replace(config, secrets=secrets)
+    auth = config.http.auth
+    if auth is not None and (auth.user is None) != (secrets.get(WEB_PASSWORD) is None):
+        fail(path, "service.http.auth", "give user together with password_file (or password_env)")
+    if auth is not None and not (secrets.get(WEB_TOKEN) or secrets.get(WEB_PASSWORD)):
+        fail(path, "service.http.auth", "give token_file or token_env, or user with password_file or password_env")
     if config.listener is None and config.orthanc is None and config.role != "worker":
         fail(path, "listener", "no intake configured: give a 'listener' section, an 'orthanc' section, or both")
 
@@ -313,6 +354,69 @@ def _tls_under(cfg: dict, base: Path) -> dict:
 #: The spleen task shipped inside the package (segmap.demo.run.DEMO_TASK, the file tasks/spleen.yaml points to), named
 #: by its absolute path in the example so that the printed file passes ``--check`` wherever it is saved.
 EXAMPLE_TASK = Path(__file__).resolve().parents[1] / "demo" / "model" / "spleen.yaml"
+
+# ------------------------------------------------------------------------------------------------ secrets
+#: The keys whose value is a secret, read by resolve_config_secrets from ``KEY_file``/``KEY_env`` too.
+SECRET_SETTINGS = ("password", "database")
+#: The web credentials' names in :attr:`ServiceConfig.secrets`.
+WEB_TOKEN, WEB_PASSWORD = "service.http.auth.token", "service.http.auth.password"
+
+
+def resolve_config_secrets(doc: Any, path=None, environ: Mapping[str, str] | None = None
+                           ) -> tuple[Any, dict[str, Secret]]:
+    """``doc`` (the parsed YAML) with every ``password_file``/``password_env`` (and ``database_file``/``database_env``)
+    replaced by the secret's value under the plain key, and ``{where: Secret}`` of every secret found. The web
+    credentials stay where they are (their section declares only the file and environment forms)."""
+    if not isinstance(doc, Mapping):
+        return doc, {}
+    doc = copy.deepcopy(dict(doc))
+    secrets: dict[str, Secret | None] = {}
+
+    def resolve(section: Any, name: str, where: str, replace: bool = True) -> None:
+        if not isinstance(section, dict):
+            return
+        secret = resolve_secret(section, name, where if path is None else f"{path}: {where}", environ)
+        if secret is None:
+            return
+        secrets[f"{where}.{name}"] = secret
+        if replace:
+            for key in (f"{name}_file", f"{name}_env"):
+                section.pop(key, None)
+            section[name] = secret.value
+
+    if isinstance(doc.get("orthanc"), Mapping):
+        doc["orthanc"] = dict(doc["orthanc"])
+        resolve(doc["orthanc"], "password", "orthanc")
+    if isinstance(doc.get("destinations"), Mapping):
+        doc["destinations"] = {name: dict(cfg) if isinstance(cfg, Mapping) else cfg
+                               for name, cfg in doc["destinations"].items()}
+        for name, cfg in doc["destinations"].items():
+            resolve(cfg, "password", f"destinations.{name}")
+    service = doc.get("service")
+    if isinstance(service, Mapping):
+        doc["service"] = service = dict(service)
+        resolve(service, "database", "service")
+        database = secrets.get("service.database")
+        if database is not None and database.plaintext and not url_has_password(database.value):
+            del secrets["service.database"]  # a URL without a password is not a secret
+        http = service.get("http")
+        auth = http.get("auth") if isinstance(http, Mapping) else None
+        if isinstance(auth, Mapping):
+            for name in ("token", "password"):
+                given = {k: v for k, v in auth.items() if k in (f"{name}_file", f"{name}_env")}
+                resolve(dict(given), name, "service.http.auth", replace=False)
+    return doc, {k: v for k, v in secrets.items() if v is not None}
+
+
+def url_has_password(url: str) -> bool:
+    """Whether a URL carries a password: in its user-info or as a ``password=``-style query value."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    query = {k.lower() for k in parse_qs(parts.query)}
+    return parts.password is not None or bool(query & set(SECRET_KEYS))
+
 
 EXAMPLE = """\
 # segmap serve: a series reaches Orthanc, the spleen MAP runs, the SEG goes back into Orthanc.

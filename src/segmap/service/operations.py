@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable
 
 from segmap.errors import SegmapError
+from segmap.privacy import redact
 
 from .runners.base import Runner
 from .states import RETRYABLE, UNFINISHED, State
@@ -68,9 +69,10 @@ def _arrived(job: Job, after: Job | None, state: State) -> Job:
 
 
 def job_log(store: JobStore, job: Job, tail: int = 200) -> str:
-    """The job's event history and the last ``tail`` lines of its container log (when written)."""
+    """The job's event history and the last ``tail`` lines of its container log (when written), redacted
+    (:func:`segmap.privacy.redact`): a MAP may print a patient's name, a URL with its password."""
     lines = store.history(job)
     container = log_tail(job.log_path, tail)
     if container:
         lines += ["", f"--- container log ({job.log_path}) ---", *container]
-    return "\n".join(lines)
+    return redact("\n".join(lines))

@@ -42,6 +42,7 @@ from .spool import Spool
 from .states import State
 from .store import Job, JobStore, NewJob, SeriesVersion
 from .studies import Loop, close_due_studies, study_input_dir
+from .security import web_auth
 from .web import make_server
 from .workspace import append_attempt_log, fresh_folder
 
@@ -107,7 +108,7 @@ class Service:
             log.info("DICOM listener %s on %s:%d", lc.ae_title, *self.listener.address[:2])
         # Last: /healthz answering means the intake is listening.
         if cfg.http.port:
-            self.web = make_server(self.store, host=cfg.http.host, port=cfg.http.port)
+            self.web = make_server(self.store, host=cfg.http.host, port=cfg.http.port, auth=web_auth(cfg))
             self.web.serve_in_thread()
             log.info("job page on http://%s:%d/ (metrics /metrics, health /healthz)", cfg.http.host,
                      self.web.server_address[1])

@@ -1,12 +1,20 @@
-"""The service's read-only operations pages: the job list, one job's detail, ``/metrics`` and ``/healthz``.
+"""The service's read-only operations pages: the job list, one job's detail, ``/metrics`` and ``/healthz``; the
+probes ``/livez`` and ``/readyz``.
 
 Everything is read from the job store at request time, so the pages and the metrics always agree with
 ``segmap jobs``. The server only answers GET and HEAD (405 for anything else) and binds to localhost unless told
-otherwise. Pages show UIDs, job keys and state -- the store holds no patient name, ID or birth date; a container log
-line that still carried one of those DICOM attributes is redacted before it is shown.
+otherwise. With :class:`~segmap.webauth.WebAuth` credentials every path but the probes answers 401 without them.
+Pages show UIDs, job keys and state; every error and log line passes :func:`segmap.privacy.redact` (patient data,
+URL passwords) before it is shown, and the store's location is shown without its user-info.
 
-The standard library's threading HTTP server is enough for a page a few operators refresh every few seconds and a
-Prometheus scrape; ``prometheus_client`` renders the metrics from a collector that reads the store on each scrape.
+The probes say nothing about jobs: ``/livez`` answers while the process serves HTTP at all (a database outage must
+not make a kubelet restart the pod), ``/readyz`` answers 503 while the job store cannot be read.
+
+The standard library's HTTP server is enough for a page a few operators refresh every few seconds and a Prometheus
+scrape, but its threading variant gives every connection a thread for as long as the peer keeps it open. Here a
+connection waits in one selector thread until its request starts to arrive, and only then takes one of a few worker
+threads, with a socket timeout for the rest of the request (:class:`WebServer`); ``prometheus_client`` renders the
+metrics from a collector whose figures the database aggregates.
 """
 
 from __future__ import annotations
@@ -14,23 +22,28 @@ from __future__ import annotations
 import html
 import json
 import logging
-import re
+import selectors
+import socket
 import sqlite3
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterable
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.core import CollectorRegistry, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily, InfoMetricFamily)
 
+from segmap import __version__
 from segmap.errors import ServiceConfigError
+from segmap.privacy import redact
 from segmap.service.operations import job_log
 from segmap.service.states import UNFINISHED, State
 from segmap.service.store import Job, JobStore
 from segmap.text import first_line
+from segmap.webauth import WebAuth
 
 log = logging.getLogger(__name__)
 
@@ -54,30 +67,36 @@ _ALL = 2**31 - 1
 REFRESH_S = 5
 #: Histogram buckets in seconds: from a quick CPU job to a long GPU queue.
 BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
-#: A log line naming one of these attributes (a dataset dump in a traceback, say) is shown without its value.
-_PATIENT_LINE = re.compile(r"(?i)(patient'?s?[ _]?(name|id|birth[ _]?date)|\(0010,\s*00(10|20|30)\))(.*)")
-
-
-def redact_patient_lines(text: str) -> str:
-    """Replace whatever follows a patient name / ID / birth date attribute on a line with ``[redacted]``."""
-    return _PATIENT_LINE.sub(lambda m: m.group(1) + " [redacted]", text)
+#: Worker threads that answer requests (connections waiting for their request hold none).
+WORKERS = 8
+#: Seconds a connection may sit before its request starts, and seconds per read/write once it has.
+IDLE_TIMEOUT_S = 10.0
+REQUEST_TIMEOUT_S = 10.0
+#: Connections that may wait for their request at once; beyond it the longest-waiting is closed.
+MAX_WAITING = 256
 
 
 # --------------------------------------------------------------------------------------------------- metrics
 class StoreCollector:
-    """Prometheus collector over the job store: read at each scrape, so the figures survive restarts."""
+    """Prometheus collector over the job store: read at each scrape, so the figures survive restarts. Every figure
+    is an aggregate the database computes (counts, a minimum, histogram buckets): a scrape loads no job."""
 
     def __init__(self, store: JobStore):
         self.store = store
 
     def collect(self):
+        info = InfoMetricFamily("segmap_build", "The segmap version that serves this page")
+        info.add_metric([], {"version": __version__})
+        yield info
         up = GaugeMetricFamily("segmap_up", "1 when the service's job store can be read, else 0")
         try:
             counts = self.store.count_by_state()
-            # The store keeps every job, so histograms over its finished jobs are cumulative as Prometheus expects.
-            jobs = self.store.list_jobs(limit=_ALL)
+            oldest_at = self.store.oldest_queued_at()
+            histograms = [(name, doc, self.store.timing_histogram(timing, BUCKETS, by_state), by_state)
+                          for name, doc, timing, by_state in HISTOGRAMS]
         except STORE_ERRORS as e:
-            log.warning("metrics: job store unreadable (%s)", first_line(e))
+            self.store.close()  # this thread's connection is broken: connect afresh next time
+            log.warning("metrics: job store unreadable (%s)", redact(first_line(e)))
             up.add_metric([], 0)
             yield up
             return
@@ -89,37 +108,37 @@ class StoreCollector:
             by_state.add_metric([state], counts.get(state, 0))
         yield by_state
 
-        waiting = [j for j in jobs if j.state == "queued"]
+        # The store keeps every job record, so finished jobs only ever grow: a counter.
+        finished = CounterMetricFamily("segmap_jobs_finished", "Jobs that reached a final state, by state",
+                                       labels=["state"])
+        for state in (State.DONE, State.FAILED, State.CANCELLED):
+            finished.add_metric([state], counts.get(state, 0))
+        yield finished
+
         oldest = GaugeMetricFamily("segmap_oldest_queued_job_age_seconds",
                                    "Age of the oldest queued job (0 when none): a stuck queue grows here")
-        oldest.add_metric([], max((j.age_s for j in waiting), default=0.0))
+        oldest.add_metric([], max(0.0, time.time() - oldest_at) if oldest_at is not None else 0.0)
         yield oldest
 
-        finished = [j for j in jobs if j.state in ("done", "failed")]
-        yield _histogram("segmap_job_duration_seconds",
-                         "Finished jobs: last instance received to finished (done or failed)", "total", finished,
-                         by_state=True)
-        yield _histogram("segmap_job_queue_wait_seconds", "Jobs started: queued to container started",
-                         "queued_to_started", jobs)
-        yield _histogram("segmap_job_run_seconds", "Container runs that ended: started to exit", "run", jobs)
-        yield _histogram("segmap_job_export_seconds", "Exports that finished: container exit to destinations confirmed",
-                         "export", [j for j in jobs if j.state == "done"])
+        for name, documentation, groups, labelled in histograms:
+            family = HistogramMetricFamily(name, documentation, labels=["state"] if labelled else [])
+            if not labelled:
+                groups.setdefault((), ([0] * len(BUCKETS), 0, 0.0))
+            for labels, (cumulative, count, total) in sorted(groups.items()):
+                buckets = [(str(b), n) for b, n in zip(BUCKETS, cumulative)] + [("+Inf", count)]
+                family.add_metric(list(labels), buckets, total)
+            yield family
 
 
-def _histogram(name: str, documentation: str, timing: str, jobs: Iterable[Job],
-               by_state: bool = False) -> HistogramMetricFamily:
-    family = HistogramMetricFamily(name, documentation, labels=["state"] if by_state else [])
-    groups: dict[tuple[str, ...], list[float]] = {}
-    for job in jobs:
-        value = job.timings.get(timing)
-        if value is not None:
-            groups.setdefault((job.state,) if by_state else (), []).append(float(value))
-    if not by_state:
-        groups.setdefault((), [])
-    for labels, values in sorted(groups.items()):
-        buckets = [(str(b), sum(v <= b for v in values)) for b in BUCKETS] + [("+Inf", len(values))]
-        family.add_metric(list(labels), buckets, sum(values))
-    return family
+#: (metric, help, timing of :data:`~segmap.service.store.TIMINGS`, labelled by state)
+HISTOGRAMS = (
+    ("segmap_job_duration_seconds", "Finished jobs: last instance received to finished (done or failed)", "total",
+     True),
+    ("segmap_job_queue_wait_seconds", "Jobs started: queued to container started", "queued_to_started", False),
+    ("segmap_job_run_seconds", "Container runs that ended: started to exit", "run", False),
+    ("segmap_job_export_seconds", "Exports that finished: container exit to destinations confirmed", "export",
+     False),
+)
 
 
 # --------------------------------------------------------------------------------------------------- pages
@@ -198,7 +217,7 @@ def job_detail_page(store: JobStore, job: Job) -> bytes:
     fields["age"], fields["duration"] = human_seconds(job.age_s), human_seconds(job.duration_s)
     rows = "".join(f"<tr><th>{_E(k)}</th><td>{_E(_text(v))}</td></tr>" for k, v in fields.items())
     timing_rows = "".join(f"<tr><th>{_E(k)}</th><td class=num>{v:.3f} s</td></tr>" for k, v in timings.items())
-    log_text = redact_patient_lines(job_log(store, job))
+    log_text = job_log(store, job)  # redacted by job_log
     body = (f"<p><a href='/'>&larr; all jobs</a></p><h1>job <code>{_E(job.key[:12])}</code> "
             f"<span class='state-{_E(job.state)}'>{_E(job.state)}</span></h1>"
             f"<table>{rows}</table><h2>timings</h2><table>{timing_rows or '<tr><td>none yet</td></tr>'}</table>"
@@ -211,6 +230,8 @@ class _Handler(BaseHTTPRequestHandler):
     server: "WebServer"
     server_version = "segmap"
     sys_version = ""
+    #: Seconds per socket read or write once the request started (StreamRequestHandler applies it).
+    timeout = REQUEST_TIMEOUT_S
 
     def do_GET(self) -> None:  # noqa: N802 (the stdlib's naming)
         self._answer(head=False)
@@ -228,17 +249,34 @@ class _Handler(BaseHTTPRequestHandler):
         store = self.server.store
         url = urlsplit(self.path)
         path, query = unquote(url.path), parse_qs(url.query)
+        auth = self.server.auth
+        if not auth.allows(path, self.headers.get("Authorization")):
+            self._send(HTTPStatus.UNAUTHORIZED, b"authentication required\n", "text/plain; charset=utf-8", head=head,
+                       extra={"WWW-Authenticate": auth.challenge()})
+            return
+        if path == "/livez":  # the process answers: nothing else is asked, the database least of all
+            self._send(HTTPStatus.OK, b"ok\n", "text/plain; charset=utf-8", head=head)
+            return
         try:
             status, body, ctype = self._route(store, path, query)
         except STORE_ERRORS as e:
-            log.warning("web: job store unreadable (%s)", first_line(e))
-            status, body, ctype = (HTTPStatus.SERVICE_UNAVAILABLE, f"job store unreadable: {first_line(e)}\n".encode(),
+            log.warning("web: job store unreadable (%s)", redact(first_line(e)))
+            status, body, ctype = (HTTPStatus.SERVICE_UNAVAILABLE,
+                                   f"job store unreadable: {redact(first_line(e))}\n".encode(),
                                    "text/plain; charset=utf-8")
         finally:
-            store.close()  # each request runs in its own thread; its SQLite connection ends with it
+            store.close()  # a fresh connection per request: a replaced or restored database is seen at once
         self._send(status, body, ctype, head=head)
 
     def _route(self, store: JobStore, path: str, query: dict) -> tuple[int, bytes, str]:
+        if path == "/readyz":
+            try:
+                store.count_by_state()
+            except STORE_ERRORS:
+                store.close()
+                return HTTPStatus.SERVICE_UNAVAILABLE, b"not ready: the job store cannot be read\n", \
+                    "text/plain; charset=utf-8"
+            return HTTPStatus.OK, b"ready\n", "text/plain; charset=utf-8"
         state = (query.get("state") or [None])[0]
         if state is not None and state not in tuple(State):
             return HTTPStatus.BAD_REQUEST, f"unknown state {state!r}; one of {', '.join(State)}\n".encode(), \
@@ -265,18 +303,20 @@ class _Handler(BaseHTTPRequestHandler):
                                                                      f"</a></p>", refresh=False), \
                         "text/html; charset=utf-8"
                 if api:
-                    doc = {**job.as_dict(), "log": redact_patient_lines(job_log(store, job))}
+                    doc = {**job.as_dict(), "log": job_log(store, job)}
                     return HTTPStatus.OK, _json(doc), "application/json"
                 return HTTPStatus.OK, job_detail_page(store, job), "text/html; charset=utf-8"
         return HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8"
 
     def _health(self, store: JobStore) -> tuple[int, bytes, str]:
+        where = redact(str(store))  # str(store) already leaves a URL's user-info and password= out
         try:
             counts = store.count_by_state()
         except STORE_ERRORS as e:
-            doc = {"status": "error", "error": f"job store unreadable: {first_line(e)}", "store": str(store)}
+            store.close()
+            doc = {"status": "error", "error": f"job store unreadable: {redact(first_line(e))}", "store": where}
             return HTTPStatus.SERVICE_UNAVAILABLE, _json(doc), "application/json"
-        doc = {"status": "ok", "store": str(store), "jobs": counts,  # str(store) hides a database password
+        doc = {"status": "ok", "store": where, "jobs": counts, "version": __version__,
                "uptime_s": round(time.monotonic() - self.server.started, 1)}
         return HTTPStatus.OK, _json(doc), "application/json"
 
@@ -295,24 +335,38 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (the stdlib's signature)
-        log.debug("%s %s", self.address_string(), format % args)
+        log.debug("%s %s", self.address_string(), redact(format % args))
 
 
 def _json(doc) -> bytes:
     return (json.dumps(doc, indent=1, default=str) + "\n").encode()
 
 
-class WebServer(ThreadingHTTPServer):
-    """The operations web server over one job store; ``serve_in_thread()`` starts it, ``shutdown()`` stops it."""
+class WebServer(HTTPServer):
+    """The operations web server over one job store; ``serve_in_thread()`` starts it, ``shutdown()`` stops it.
 
-    daemon_threads = True
+    Threads are bounded: an accepted connection waits in a selector (one thread for all of them) until its request
+    starts to arrive or ``idle_timeout_s`` passes, then one of ``workers`` threads answers it, with
+    ``REQUEST_TIMEOUT_S`` per socket read. 150 idle connections therefore hold no thread, and a slow client holds
+    one worker for at most the timeout per read."""
 
-    def __init__(self, store: JobStore, host: str, port: int):
+    def __init__(self, store: JobStore, host: str, port: int, auth: WebAuth | None = None, *,
+                 workers: int = WORKERS, idle_timeout_s: float = IDLE_TIMEOUT_S, max_waiting: int = MAX_WAITING):
         self.store = store
+        self.auth = auth or WebAuth()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StoreCollector(store))
         self.started = time.monotonic()
+        self.idle_timeout_s, self.max_waiting = idle_timeout_s, max_waiting
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="segmap-web")
+        self._waiting = selectors.DefaultSelector()
+        self._waiting_lock = threading.Lock()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._waiting.register(self._wake_r, selectors.EVENT_READ, None)
+        self._closed = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
         super().__init__((host, port), _Handler)
 
     @property
@@ -320,7 +374,47 @@ class WebServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
+    # Called by serve_forever for each accepted connection: park it instead of answering now.
+    def process_request(self, request, client_address) -> None:
+        with self._waiting_lock:
+            parked = [k for k in self._waiting.get_map().values() if k.data is not None]
+            if len(parked) >= self.max_waiting:
+                oldest = min(parked, key=lambda k: k.data[1])
+                self._waiting.unregister(oldest.fileobj)
+                self.shutdown_request(oldest.fileobj)
+            self._waiting.register(request, selectors.EVENT_READ, (client_address, time.monotonic()))
+        self._wake_w.send(b"\0")
+
+    def _watch(self) -> None:
+        while not self._closed.is_set():
+            ready = self._waiting.select(timeout=min(1.0, self.idle_timeout_s))
+            with self._waiting_lock:
+                for key, _ in ready:
+                    if key.data is None:  # the wake-up socket: a new connection was parked
+                        try:
+                            self._wake_r.recv(4096)
+                        except BlockingIOError:
+                            pass
+                        continue
+                    self._waiting.unregister(key.fileobj)
+                    self._pool.submit(self._answer, key.fileobj, key.data[0])
+                deadline = time.monotonic() - self.idle_timeout_s
+                for key in [k for k in self._waiting.get_map().values() if k.data is not None and
+                            k.data[1] < deadline]:
+                    self._waiting.unregister(key.fileobj)
+                    self.shutdown_request(key.fileobj)
+
+    def _answer(self, request, client_address) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:  # noqa: BLE001 -- one broken connection must not end the worker
+            log.debug("web: request from %s failed", client_address[0], exc_info=True)
+        finally:
+            self.shutdown_request(request)
+
     def serve_in_thread(self) -> threading.Thread:
+        self._watcher = threading.Thread(target=self._watch, name="segmap-web-waiting", daemon=True)
+        self._watcher.start()
         self._thread = threading.Thread(target=self.serve_forever, name="segmap-web", daemon=True)
         self._thread.start()
         return self._thread
@@ -330,9 +424,24 @@ class WebServer(ThreadingHTTPServer):
             super().shutdown()
             self._thread.join(10)
             self._thread = None
+        self._closed.set()
+        if self._watcher is not None:
+            self._wake_w.send(b"\0")
+            self._watcher.join(10)
+            self._watcher = None
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._waiting_lock:
+            for key in list(self._waiting.get_map().values()):
+                self._waiting.unregister(key.fileobj)
+                if key.data is not None:
+                    self.shutdown_request(key.fileobj)
+        self._waiting.close()
+        self._wake_r.close()
+        self._wake_w.close()
         self.server_close()
 
 
-def make_server(store: JobStore, host: str = "127.0.0.1", port: int = 8642) -> WebServer:
-    """The web server bound to ``host:port`` (port 0: any free port; see ``.url``). Not started yet."""
-    return WebServer(store, host, port)
+def make_server(store: JobStore, host: str = "127.0.0.1", port: int = 8642, auth: WebAuth | None = None) -> WebServer:
+    """The web server bound to ``host:port`` (port 0: any free port; see ``.url``), asking for ``auth``'s
+    credentials when it has any. Not started yet."""
+    return WebServer(store, host, port, auth)
