@@ -206,3 +206,28 @@ def test_a_run_writes_its_outputs_0640_and_leaves_the_process_umask_alone(tmp_pa
     assert files == ["overlay.png", "run_report.json", "segmentation.nii.gz"]
     for name in files:
         assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o640, name
+
+
+@pytest.mark.parametrize("argv", [["run", "--help"], ["-l", "DEBUG", "run", "--help"], ["demo", "--help"]])
+def test_signals_are_blocked_before_any_library_can_start_a_thread(argv):
+    """`segmap run`/`demo` block SIGTERM before numpy (whose BLAS starts threads) is imported: a thread started
+    earlier keeps SIGTERM unblocked, and a `docker stop` landing on it kills the run with -15, without clean-up."""
+    code = f"""
+import sys
+import segmap.signals as signals
+import segmap.cli as cli
+seen = []
+real = signals.install
+def install():
+    seen.append(sorted(m for m in ("numpy", "torch", "scipy") if m in sys.modules))
+    return real()
+signals.install = install
+try:
+    cli.main({argv!r})
+except SystemExit:
+    pass
+print(seen)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[[]]", done.stdout

@@ -169,13 +169,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command(argv: list[str] | None) -> str | None:
+    """The subcommand named in ``argv``, found without building the full parser (which imports numpy through the
+    packager's and the service's modules, and numpy's BLAS starts threads)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-l", "--log-level")
+    pre.add_argument("command", nargs="?")
+    known, _ = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return known.command
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     # docker stop / Kubernetes / Ctrl-C at any moment of a run, also inside torch: clean up, one line, exit 143
-    # (130). Before torch or OpenMP start threads, so that they inherit the blocked signals (segmap.signals.install). Not
-    # for `package`: the pip and git processes it starts would inherit them too.
-    if args.command not in ("run", "demo") or not signals.install():
+    # (130). Before any library starts a thread (numpy's BLAS, torch, OpenMP), so that every thread inherits the
+    # blocked signals (segmap.signals.install); a thread started earlier could take the signal and die of it (-15).
+    # Not for `package`: the pip and git processes it starts would inherit them too.
+    if _command(argv) not in ("run", "demo") or not signals.install():
         signals.install_sigterm_handler()
+    args = build_parser().parse_args(argv)
     configure_logging(args.log_level or setting("log_level").default)
     try:
         return args.func(args)
