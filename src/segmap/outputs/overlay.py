@@ -25,6 +25,9 @@ import numpy as np
 from ..volume import Volume
 from .report import segment_statistics
 
+#: The picture a person checks the result with, beside the outputs (settings.overlay).
+OVERLAY_NAME = "overlay.png"
+
 #: Colours for segments without ``recommended_display_rgb_value`` (distinct on grey and for common colour
 #: blindness: Okabe-Ito, then a few more).
 PALETTE = ((230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0),

@@ -12,7 +12,7 @@ from ..errors import OutputError
 from ..model import MonetModel, model_digest
 from ..outputs.atomic import atomic_outputs, claim_output_folder
 from ..outputs.formats import Provenance, output_format
-from ..outputs.overlay import write_overlay
+from ..outputs.overlay import OVERLAY_NAME, write_overlay
 from ..outputs.report import REPORT_NAME, RunReport, image_provenance, input_notes, output_identity
 from ..settings import Settings
 from ..tasks import SegmentationTask
@@ -21,8 +21,6 @@ from .host import patient_data_umask
 from .values import InputImage
 
 log = logging.getLogger("segmap")
-#: The picture a person checks the result with (settings.overlay).
-OVERLAY_NAME = "overlay.png"
 
 
 class ResultWriter:

@@ -59,11 +59,26 @@ class WebAuthConfig:
     password_env: str | None = setting(None, "an environment variable holding the basic-auth password")
 
 
+def _check_viewer_url(value: Any) -> str | None:
+    """None when ``value`` is a usable viewer URL template, else what is wrong with it."""
+    if not isinstance(value, str) or not value.startswith(("http://", "https://")) or "{study_uid}" not in value:
+        return "must be an http(s) URL with {study_uid} in it"
+    try:
+        value.format(study_uid="1.2", series_uid="1.2", seg_series_uid="1.2")
+    except (KeyError, IndexError, ValueError) as e:
+        return f"has a placeholder other than {{study_uid}}, {{series_uid}}, {{seg_series_uid}} ({e})"
+    return None
+
+
 @dataclass(frozen=True)
 class HttpConfig:
     host: str = setting("127.0.0.1", "address of the job page, /metrics and /healthz")
     port: int = setting(8642, "its port (0: no web server)", check=lambda v: None if v == 0 else schema.port(v))
     auth: WebAuthConfig | None = setting(None, "web authentication: bearer token and/or basic credentials")
+    viewer_url: str | None = setting(None, "the viewer's address of a study, linked from each done job: a URL with "
+                                     "{study_uid} (and optionally {series_uid}, the SEG's {seg_series_uid}), e.g. "
+                                     "OHIF behind Orthanc: http://pacs:8042/viewer?StudyInstanceUIDs={study_uid}",
+                                     check=_check_viewer_url)
 
 
 @dataclass(frozen=True)

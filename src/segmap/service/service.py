@@ -108,7 +108,8 @@ class Service:
             log.info("DICOM listener %s on %s:%d", lc.ae_title, *self.listener.address[:2])
         # Last: /healthz answering means the intake is listening.
         if cfg.http.port:
-            self.web = make_server(self.store, host=cfg.http.host, port=cfg.http.port, auth=web_auth(cfg))
+            self.web = make_server(self.store, host=cfg.http.host, port=cfg.http.port, auth=web_auth(cfg),
+                                   viewer_url=cfg.http.viewer_url)
             self.web.serve_in_thread()
             log.info("job page on http://%s:%d/ (metrics /metrics, health /healthz)", cfg.http.host,
                      self.web.server_address[1])

@@ -30,6 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -38,6 +39,8 @@ from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, Gaug
 
 from segmap import __version__
 from segmap.errors import ServiceConfigError
+from segmap.outputs.overlay import OVERLAY_NAME
+from segmap.outputs.report import REPORT_NAME
 from segmap.privacy import redact
 from segmap.service.operations import job_log
 from segmap.service.states import UNFINISHED, State
@@ -184,7 +187,51 @@ def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) + "Z" if ts else ""
 
 
-def job_list_page(store: JobStore, state: str | None = None) -> bytes:
+def viewer_link(job: Job, viewer_url: str | None) -> str | None:
+    """The viewer's address of a done job's study (``service.http.viewer_url`` filled in), or None."""
+    if not viewer_url or job.state != State.DONE:
+        return None
+    return viewer_url.format(study_uid=job.study_uid, series_uid=job.series_uid,
+                             seg_series_uid=job.seg_series_uid or "")
+
+
+def job_result(job: Job) -> tuple[list[dict], Path | None]:
+    """A done job's segments (label, voxels, volume in mL) from its run report, and its overlay picture when it is
+    still there (retention may have deleted the outputs: then ``([], None)``)."""
+    if job.state != State.DONE or not job.output_dir:
+        return [], None
+    out = Path(job.output_dir)
+    try:
+        segments = json.loads((out / REPORT_NAME).read_text()).get("segments") or []
+    except (OSError, ValueError, AttributeError):
+        segments = []
+    overlay = out / OVERLAY_NAME
+    return [s for s in segments if isinstance(s, dict)], (overlay if overlay.is_file() else None)
+
+
+def _result_section(job: Job, viewer_url: str | None) -> str:
+    if job.state != State.DONE:
+        return ""
+    link = viewer_link(job, viewer_url)
+    segments, overlay = job_result(job)
+    parts = ["<h2>result</h2>"]
+    if link:
+        parts.append(f'<p><a class="viewer" href="{_E(link)}">open the study in the viewer</a> (the SEG is stored '
+                     f"next to the images)</p>")
+    if segments:
+        rows = "".join(f"<tr><td>{_E(str(s.get('name', '')))}</td><td class=num>{int(s.get('voxels', 0))}</td>"
+                       f"<td class=num>{float(s.get('volume_ml', 0.0)):.1f}</td></tr>" for s in segments)
+        parts.append(f"<table class=segments><thead><tr><th>segment</th><th>voxels</th><th>volume (mL)</th></tr>"
+                     f"</thead><tbody>{rows}</tbody></table>")
+    if overlay is not None:
+        parts.append(f'<p><img class="overlay" src="/jobs/{_E(job.key[:12])}/{OVERLAY_NAME}" alt="the segments over '
+                     f'the image" style="max-width:100%"></p>')
+    if not segments and overlay is None:
+        parts.append("<p>(the outputs are no longer kept)</p>")
+    return "".join(parts)
+
+
+def job_list_page(store: JobStore, state: str | None = None, viewer_url: str | None = None) -> bytes:
     counts = store.count_by_state()
     jobs = store.list_jobs(states=[state] if state else None)
     links = " ".join(f'<span class="state-{s}"><a href="/?state={s}">{s}</a> {counts.get(s, 0)}</span>'
@@ -197,10 +244,10 @@ def job_list_page(store: JobStore, state: str | None = None) -> bytes:
             f'<td class="num">{j.attempts}/{j.max_attempts}</td><td class="num">{human_seconds(j.age_s)}</td>'
             f'<td class="num">{human_seconds(j.duration_s)}</td><td>{_E(j.node or "")} {_E(j.worker or "")}</td>'
             f'<td><code>{_E(j.series_uid)}</code> v{j.version} ({j.instance_count})</td>'
-            f'<td class="err">{_E(j.error or "")}</td></tr>')
+            f'<td class="err">{_E(j.error or "")}</td><td>{_viewer_cell(j, viewer_url)}</td></tr>')
     table = ("<table><thead><tr><th>job</th><th>MAP</th><th>state</th><th>attempts</th><th>age</th>"
-             "<th>duration</th><th>node / worker</th><th>series (version, instances)</th><th>error</th></tr></thead>"
-             f"<tbody>{''.join(rows) or '<tr><td colspan=9>no jobs</td></tr>'}</tbody></table>")
+             "<th>duration</th><th>node / worker</th><th>series (version, instances)</th><th>error</th><th>result</th>"
+             f"</tr></thead><tbody>{''.join(rows) or '<tr><td colspan=10>no jobs</td></tr>'}</tbody></table>")
     shown = f" ({_E(state)})" if state else ""
     body = (f"<h1>segmap jobs{shown}</h1><p class=counts>{links} <a href='/'>all</a></p>{table}"
             f"<p><small>{len(jobs)} shown, newest first; refreshes every {REFRESH_S} s; "
@@ -208,7 +255,12 @@ def job_list_page(store: JobStore, state: str | None = None) -> bytes:
     return _page("segmap jobs", body)
 
 
-def job_detail_page(store: JobStore, job: Job) -> bytes:
+def _viewer_cell(job: Job, viewer_url: str | None) -> str:
+    link = viewer_link(job, viewer_url)
+    return f'<a class="viewer" href="{_E(link)}">view</a>' if link else ""
+
+
+def job_detail_page(store: JobStore, job: Job, viewer_url: str | None = None) -> bytes:
     fields = job.as_dict()
     timings = fields.pop("timings")
     for name in ("received_at", "created_at", "updated_at", "started_at", "run_finished_at", "finished_at",
@@ -220,7 +272,7 @@ def job_detail_page(store: JobStore, job: Job) -> bytes:
     log_text = job_log(store, job)  # redacted by job_log
     body = (f"<p><a href='/'>&larr; all jobs</a></p><h1>job <code>{_E(job.key[:12])}</code> "
             f"<span class='state-{_E(job.state)}'>{_E(job.state)}</span></h1>"
-            f"<table>{rows}</table><h2>timings</h2><table>{timing_rows or '<tr><td>none yet</td></tr>'}</table>"
+            f"{_result_section(job, viewer_url)}<table>{rows}</table><h2>timings</h2><table>{timing_rows or '<tr><td>none yet</td></tr>'}</table>"
             f"<h2>log</h2><pre>{_E(log_text) or '(empty)'}</pre>")
     return _page(f"segmap job {job.key[:12]}", body, refresh=job.state in UNFINISHED)
 
@@ -282,7 +334,7 @@ class _Handler(BaseHTTPRequestHandler):
             return HTTPStatus.BAD_REQUEST, f"unknown state {state!r}; one of {', '.join(State)}\n".encode(), \
                 "text/plain; charset=utf-8"
         if path == "/":
-            return HTTPStatus.OK, job_list_page(store, state), "text/html; charset=utf-8"
+            return HTTPStatus.OK, job_list_page(store, state, self.server.viewer_url), "text/html; charset=utf-8"
         if path == "/healthz":
             return self._health(store)
         if path == "/metrics":
@@ -294,6 +346,9 @@ class _Handler(BaseHTTPRequestHandler):
         for prefix, api in (("/jobs/", False), ("/api/jobs/", True)):
             if path.startswith(prefix):
                 ref = path[len(prefix):].strip("/")
+                ref, _, part = ref.partition("/")
+                if part not in ("", OVERLAY_NAME) or (part and api):
+                    break
                 job = store.get_job(ref) if ref else None
                 if job is None:
                     message = f"no job {ref!r} (give a job id, its key or a unique key prefix of 6+ characters)"
@@ -303,9 +358,15 @@ class _Handler(BaseHTTPRequestHandler):
                                                                      f"</a></p>", refresh=False), \
                         "text/html; charset=utf-8"
                 if api:
-                    doc = {**job.as_dict(), "log": job_log(store, job)}
+                    doc = {**job.as_dict(), "log": job_log(store, job),
+                           "viewer_url": viewer_link(job, self.server.viewer_url), "segments": job_result(job)[0]}
                     return HTTPStatus.OK, _json(doc), "application/json"
-                return HTTPStatus.OK, job_detail_page(store, job), "text/html; charset=utf-8"
+                if part == OVERLAY_NAME:
+                    overlay = job_result(job)[1]
+                    if overlay is None:
+                        return HTTPStatus.NOT_FOUND, b"no overlay for this job\n", "text/plain; charset=utf-8"
+                    return HTTPStatus.OK, overlay.read_bytes(), "image/png"
+                return HTTPStatus.OK, job_detail_page(store, job, self.server.viewer_url), "text/html; charset=utf-8"
         return HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8"
 
     def _health(self, store: JobStore) -> tuple[int, bytes, str]:
@@ -351,9 +412,12 @@ class WebServer(HTTPServer):
     one worker for at most the timeout per read."""
 
     def __init__(self, store: JobStore, host: str, port: int, auth: WebAuth | None = None, *,
-                 workers: int = WORKERS, idle_timeout_s: float = IDLE_TIMEOUT_S, max_waiting: int = MAX_WAITING):
+                 workers: int = WORKERS, idle_timeout_s: float = IDLE_TIMEOUT_S, max_waiting: int = MAX_WAITING,
+                 viewer_url: str | None = None):
         self.store = store
         self.auth = auth or WebAuth()
+        #: ``service.http.viewer_url``: where a done job's study is shown (None: no link).
+        self.viewer_url = viewer_url
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StoreCollector(store))
         self.started = time.monotonic()
@@ -441,7 +505,8 @@ class WebServer(HTTPServer):
         self.server_close()
 
 
-def make_server(store: JobStore, host: str = "127.0.0.1", port: int = 8642, auth: WebAuth | None = None) -> WebServer:
+def make_server(store: JobStore, host: str = "127.0.0.1", port: int = 8642, auth: WebAuth | None = None,
+                viewer_url: str | None = None) -> WebServer:
     """The web server bound to ``host:port`` (port 0: any free port; see ``.url``), asking for ``auth``'s
-    credentials when it has any. Not started yet."""
-    return WebServer(store, host, port, auth)
+    credentials when it has any, linking done jobs to ``viewer_url``. Not started yet."""
+    return WebServer(store, host, port, auth, viewer_url=viewer_url)
