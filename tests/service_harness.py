@@ -34,7 +34,8 @@ def new_job(store: JobStore, version: SeriesVersion, *, map_name: str = "spleen"
             workspace: Workspace = Workspace(Path("/"))) -> NewJob:
     """The job the service would queue for ``version`` (its key from the version's instances and ``digest``), with
     its output and log paths in ``workspace``."""
-    key = job_key(version.series_uid, [i.sop_uid for i in store.instances(version.id)], digest)
+    key = job_key(version.series_uid, [i.sop_uid for i in store.instances(version.id)], digest, map_name=map_name,
+                  destinations=destinations)
     name = run_name(key)
     return NewJob(key, map_name, image, digest, name, seg_uids(key)[0], tuple(destinations), max_attempts,
                   str(workspace.output_dir(name)), str(workspace.log_path(name)))

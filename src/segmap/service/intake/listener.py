@@ -61,12 +61,14 @@ class DicomListener:
     def __init__(self, ae_title: str, host: str, port: int, *, spool: Spool, on_arrival: OnArrival,
                  allowed_calling_ae_titles: Iterable[str] = (), allowed_peers: Iterable[str] = (),
                  max_pdu: int = DEFAULT_MAX_PDU, log: logging.Logger | None = None, network_timeout: float = 60.0,
-                 acse_timeout: float = 30.0, max_associations: int = 16):
+                 acse_timeout: float = 30.0, max_associations: int = 16,
+                 below_floor: Callable[[], bool] | None = None):
         self.ae_title = _check_ae_title(ae_title, "listener.ae_title")
         self.host = host
         self.port = int(port)
         self.spool = spool
         self.on_arrival = on_arrival
+        self.below_floor = below_floor  # True: free space under the floor, instances are refused (0xA700)
         self.allowed_calling = frozenset(_check_ae_title(t, "listener.allowed_calling_ae_titles")
                                          for t in allowed_calling_ae_titles)
         self.allowed_peers = tuple(_parse_peer(p) for p in allowed_peers)
@@ -207,6 +209,11 @@ class DicomListener:
             self._count(event.assoc, 0, 1)
             return CANNOT_UNDERSTAND
         study, series, sop = target.parent.parent.name, target.parent.name, target.stem
+        if self.below_floor is not None and self.below_floor():
+            self.log.debug("C-STORE from %s (calling AE %s), study %s series %s SOP %s: free space is below the "
+                           "floor: answered out of resources", peer, calling, study, series, sop)
+            self._count(event.assoc, 0, 1, series)
+            return OUT_OF_RESOURCES
         try:
             path = self.spool.write(event.encoded_dataset(include_meta=True), study, series, sop)
         except OSError as exc:
