@@ -199,16 +199,21 @@ class NoRuns:
 
 
 def in_process_service(folder: Path, *, database: str | None = None, destinations: dict | None = None,
-                       runner=None, dest_objects: dict | None = None, listener: bool = True, **service):
+                       runner=None, dest_objects: dict | None = None, listener: bool = True,
+                       image: str = "segmap-test/none:never", maps: list[dict] | None = None, **service):
     """A :class:`segmap.service.service.Service` in this process (ticked by the test, or run in a thread) with the
     configuration :class:`ServiceProcess` writes (its listener is configured, and started only by ``start()``);
-    ``service`` are extra keys of its ``service:`` section."""
+    ``service`` are extra keys of its ``service:`` section; ``maps`` replaces its one MAP (``spleen``, ``image``)."""
     from segmap.service.config import load_config
     from segmap.service.service import Service
 
     destinations = destinations or {"pacs": {"kind": "dicom", "host": "127.0.0.1", "port": 104, "ae_title": "PACS"}}
     extra = {"service": {**({"database": database} if database else {}), **service}}
-    proc = ServiceProcess(folder, "segmap-test/none:never", listener=listener, destinations=destinations, extra=extra)
+    proc = ServiceProcess(folder, image, listener=listener, destinations=destinations, extra=extra)
+    if maps is not None:
+        doc = yaml.safe_load(proc.config_path.read_text())
+        doc["maps"] = [{"task": str(TASK), **m} for m in maps]
+        proc.config_path.write_text(yaml.safe_dump(doc))
     config = load_config(proc.config_path)
     return Service(config, runner=runner if runner is not None else NoRuns(), destinations=dest_objects)
 
@@ -230,3 +235,15 @@ def write_seg(folder: Path, name: str = "seg.dcm") -> Path:
     path = folder / name
     pydicom.dcmwrite(path, ds, enforce_file_format=True)
     return path
+
+
+def arrive(service, path: Path) -> Path:
+    """One instance as the listener records it (spool file, then the store), straight into a service in this
+    process; the spool path."""
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    stored = service.spool.write(Path(path).read_bytes(), *uids)
+    service.store.record_instance(Arrival("listener", *uids, str(ds.get("Modality", "")), path=str(stored)))
+    return stored

@@ -46,6 +46,7 @@ class SlowDestination:
         return True
 
 
+@pytest.mark.service  # 3 s a store: not in make test-fast
 def test_a_tick_slower_than_two_leases_is_never_taken_over(tmp_path, database):
     shared = str(tmp_path / "shared")
     common = dict(database=database, workdir=shared, lease_s=LEASE_S, poll_s=0.05)
