@@ -121,6 +121,9 @@ def seg_files(folder: Path) -> list[Path]:
 class Service:
     """The job service of one worker. ``start()`` starts intake and the web page; ``run(stop)`` loops."""
 
+    #: Seconds between the summary lines of a failure that repeats (:class:`FailureLog`).
+    failure_summary_every_s = SUMMARY_EVERY_S
+
     def __init__(self, config: ServiceConfig, *, runner=None, destinations=None):
         self.cfg = config
         self.worker = config.worker
@@ -141,7 +144,6 @@ class Service:
         self._digests: dict[str, str] = {}
         self._watching: set[str] = set()  # keys of the runs this process started or adopted
         self._held_back: set[int] = set()  # series versions whose "cannot close yet" was logged
-        self._tick_failures = FailureLog("service tick")
         self._next_retention = 0.0
         self._paused_for_space = False
         self._threads: list[threading.Thread] = []
@@ -179,7 +181,7 @@ class Service:
     def _follow(self) -> None:
         interval = self.cfg.orthanc.poll_interval_s
         down = False
-        failures = FailureLog("Orthanc follower")
+        failures = FailureLog("Orthanc follower", every_s=self.failure_summary_every_s)
         while not self._stop.is_set():
             if self._pause_for_space():
                 self._stop.wait(interval)
@@ -218,12 +220,13 @@ class Service:
                  self.cfg.quiet_period_s, self.store)
         if self.cfg.does_work:
             self._spawn(lambda: self._heartbeat(stop), "lease-heartbeat")
+        failures = FailureLog("service tick", every_s=self.failure_summary_every_s)
         while not stop.is_set() and not self._stop.is_set():
             try:
                 self.tick()
-                self._tick_failures.succeeded()
+                failures.succeeded()
             except Exception as e:  # noqa: BLE001 -- a service keeps running; the store holds the state to resume
-                self._tick_failures.failed(e)
+                failures.failed(e)
             stop.wait(self.cfg.poll_s)
 
     def tick(self, now: float | None = None) -> None:
@@ -243,7 +246,7 @@ class Service:
         """Renew this worker's leases every third of ``lease_s``, whatever the tick is doing (the tick may wait on
         a destination or the engine for longer than a lease)."""
         every = self.cfg.lease_s / 3
-        failures = FailureLog("lease heartbeat")
+        failures = FailureLog("lease heartbeat", every_s=self.failure_summary_every_s)
         while not stop.wait(every) and not self._stop.is_set():
             try:
                 self.store.heartbeat(self.worker, self.cfg.lease_s)
