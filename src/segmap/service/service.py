@@ -454,14 +454,16 @@ class Service:
         self.runner.remove(job.run_name)
 
     def _input_ready(self, job: Job) -> bool:
-        """The job's input folder is there (linked again from the spool when retention deleted it and the files are
-        back); otherwise the attempt fails with what to do."""
+        """False (and the attempt failed, saying what to do) when retention deleted the job's input and it was not
+        sent again; when it was, the input folder is linked again from the spool."""
         if self.workspace.series_dir(job.series_id).is_dir():
             return True
         instances = self.store.instances(job.series_id)
         if instances and all(i.path and Path(i.path).is_file() for i in instances):
             self.workspace.link_series(job.series_id, [(i.sop_uid, i.path) for i in instances])
             return True
+        if self.store.series_version(job.series_id).purged_at is None:
+            return True  # not deleted by retention: the runner reports what is wrong
         error = (f"the input images of series {job.series_uid} were deleted (retention); send the series again, "
                  f"then retry the job")
         self.store.run_failed(job, self.worker, error, None, self.cfg.retry_backoff_s)
