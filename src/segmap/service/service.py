@@ -76,10 +76,6 @@ class FailureLog:
         self._total = 0
         self._last_line = 0.0
 
-    @property
-    def failing(self) -> bool:
-        return self._since is not None
-
     def failed(self, exc: BaseException) -> None:
         now = self.clock()
         key = (type(exc).__name__, first_line(exc))
@@ -247,7 +243,7 @@ class Service:
         a destination or the engine for longer than a lease)."""
         every = self.cfg.lease_s / 3
         failures = FailureLog("lease heartbeat", every_s=self.failure_summary_every_s)
-        while not stop.wait(every) and not self._stop.is_set():
+        while not self._stop.wait(every) and not stop.is_set():
             try:
                 self.store.heartbeat(self.worker, self.cfg.lease_s)
                 failures.succeeded()

@@ -93,6 +93,9 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "ALTER TABLE series ADD COLUMN retry_at {real}",
         "ALTER TABLE series ADD COLUMN purged_at {real}",
         "ALTER TABLE jobs ADD COLUMN purged_at {real}",
+        "CREATE INDEX instances_path ON instances (path)",
+        "CREATE INDEX jobs_series ON jobs (series_id)",
+        "CREATE INDEX series_purge ON series (state, purged_at)",
     ]),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
