@@ -87,7 +87,8 @@ def reprocess(store: JobStore, series_uid: str) -> list[str]:
     done = []
     for v in versions:
         if store.retry_series_now(v.id):
-            reason = f" (it could not be closed: {v.held_reason or v.decision})" if (v.held_reason or v.decision) else ""
+            why = v.held_reason or v.decision
+            reason = f" (it could not be closed: {why})" if why else ""
             done.append(f"series {v.series_uid} v{v.version} from {v.source}: will be closed at the next tick{reason}")
     if not done:
         jobs = [j for v in versions for j in store.series_jobs(v.id)]

@@ -393,8 +393,8 @@ class JobStore:
         if not (a.source and a.study_uid and a.series_uid and a.sop_uid):
             raise ValueError(f"an arrival needs its source and study, series and SOP Instance UIDs, got {a}")
         self.engine.lock_series(db, a.source, a.series_uid)
-        row = db.execute("SELECT id, state, version, decision, purged_at FROM series WHERE source = ? AND series_uid = ? "
-                         "ORDER BY version DESC LIMIT 1", (a.source, a.series_uid)).fetchone()
+        row = db.execute("SELECT id, state, version, decision, purged_at FROM series WHERE source = ? AND "
+                         "series_uid = ? ORDER BY version DESC LIMIT 1", (a.source, a.series_uid)).fetchone()
         if row is not None and row["state"] == "collecting":
             series_id = row["id"]
         else:
@@ -583,8 +583,8 @@ class JobStore:
         how many. A job taken over meanwhile is no longer ``worker``'s and is not renewed."""
         clock, clock_args = self._lease_clock(now)
         with self._tx() as db:
-            cur = db.execute(f"UPDATE jobs SET lease_expires = {clock} + ? WHERE lease_owner = ? AND state IN ({_HELD})",
-                             (*clock_args, lease_s, worker))
+            cur = db.execute(f"UPDATE jobs SET lease_expires = {clock} + ? WHERE lease_owner = ? AND "
+                             f"state IN ({_HELD})", (*clock_args, lease_s, worker))
             return cur.rowcount
 
     def database_time(self) -> float:
