@@ -34,7 +34,8 @@ def new_job(store: JobStore, version: SeriesVersion, *, map_name: str = "spleen"
             workspace: Workspace = Workspace(Path("/"))) -> NewJob:
     """The job the service would queue for ``version`` (its key from the version's instances and ``digest``), with
     its output and log paths in ``workspace``."""
-    key = job_key(version.series_uid, [i.sop_uid for i in store.instances(version.id)], digest)
+    key = job_key(version.series_uid, [i.sop_uid for i in store.instances(version.id)], digest, map_name=map_name,
+                  destinations=destinations)
     name = run_name(key)
     return NewJob(key, map_name, image, digest, name, seg_uids(key)[0], tuple(destinations), max_attempts,
                   str(workspace.output_dir(name)), str(workspace.log_path(name)))
@@ -176,3 +177,73 @@ class ServiceProcess:
 
 def elapsed(t0: float) -> float:
     return time.monotonic() - t0
+
+
+# ------------------------------------------------------------------------------------------------ an in-process service
+
+
+class NoRuns:
+    """The runner of a service whose jobs never reach a container in the test (leases, exports, retention): it
+    names a digest for any image and fails the test on any run."""
+
+    runs_digest = False
+    local = True
+
+    def image_digest(self, image: str) -> str:
+        return "sha256:" + "0" * 64
+
+    def _unexpected(self, *args, **kwargs):
+        raise AssertionError("this test runs no MAP container")
+
+    start = status = adopt = logs = cancel = remove = _unexpected
+
+
+def in_process_service(folder: Path, *, database: str | None = None, destinations: dict | None = None,
+                       runner=None, dest_objects: dict | None = None, listener: bool = True,
+                       image: str = "segmap-test/none:never", maps: list[dict] | None = None, **service):
+    """A :class:`segmap.service.service.Service` in this process (ticked by the test, or run in a thread) with the
+    configuration :class:`ServiceProcess` writes (its listener is configured, and started only by ``start()``);
+    ``service`` are extra keys of its ``service:`` section; ``maps`` replaces its one MAP (``spleen``, ``image``)."""
+    from segmap.service.config import load_config
+    from segmap.service.service import Service
+
+    destinations = destinations or {"pacs": {"kind": "dicom", "host": "127.0.0.1", "port": 104, "ae_title": "PACS"}}
+    extra = {"service": {**({"database": database} if database else {}), **service}}
+    proc = ServiceProcess(folder, image, listener=listener, destinations=destinations, extra=extra)
+    if maps is not None:
+        doc = yaml.safe_load(proc.config_path.read_text())
+        doc["maps"] = [{"task": str(TASK), **m} for m in maps]
+        proc.config_path.write_text(yaml.safe_dump(doc))
+    config = load_config(proc.config_path)
+    return Service(config, runner=runner if runner is not None else NoRuns(), destinations=dest_objects)
+
+
+def write_seg(folder: Path, name: str = "seg.dcm") -> Path:
+    """A small DICOM file whose Modality is SEG (what :func:`segmap.service.service.seg_files` collects)."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "SEG"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return path
+
+
+def arrive(service, path: Path) -> Path:
+    """One instance as the listener records it (spool file, then the store), straight into a service in this
+    process; the spool path."""
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    stored = service.spool.write(Path(path).read_bytes(), *uids)
+    service.store.record_instance(Arrival("listener", *uids, str(ds.get("Modality", "")), path=str(stored)))
+    return stored

@@ -59,7 +59,7 @@ def _diff(sent, model, path="") -> str:
 
 
 def make_spec(key_seed: str = "1.2.3", **kw) -> RunSpec:
-    key = job_key(key_seed, ["1.2.3.1", "1.2.3.2"], DIGEST)
+    key = job_key(key_seed, ["1.2.3.1", "1.2.3.2"], DIGEST, map_name="spleen", destinations=())
     name = run_name(key)
     args = dict(name=name, image=f"registry.example/segmap/spleen@{DIGEST}",
                 input_dir=WORKDIR / "jobs" / name / "input", output_dir=WORKDIR / "jobs" / name / "output",

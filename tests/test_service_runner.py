@@ -131,7 +131,7 @@ def test_map_run_writes_the_seg_with_the_job_key_uids(runner, map_image, phantom
     files = phantom["dicom_files"]
     inp, out = job_folder(tmp_path, files)
     key = job_key(phantom["series_uid"], [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files],
-                  runner.image_digest(map_image))
+                  runner.image_digest(map_image), map_name="spleen", destinations=())
     spec = spec_for(runner, map_image, inp, out, env={"SEGMAP_UID_SEED": key}, cpus=2, memory="2g")
     t = time.perf_counter()
     first = runner.start(spec)

@@ -219,3 +219,50 @@ def test_the_schema_accepts_exactly_the_states_of_the_table(store):
             db.execute("UPDATE jobs SET state = 'paused' WHERE id = ?", (job.id,))
     assert store.get_job(job.key).state == State.QUEUED
 
+
+
+# ------------------------------------------------------------------------------------------------ issue 20, point 1
+
+
+def test_a_series_that_cannot_be_closed_stays_open_counted_and_a_resend_retries_it_at_once(store):
+    for i in range(3):
+        store.record_instance(arrival(i), now=100)
+    (v,) = store.due_series(5, now=110)
+    held = store.hold_series(v.id, "cannot reach the Docker engine", retry_at=410, now=110)
+    assert (held.state, held.held_reason, held.retry_at) == ("collecting", "cannot reach the Docker engine", 410)
+    assert held.decision == "not closed yet: cannot reach the Docker engine", "visible in `segmap jobs series`"
+    assert store.count_unprocessed_series() == 1 and [s.id for s in store.held_series()] == [v.id]
+    assert store.due_series(5, now=200) == [], "not before its retry time"
+    store.record_instance(arrival(1), now=201)  # the sender sends one of them again
+    (again,) = store.due_series(5, now=202)
+    assert again.id == v.id and again.instance_count == 3, "a re-send retries at once, nothing added"
+    v, created, _ = close(store, now=203)
+    assert created and store.count_unprocessed_series() == 0
+
+
+def test_a_series_an_older_release_abandoned_is_not_a_dead_end(store):
+    """Older releases closed a series they could not close for an hour without a job ("abandoned: ..."); sending
+    it again opens a new version (before: a repeat, never processed), and `reprocess` reopens it."""
+    from segmap.service import operations
+
+    for i in range(3):
+        store.record_instance(arrival(i), now=100)
+    (v,) = store.due_series(5, now=110)
+    store.close_series(v.id, [], "abandoned: cannot reach the Docker engine", instance_count=3, now=4000)
+    assert store.count_unprocessed_series() == 0
+    store.record_instance(arrival(0), now=4100)
+    (v2,) = store.due_series(5, now=4110)
+    assert (v2.version, v2.instance_count) == (2, 3)
+    v2, created, _ = close(store, now=4110)
+    assert created
+
+    for i in range(2):
+        store.record_instance(arrival(i, series="7.7"), now=100)
+    (w,) = store.due_series(5, now=5000)
+    store.close_series(w.id, [], "abandoned: Orthanc never called it stable", instance_count=2, now=5000)
+    (line,) = operations.reprocess(store, "7.7")
+    assert "will be closed at the next tick" in line and store.count_unprocessed_series() == 1
+    (w_again,) = store.due_series(5, now=5001)
+    assert w_again.id == w.id and w_again.state == "collecting"
+    with pytest.raises(operations.OperationRefused, match="a failed or cancelled job is queued again"):
+        operations.reprocess(store, "1.2.3")  # closed with a job: nothing to reprocess

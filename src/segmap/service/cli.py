@@ -29,6 +29,7 @@ examples:
   segmap jobs -c service.yaml retry 3f9a2c    # queue a failed or cancelled job again
   segmap jobs -c service.yaml cancel 3f9a2c   # cancel a queued/running/exporting job (stops its container)
   segmap jobs -c service.yaml series          # series versions received and what was decided for each
+  segmap jobs -c service.yaml reprocess 1.2.840.113619.2.5.1  # close a series that could not be closed, now
 """
 
 
@@ -43,8 +44,10 @@ def add_service_parsers(sub) -> None:
     p = sub.add_parser("jobs", help="list, show, retry or cancel the job service's jobs",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=JOBS_EPILOG)
     p.add_argument("-c", "--config", required=True, help="the service configuration file (YAML)")
-    p.add_argument("action", nargs="?", default="list", choices=("list", "show", "retry", "cancel", "series"))
-    p.add_argument("job", nargs="?", help="job key (or a unique prefix of 6+ characters) or id, for show/retry/cancel")
+    p.add_argument("action", nargs="?", default="list", choices=("list", "show", "retry", "cancel", "series",
+                                                                    "reprocess"))
+    p.add_argument("job", nargs="?", help="job key (or a unique prefix of 6+ characters) or id, for show/retry/cancel; "
+                   "a Series Instance UID for reprocess")
     p.add_argument("--state", action="append", choices=tuple(State), help="only jobs in this state (repeatable)")
     p.add_argument("--limit", type=int, default=50, help="how many jobs to list (newest first; default 50)")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -96,6 +96,11 @@ def jobs(args: argparse.Namespace) -> int:
         for line in study_lines(store, states=None):  # which series filled which modality, what was passed over
             print(line)
         return 0
+    if args.action == "reprocess":  # args.job is a Series Instance UID here
+        if not args.job:
+            raise SegmapError("`segmap jobs reprocess` needs the Series Instance UID of a series that made no job")
+        print("\n".join(operations.reprocess(store, args.job)))
+        return 0
     if not args.job:
         raise SegmapError(f"`segmap jobs {args.action}` needs a job key (or prefix) or id")
     job = operations.find_job(store, args.job)

@@ -191,6 +191,18 @@ class ServiceConfig:
     study_give_up_s: float = setting(86400.0, "seconds a study of a multi-modality MAP may wait for a missing "
                                               "modality before it is failed", check=schema.positive)
 
+    # -- a bounded workdir, and series that cannot be closed yet (issue 20) --
+    free_space_floor_mb: float = setting(1024.0, "below this much free space (MiB) where the workdir lies, the "
+                                         "listener answers C-STORE with 0xA700 and the Orthanc follower pauses "
+                                         "(0: no floor)", check=schema.not_negative)
+    retain_done_days: float = setting(7.0, "days after which a done job's images and outputs are deleted (its "
+                                      "record and history stay; 0: kept for ever)", check=schema.not_negative)
+    retain_failed_days: float = setting(30.0, "the same for failed and cancelled jobs (0: kept for ever)",
+                                        check=schema.not_negative)
+    close_retry_max_s: float = setting(300.0, "longest wait between tries to close a series that could not be "
+                                       "closed (Orthanc or the engine down, the image missing)",
+                                       check=schema.positive)
+
     @property
     def does_intake(self) -> bool:
         return self.role in ("all", "intake")

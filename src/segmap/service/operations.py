@@ -5,8 +5,9 @@ Each operation takes the job as the operator saw it and raises :class:`Operation
 and why) when the rule says no; the store then refuses a job that moved meanwhile (the transition is made only
 from the state the operator saw).
 
-No ``reprocess`` (run a done job again): the job key is the promise that one input for one image runs once, so
-running it again is a new feature with its own rule (a new key), not an operation on the job.
+Running a done job again is not an operation: the job key is the promise that one input for one MAP runs once.
+``reprocess`` is about a *series* that made no job because it could not be closed (the engine or Orthanc down, the
+image missing, a spool file gone): it is tried again at the next tick instead of after its back-off.
 """
 
 from __future__ import annotations
@@ -76,3 +77,24 @@ def job_log(store: JobStore, job: Job, tail: int = 200) -> str:
     if container:
         lines += ["", f"--- container log ({job.log_path}) ---", *container]
     return redact("\n".join(lines))
+
+
+def reprocess(store: JobStore, series_uid: str) -> list[str]:
+    """Try again, at the next tick, to close every version of ``series_uid`` that is held (could not be closed) or
+    that an older release abandoned; one line per version. Refused when there is none (a closed series' jobs are
+    retried with :func:`retry`)."""
+    versions = store.latest_versions(series_uid.strip())
+    if not versions:
+        raise OperationRefused(f"no series {series_uid!r} was received (see `segmap jobs series`)")
+    done = []
+    for v in versions:
+        if store.retry_series_now(v.id):
+            why = v.held_reason or v.decision
+            reason = f" (it could not be closed: {why})" if why else ""
+            done.append(f"series {v.series_uid} v{v.version} from {v.source}: will be closed at the next tick{reason}")
+    if not done:
+        jobs = [j for v in versions for j in store.series_jobs(v.id)]
+        made = ", ".join(f"{j.key[:12]} {j.state}" for j in jobs) or "no job: " + (versions[0].decision or "?")
+        raise OperationRefused(f"series {series_uid} is closed ({made}); a failed or cancelled job is queued again "
+                               f"with `segmap jobs retry KEY`")
+    return done

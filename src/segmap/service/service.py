@@ -14,6 +14,13 @@ resumes at the next start):
 
 Containers and SEG UIDs are named after the job key, so after a restart a running container is adopted and a
 re-sent SEG is the same instance at the destination.
+
+Beside the tick: a heartbeat thread renews this worker's leases every third of ``lease_s`` however long a tick takes
+(a slow destination, a slow engine), so a live worker's job is never taken over; retention deletes the files of jobs
+finished long enough ago (at most once a minute); a failure that repeats is logged once with its traceback, then
+once a minute (:class:`FailureLog`). A series that cannot be closed is never dropped: it stays open with its reason
+(``segmap jobs series``), counted by :meth:`JobStore.count_unprocessed_series`, and is tried again with back-off, at
+once when any of its instances is sent again, or on ``segmap jobs reprocess SERIES``.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import pydicom
 from segmap.dicom.loading import scan_dicom_folder
 from segmap.errors import DestinationUnavailable, ExportError, OrthancError, RunnerError, SegmapError
 from segmap.orthanc import OrthancClient
+from segmap.text import first_line, one_line
 
 from .config import ServiceConfig
 from .export import make_destination
@@ -48,9 +56,50 @@ from .workspace import append_attempt_log, fresh_folder
 
 log = logging.getLogger("segmap.service")
 
-#: How long a complete-looking series may fail to close (Orthanc unreachable, the series deleted there) before it is
-#: closed without jobs, with the reason in its decision and the log.
-ABANDON_AFTER_S = 3600.0
+#: How long a quiet Orthanc series may wait for Orthanc to call it stable before it counts as held (deleted there?).
+UNSTABLE_AFTER_S = 600.0
+#: How often retention looks for files to delete, and how often a repeating failure is summarised in the log.
+RETENTION_EVERY_S = 60.0
+SUMMARY_EVERY_S = 60.0
+DAY_S = 86400.0
+
+
+class FailureLog:
+    """One line per distinct failure, not a flood: the first occurrence of a failure (by exception type and first
+    line) is logged with its traceback, then one summary line per ``every_s`` while failures go on, and one line when
+    the next try succeeds."""
+
+    def __init__(self, what: str, logger: logging.Logger = log, every_s: float = SUMMARY_EVERY_S, clock=time.monotonic):
+        self.what, self.log, self.every_s, self.clock = what, logger, every_s, clock
+        self._since: float | None = None
+        self._seen: set[tuple[str, str]] = set()
+        self._count = 0  # failures since the last line
+        self._total = 0
+        self._last_line = 0.0
+
+    def failed(self, exc: BaseException) -> None:
+        now = self.clock()
+        key = (type(exc).__name__, first_line(exc))
+        self._total += 1
+        if key not in self._seen:
+            self._seen.add(key)
+            self._since = now if self._since is None else self._since
+            self._count, self._last_line = 0, now
+            self.log.error("%s failed: %s: %s (logged once; a summary follows every %.0f s while it lasts)",
+                           self.what, type(exc).__name__, one_line(exc, 300), self.every_s, exc_info=exc)
+            return
+        self._count += 1
+        if now - self._last_line >= self.every_s:
+            self.log.error("%s still failing for %.0f s: %s: %s (%d more time(s) since the last line)", self.what,
+                           now - self._since, type(exc).__name__, one_line(exc, 300), self._count)
+            self._count, self._last_line = 0, now
+
+    def succeeded(self) -> None:
+        if self._since is None:
+            return
+        self.log.warning("%s works again after %.0f s (%d failure(s))", self.what, self.clock() - self._since,
+                         self._total)
+        self._since, self._seen, self._count, self._total = None, set(), 0, 0
 
 
 def seg_files(folder: Path) -> list[Path]:
@@ -68,6 +117,9 @@ def seg_files(folder: Path) -> list[Path]:
 
 class Service:
     """The job service of one worker. ``start()`` starts intake and the web page; ``run(stop)`` loops."""
+
+    #: Seconds between the summary lines of a failure that repeats (:class:`FailureLog`).
+    failure_summary_every_s = SUMMARY_EVERY_S
 
     def __init__(self, config: ServiceConfig, *, runner=None, destinations=None):
         self.cfg = config
@@ -88,6 +140,8 @@ class Service:
         self._digests: dict[str, str] = {}
         self._watching: set[str] = set()  # keys of the runs this process started or adopted
         self._held_back: set[int] = set()  # series versions whose "cannot close yet" was logged
+        self._next_retention = 0.0
+        self._paused_for_space = False
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
 
@@ -103,7 +157,7 @@ class Service:
             self.spool.remove_partial()  # temp files of writes a crash interrupted
             lc = cfg.listener
             self.listener = DicomListener.from_config(lc, spool=self.spool, on_arrival=self.store.record_instance,
-                                                      base=cfg.path.parent)
+                                                      base=cfg.path.parent, below_floor=self.below_floor)
             self.listener.start()
             log.info("DICOM listener %s on %s:%d", lc.ae_title, *self.listener.address[:2])
         # Last: /healthz answering means the intake is listening.
@@ -122,9 +176,14 @@ class Service:
     def _follow(self) -> None:
         interval = self.cfg.orthanc.poll_interval_s
         down = False
+        failures = FailureLog("Orthanc follower", every_s=self.failure_summary_every_s)
         while not self._stop.is_set():
+            if self._pause_for_space():
+                self._stop.wait(interval)
+                continue
             try:
                 new = self.follower.poll_once()
+                failures.succeeded()
                 if down:
                     log.info("Orthanc answers again at %s", self.cfg.orthanc.url)
                     down = False
@@ -134,8 +193,8 @@ class Service:
                 if not down:
                     log.warning("%s; retrying every %.0f s", e, interval)
                     down = True
-            except Exception:  # noqa: BLE001 -- the follower must outlive any one bad change
-                log.exception("Orthanc follower failed; retrying")
+            except Exception as e:  # noqa: BLE001 -- the follower must outlive any one bad change
+                failures.failed(e)
             self._stop.wait(interval)
 
     def stop(self) -> None:
@@ -154,21 +213,88 @@ class Service:
                  self.cfg.role if self.cfg.role != "all" else "worker", self.worker, self.node, len(self.cfg.maps),
                  ", ".join(m.name for m in self.cfg.maps), self.cfg.runner.kind, self.cfg.runner.max_concurrent,
                  self.cfg.quiet_period_s, self.store)
+        if self.cfg.does_work:
+            self._spawn(lambda: self._heartbeat(stop), "lease-heartbeat")
+        failures = FailureLog("service tick", every_s=self.failure_summary_every_s)
         while not stop.is_set() and not self._stop.is_set():
             try:
                 self.tick()
-            except Exception:  # noqa: BLE001 -- a service keeps running; the store holds the state to resume
-                log.exception("service tick failed; retrying")
+                failures.succeeded()
+            except Exception as e:  # noqa: BLE001 -- a service keeps running; the store holds the state to resume
+                failures.failed(e)
             stop.wait(self.cfg.poll_s)
 
     def tick(self, now: float | None = None) -> None:
         if self.cfg.does_intake:
+            self._pause_for_space()  # logs when the free-space floor is crossed (the listener asks on its own)
             self.close_due_series(now)
             close_due_studies(Loop(self.store, self.workspace, self.cfg, self.tasks, self._digest), now)
         if self.cfg.does_work:
             self.advance_held(now)
             self.claim(now)
             self.export_due(now)
+        if now is not None or time.monotonic() >= self._next_retention:
+            self._next_retention = time.monotonic() + RETENTION_EVERY_S
+            self.apply_retention(now)
+
+    # ------------------------------------------------------------------------------------------- leases
+    def _heartbeat(self, stop: threading.Event) -> None:
+        """Renew this worker's leases every third of ``lease_s``, whatever the tick is doing (the tick may wait on
+        a destination or the engine for longer than a lease)."""
+        every = self.cfg.lease_s / 3
+        failures = FailureLog("lease heartbeat", every_s=self.failure_summary_every_s)
+        while not self._stop.wait(every) and not stop.is_set():
+            try:
+                self.store.heartbeat(self.worker, self.cfg.lease_s)
+                failures.succeeded()
+            except Exception as e:  # noqa: BLE001 -- the next beat tries again; the lease still has 2/3 to run
+                failures.failed(e)
+        self.store.close()  # this thread's connection
+
+    # ------------------------------------------------------------------------------------------- free space
+    def below_floor(self) -> bool:
+        """Less free space where the workdir lies than ``free_space_floor_mb`` (intake refuses instances)."""
+        return self.workspace.below_floor(self.cfg.free_space_floor_mb * 2**20)
+
+    def _pause_for_space(self) -> bool:
+        """True while the follower must pause for the free-space floor; logs the change either way."""
+        below = self.below_floor()
+        if below != self._paused_for_space:
+            self._paused_for_space = below
+            if below:
+                log.warning("less than %.0f MiB free in %s: the Orthanc follower pauses (and the listener answers "
+                            "C-STORE with out of resources) until there is", self.cfg.free_space_floor_mb,
+                            self.workspace.root)
+            else:
+                log.info("free space in %s is above %.0f MiB again: the Orthanc follower goes on",
+                         self.workspace.root, self.cfg.free_space_floor_mb)
+        return below
+
+    # ------------------------------------------------------------------------------------------- retention
+    def apply_retention(self, now: float | None = None) -> int:
+        """Delete the files of jobs finished more than ``retain_done_days`` (done) or ``retain_failed_days`` (failed,
+        cancelled) ago -- their output, then, once every job of a series version is purged, its input links and the
+        spool files no other version needs. Job records, events and decisions stay. Returns how many jobs."""
+        now = time.time() if now is None else now
+        done_days, failed_days = self.cfg.retain_done_days, self.cfg.retain_failed_days
+        done_before = now - done_days * DAY_S if done_days else None
+        failed_before = now - failed_days * DAY_S if failed_days else None
+        purged = 0
+        for job in self.store.jobs_past_retention(done_before, failed_before):
+            if job.output_dir:
+                self.workspace.remove_tree(Path(job.output_dir))
+            days = done_days if job.state == State.DONE else failed_days
+            self.store.mark_job_purged(job, f"images and outputs deleted ({job.state} more than {days:g} days ago)",
+                                       now)
+            purged += 1
+        for version in self.store.series_past_retention(done_before):
+            self.workspace.remove_tree(self.workspace.series_dir(version.id))
+            paths = self.store.unshared_paths(version.id)
+            self.workspace.remove_spool_files(paths)
+            self.store.mark_series_purged(version.id, paths, now)
+        if purged:
+            log.info("retention: deleted the images and outputs of %d finished job(s)", purged)
+        return purged
 
     # ------------------------------------------------------------------------------------------- 1. close
     def close_due_series(self, now: float | None = None) -> None:
@@ -176,26 +302,31 @@ class Service:
         for version in self.store.due_series(self.cfg.quiet_period_s, now):
             try:
                 self._close(version, now)
-            except (SegmapError, OSError) as e:  # Orthanc or the engine unreachable, a spool file gone
-                if not self._abandon_if_stale(version, now, str(e)) and version.id not in self._held_back:
-                    self._held_back.add(version.id)  # once per version, not every tick
-                    log.warning("series %s v%d: cannot close yet (retrying every %.1f s): %s", version.series_uid,
-                                version.version, self.cfg.poll_s, e)
+            except (SegmapError, OSError) as e:  # Orthanc or the engine unreachable, the image or a spool file gone
+                self._hold(version, now, str(e))
+            except Exception as e:  # noqa: BLE001 -- e.g. a file pydicom cannot read: held with the reason too
+                if version.id not in self._held_back:
+                    log.error("series %s v%d: closing failed", version.series_uid, version.version, exc_info=e)
+                self._hold(version, now, f"{type(e).__name__}: {e}")
 
-    def _abandon_if_stale(self, v: SeriesVersion, now: float, why: str) -> bool:
-        """A version that could not be closed for :data:`ABANDON_AFTER_S` (e.g. deleted from Orthanc meanwhile) is
-        closed without jobs, with the reason, instead of being retried for ever."""
-        if now - v.last_seen < ABANDON_AFTER_S:
-            return False
-        self.store.close_series(v.id, [], f"abandoned: {why}", instance_count=v.instance_count)
-        log.warning("series %s v%d: no job, abandoned after %.0f s: %s", v.series_uid, v.version, now - v.last_seen,
-                    why)
-        return True
+    def _hold(self, v: SeriesVersion, now: float, why: str) -> None:
+        """Keep a version that cannot be closed open, with its reason, and try again with back-off (half the time it
+        has been held, at most ``close_retry_max_s``); never drop it. Logged once per version."""
+        since = self.store.held_since(v.id) or now
+        delay = min(self.cfg.close_retry_max_s, max(self.cfg.poll_s, (now - since) / 2))
+        self.store.hold_series(v.id, why, now + delay, now)
+        if v.id not in self._held_back:
+            self._held_back.add(v.id)
+            log.warning("series %s v%d: cannot be closed yet, kept open and retried with back-off (at most every "
+                        "%.0f s; at once when it is sent again, or `segmap jobs reprocess %s`): %s", v.series_uid,
+                        v.version, self.cfg.close_retry_max_s, v.series_uid, one_line(why, 300))
 
     def _close(self, v: SeriesVersion, now: float) -> None:
         if v.source.startswith("orthanc:") and v.stable_at is None:
             if self.follower is None or not self.follower.is_stable(v.series_uid):
-                self._abandon_if_stale(v, now, "Orthanc never called it stable (deleted there?)")
+                if now - v.last_seen >= UNSTABLE_AFTER_S:
+                    raise OrthancError(f"Orthanc has not called series {v.series_uid} stable for "
+                                       f"{now - v.last_seen:.0f} s (deleted there?)")
                 return
             self.store.mark_stable(v.id)
         instances = self.store.instances(v.id)
@@ -215,7 +346,8 @@ class Service:
                 continue
             m = self.cfg.map(r.map_name)
             digest = self._digest(m.image)
-            key = job_key(v.series_uid, [i.sop_uid for i in instances], digest)
+            key = job_key(v.series_uid, [i.sop_uid for i in instances], digest, map_name=m.name,
+                          destinations=m.destinations)
             name = run_name(key)
             jobs.append(NewJob(key=key, map_name=m.name, image=m.image, image_digest=digest, run_name=name,
                                seg_series_uid=seg_uids(key)[0], destinations=m.destinations,
@@ -229,6 +361,9 @@ class Service:
             return
         created, existing = result
         where = f"series {v.series_uid} v{v.version} ({v.modality or '?'}, {len(instances)} instances, {v.source})"
+        if v.held_reason:
+            self._held_back.discard(v.id)
+            log.info("%s: closed after being held (%s)", where, one_line(v.held_reason, 200))
         for r in routes:
             if not r.matched:
                 log.info("%s: no job for %s: %s", where, r.map_name, r.reason)
@@ -273,6 +408,8 @@ class Service:
                 log.info("job %s: superseded by version %d of series %s (more instances arrived)", short,
                          newer.version, job.series_uid)
                 return
+            if not self._input_ready(job):
+                return
             fresh_folder(Path(job.output_dir))
             started = self.runner.start(self._spec(job))
             self._watching.add(job.key)
@@ -312,6 +449,23 @@ class Service:
             log.warning("job %s: run failed (%s); %s", short, status_error,
                         f"retry in {delay:.0f} s" if after.state == State.QUEUED else "no attempts left: failed")
         self.runner.remove(job.run_name)
+
+    def _input_ready(self, job: Job) -> bool:
+        """False (and the attempt failed, saying what to do) when retention deleted the job's input and it was not
+        sent again; when it was, the input folder is linked again from the spool."""
+        if self.workspace.series_dir(job.series_id).is_dir():
+            return True
+        instances = self.store.instances(job.series_id)
+        if instances and all(i.path and Path(i.path).is_file() for i in instances):
+            self.workspace.link_series(job.series_id, [(i.sop_uid, i.path) for i in instances])
+            return True
+        if self.store.series_version(job.series_id).purged_at is None:
+            return True  # not deleted by retention: the runner reports what is wrong
+        error = (f"the input images of series {job.series_uid} were deleted (retention); send the series again, "
+                 f"then retry the job")
+        self.store.run_failed(job, self.worker, error, None, self.cfg.retry_backoff_s)
+        log.warning("job %s: %s", job.key[:12], error)
+        return False
 
     def _save_log(self, job: Job) -> None:
         if not job.log_path:

@@ -19,7 +19,17 @@ every version of a series, and the same code must run on SQLite (one machine, no
 procrastinate is PostgreSQL-only and owns its own job table, so the state would live in two places.
 
 Leases: the worker that claims a job holds it until ``lease_expires``; it renews the lease while it works
-(:meth:`JobStore.heartbeat`). A job whose lease ran out may be taken over by any worker (:meth:`JobStore.held_jobs`).
+(:meth:`JobStore.heartbeat`, called from a thread of its own that never waits for the loop's tick). A job whose lease
+ran out may be taken over by any worker (:meth:`JobStore.held_jobs`). Lease times are set and compared on the
+database's clock (SQLite's ``julianday('now')``, PostgreSQL's ``now()``), never on each host's: two hosts whose
+clocks disagree still agree on who holds a job. (A caller that passes ``now``, as the tests do, uses that instead.)
+
+Series that cannot be closed yet (Orthanc unreachable, the engine down, the image missing, a spool file gone) stay
+open with their reason (:meth:`JobStore.hold_series`), are retried with back-off and counted
+(:meth:`JobStore.count_unprocessed_series`); a re-send of any of their instances retries them at once.
+
+Retention (:meth:`JobStore.jobs_past_retention`, :meth:`JobStore.series_past_retention`): the files of finished jobs
+and of their series are deleted after the configured days; the job rows, their events and the series' decisions stay.
 """
 
 from __future__ import annotations
@@ -77,9 +87,19 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             id {id}, job_id BIGINT NOT NULL REFERENCES jobs (id), at {real} NOT NULL,
             state TEXT NOT NULL, message TEXT NOT NULL)""",
     ]),
+    (2, [  # series that cannot be closed yet (held, with a reason and a retry time); retention's marks
+        "ALTER TABLE series ADD COLUMN held_reason TEXT",
+        "ALTER TABLE series ADD COLUMN held_since {real}",
+        "ALTER TABLE series ADD COLUMN retry_at {real}",
+        "ALTER TABLE series ADD COLUMN purged_at {real}",
+        "ALTER TABLE jobs ADD COLUMN purged_at {real}",
+        "CREATE INDEX instances_path ON instances (path)",
+        "CREATE INDEX jobs_series ON jobs (series_id)",
+        "CREATE INDEX series_purge ON series (state, purged_at)",
+    ]),
     # Study-level jobs (:mod:`.studies`): what each multi-modality MAP made of a study, and which series versions
     # are a study job's input. No foreign keys, so that retention may delete jobs and series in any order.
-    (2, [
+    (3, [
         """CREATE TABLE studies (
             id {id}, study_uid TEXT NOT NULL, map_name TEXT NOT NULL,
             state TEXT NOT NULL CHECK (state IN ('waiting', 'complete', 'failed', 'none')),
@@ -125,6 +145,11 @@ class SeriesVersion:
     instance_count: int
     #: What routing decided when the version was closed ("spleen: job; liver: no job, ...").
     decision: str | None = None
+    #: Why an open version could not be closed yet (None: nothing went wrong), and when it is tried again.
+    held_reason: str | None = None
+    retry_at: float | None = None
+    #: When retention deleted its files (None: not yet).
+    purged_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -186,6 +211,8 @@ class Job:
     destinations: tuple[str, ...]
     delivered: tuple[str, ...]
     timings: dict = field(default_factory=dict)
+    #: When retention deleted the job's output (and, with its series, its input images); None: not yet.
+    purged_at: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -249,6 +276,8 @@ class _SQLite:
     """One file, WAL; ``BEGIN IMMEDIATE`` serialises writers (processes and threads alike)."""
 
     name, id_type, real_type, skip_locked = "sqlite", "INTEGER PRIMARY KEY", "REAL", ""
+    #: The database's clock in seconds since the epoch (leases are compared on it, not on each host's).
+    now_sql = "((julianday('now') - 2440587.5) * 86400.0)"
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -291,6 +320,7 @@ class _Postgres:
 
     name, id_type, real_type, skip_locked = "postgresql", "BIGSERIAL PRIMARY KEY", "DOUBLE PRECISION", \
         " FOR UPDATE SKIP LOCKED"
+    now_sql = "CAST(EXTRACT(EPOCH FROM now()) AS DOUBLE PRECISION)"
 
     def __init__(self, url: str):
         self.url = url
@@ -398,18 +428,20 @@ class JobStore:
         if not (a.source and a.study_uid and a.series_uid and a.sop_uid):
             raise ValueError(f"an arrival needs its source and study, series and SOP Instance UIDs, got {a}")
         self.engine.lock_series(db, a.source, a.series_uid)
-        row = db.execute("SELECT id, state, version FROM series WHERE source = ? AND series_uid = ? ORDER BY version DESC "
-                         "LIMIT 1", (a.source, a.series_uid)).fetchone()
+        row = db.execute("SELECT id, state, version, decision, purged_at FROM series WHERE source = ? AND "
+                         "series_uid = ? ORDER BY version DESC LIMIT 1", (a.source, a.series_uid)).fetchone()
         if row is not None and row["state"] == "collecting":
             series_id = row["id"]
         else:
             if row is not None:
                 known = db.execute("SELECT path FROM instances WHERE series_id = ? AND sop_uid = ?",
                                    (row["id"], a.sop_uid)).fetchone()
-                if known is not None:
+                if known is not None and not self._abandoned(db, row):
                     if a.path and not known["path"]:
                         db.execute("UPDATE instances SET path = ? WHERE series_id = ? AND sop_uid = ?",
                                    (a.path, row["id"], a.sop_uid))
+                        if row["purged_at"] is not None:  # the file is back: retention deletes it again
+                            db.execute("UPDATE series SET purged_at = NULL WHERE id = ?", (row["id"],))
                     return False  # a repeat of an instance the latest version already holds
             version = row["version"] + 1 if row is not None else 1
             cur = db.execute("INSERT INTO series (source, study_uid, series_uid, version, modality, state, first_seen, "
@@ -424,9 +456,11 @@ class JobStore:
                          "received_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                          (series_id, a.sop_uid, a.path, a.remote_id, a.calling_ae, now))
         if cur.rowcount:
-            db.execute("UPDATE series SET last_seen = ?, modality = CASE WHEN modality = '' THEN ? ELSE modality END "
-                       "WHERE id = ?", (now, a.modality, series_id))
+            db.execute("UPDATE series SET last_seen = ?, retry_at = NULL, modality = CASE WHEN modality = '' THEN ? "
+                       "ELSE modality END WHERE id = ?", (now, a.modality, series_id))
             return True
+        # A re-send of a version that could not be closed: try it again at once (the cause may be gone).
+        db.execute("UPDATE series SET retry_at = NULL WHERE id = ? AND retry_at IS NOT NULL", (series_id,))
         if a.path:
             db.execute("UPDATE instances SET path = COALESCE(path, ?) WHERE series_id = ? AND sop_uid = ?",
                        (a.path, series_id, a.sop_uid))
@@ -466,7 +500,8 @@ class JobStore:
         now = time.time() if now is None else now
         rows = self._db().execute(
             "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.series_id = s.id) AS instance_count FROM series s "
-            "WHERE state = 'collecting' AND last_seen <= ? ORDER BY last_seen", (now - quiet_s,)).fetchall()
+            "WHERE state = 'collecting' AND last_seen <= ? AND (retry_at IS NULL OR retry_at <= ?) ORDER BY last_seen",
+            (now - quiet_s, now)).fetchall()
         return [_series(r) for r in rows]
 
     def series_version(self, series_id: int) -> SeriesVersion:
@@ -534,6 +569,7 @@ class JobStore:
     def claim(self, worker: str, lease_s: float, max_running: int, now: float | None = None,
               node: str | None = None) -> Job | None:
         """Take the oldest due queued job for ``worker`` when fewer than ``max_running`` of its jobs run."""
+        clock, clock_args = self._lease_clock(now)
         now = time.time() if now is None else now
         with self._tx() as db:
             running = db.execute(f"SELECT COUNT(*) AS n FROM jobs WHERE state = '{State.RUNNING}' AND lease_owner = ?",
@@ -546,34 +582,49 @@ class JobStore:
             if row is None:
                 return None
             check_transition(str(row["id"]), State.QUEUED, State.RUNNING)
-            db.execute(f"UPDATE jobs SET state = '{State.RUNNING}', attempts = attempts + 1, lease_owner = ?, lease_expires = ?, "
-                       "worker = ?, node = COALESCE(?, node), started_at = ?, run_finished_at = NULL, exit_code = NULL, "
-                       "error = NULL, next_attempt_at = NULL, updated_at = ? WHERE id = ?",
-                       (worker, now + lease_s, worker, node, now, now, row["id"]))
+            db.execute(f"UPDATE jobs SET state = '{State.RUNNING}', attempts = attempts + 1, lease_owner = ?, "
+                       f"lease_expires = {clock} + ?, worker = ?, node = COALESCE(?, node), started_at = ?, "
+                       "run_finished_at = NULL, exit_code = NULL, error = NULL, next_attempt_at = NULL, updated_at = ? "
+                       "WHERE id = ?", (worker, *clock_args, lease_s, worker, node, now, now, row["id"]))
             self._event(db, row["id"], State.RUNNING, f"claimed by {worker}", now)
             return _job(db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
 
     def held_jobs(self, worker: str, lease_s: float, now: float | None = None) -> list[Job]:
         """Running/exporting jobs this worker holds, after taking over those whose holder's lease ran out."""
+        clock, clock_args = self._lease_clock(now)
         now = time.time() if now is None else now
         with self._tx() as db:
             stale = db.execute(f"SELECT id, lease_owner FROM jobs WHERE state IN ({_HELD}) AND "
-                               "lease_owner != ? AND lease_expires < ?", (worker, now)).fetchall()
+                               f"lease_owner != ? AND lease_expires < {clock}", (worker, *clock_args)).fetchall()
             for r in stale:
-                db.execute("UPDATE jobs SET lease_owner = ?, lease_expires = ?, worker = ?, updated_at = ? "
-                           "WHERE id = ?", (worker, now + lease_s, worker, now, r["id"]))
+                db.execute(f"UPDATE jobs SET lease_owner = ?, lease_expires = {clock} + ?, worker = ?, updated_at = ? "
+                           f"WHERE id = ? AND lease_expires < {clock}",
+                           (worker, *clock_args, lease_s, worker, now, r["id"], *clock_args))
                 self._event(db, r["id"], "takeover", f"{worker} took over from {r['lease_owner']} (lease expired)", now)
-            db.execute(f"UPDATE jobs SET lease_expires = ? WHERE lease_owner = ? AND state IN ({_HELD})",
-                       (now + lease_s, worker))
+            db.execute(f"UPDATE jobs SET lease_expires = {clock} + ? WHERE lease_owner = ? AND state IN ({_HELD})",
+                       (*clock_args, lease_s, worker))
             rows = db.execute(f"SELECT * FROM jobs WHERE lease_owner = ? AND state IN ({_HELD}) "
                               "ORDER BY id", (worker,)).fetchall()
         return [_job(r) for r in rows]
 
-    def heartbeat(self, worker: str, lease_s: float, now: float | None = None) -> None:
-        now = time.time() if now is None else now
+    # ------------------------------------------------------------------------------------------- leases
+    def _lease_clock(self, now: float | None) -> tuple[str, tuple]:
+        """(SQL expression, its arguments) for "now" in lease arithmetic: the database's clock, or ``now`` when
+        the caller gives one (tests that move time by hand)."""
+        return (self.engine.now_sql, ()) if now is None else ("?", (float(now),))
+
+    def heartbeat(self, worker: str, lease_s: float, now: float | None = None) -> int:
+        """Renew the leases of every job ``worker`` holds to ``lease_s`` from now (the database's clock); returns
+        how many. A job taken over meanwhile is no longer ``worker``'s and is not renewed."""
+        clock, clock_args = self._lease_clock(now)
         with self._tx() as db:
-            db.execute(f"UPDATE jobs SET lease_expires = ? WHERE lease_owner = ? AND state IN ({_HELD})",
-                       (now + lease_s, worker))
+            cur = db.execute(f"UPDATE jobs SET lease_expires = {clock} + ? WHERE lease_owner = ? AND "
+                             f"state IN ({_HELD})", (*clock_args, lease_s, worker))
+            return cur.rowcount
+
+    def database_time(self) -> float:
+        """The database's clock (seconds since the epoch): what lease times are compared with."""
+        return float(self._db().execute(f"SELECT {self.engine.now_sql} AS t").fetchone()["t"])
 
     def _transition(self, job: Job, worker: str | None, new_state: State, message: str, now: float | None,
                     **columns) -> Job | None:
@@ -743,10 +794,139 @@ class JobStore:
             "ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [_series(r) for r in rows]
 
+    # ------------------------------------------------------------------------------------------- held series
+    @staticmethod
+    def _abandoned(db, series_row) -> bool:
+        """A version an older release closed without jobs because it could not be closed ("abandoned: ..."): a
+        re-send of its instances opens a new version instead of being a repeat."""
+        decision = series_row["decision"] or ""
+        if series_row["state"] != "closed" or not decision.startswith("abandoned:"):
+            return False
+        return db.execute("SELECT 1 FROM jobs WHERE series_id = ? LIMIT 1", (series_row["id"],)).fetchone() is None
+
+    def hold_series(self, series_id: int, reason: str, retry_at: float, now: float | None = None) -> SeriesVersion:
+        """Keep an open version open with the reason it could not be closed, until ``retry_at``; the version as it
+        is now (``held_since``: when it first failed, kept across tries)."""
+        now = time.time() if now is None else now
+        reason = one_line(reason, 500)
+        with self._tx() as db:
+            db.execute("UPDATE series SET held_reason = ?, held_since = COALESCE(held_since, ?), retry_at = ?, "
+                       "decision = ? WHERE id = ? AND state = 'collecting'",
+                       (reason, now, retry_at, f"not closed yet: {reason}", series_id))
+        return self.series_version(series_id)
+
+    def held_since(self, series_id: int) -> float | None:
+        row = self._db().execute("SELECT held_since FROM series WHERE id = ?", (series_id,)).fetchone()
+        return row["held_since"] if row else None
+
+    def count_unprocessed_series(self) -> int:
+        """Open series versions that could not be closed (the ``segmap_series_unprocessed`` gauge)."""
+        return int(self._db().execute("SELECT COUNT(*) AS n FROM series WHERE state = 'collecting' AND held_reason IS "
+                                      "NOT NULL").fetchone()["n"])
+
+    def held_series(self, limit: int = 200) -> list[SeriesVersion]:
+        """The versions :meth:`count_unprocessed_series` counts, oldest first."""
+        rows = self._db().execute(
+            "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.series_id = s.id) AS instance_count FROM series s "
+            "WHERE state = 'collecting' AND held_reason IS NOT NULL ORDER BY held_since LIMIT ?", (limit,)).fetchall()
+        return [_series(r) for r in rows]
+
+    def latest_versions(self, series_uid: str) -> list[SeriesVersion]:
+        """The latest version of ``series_uid`` from each source that sent it."""
+        rows = self._db().execute(
+            "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.series_id = s.id) AS instance_count FROM series s "
+            "WHERE series_uid = ? AND version = (SELECT MAX(version) FROM series o WHERE o.source = s.source AND "
+            "o.series_uid = s.series_uid) ORDER BY source", (series_uid,)).fetchall()
+        return [_series(r) for r in rows]
+
+    def series_jobs(self, series_id: int) -> list[Job]:
+        rows = self._db().execute("SELECT * FROM jobs WHERE series_id = ? ORDER BY id", (series_id,)).fetchall()
+        return [_job(r) for r in rows]
+
+    def retry_series_now(self, series_id: int) -> bool:
+        """An open version tried again at the next tick; an abandoned one (see :meth:`_abandoned`) reopened.
+        False when the version is neither."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM series WHERE id = ?", (series_id,)).fetchone()
+            if row is None:
+                return False
+            if row["state"] == "collecting":
+                db.execute("UPDATE series SET retry_at = NULL WHERE id = ?", (series_id,))
+                return True
+            if not self._abandoned(db, row):
+                return False
+            db.execute("UPDATE series SET state = 'collecting', closed_at = NULL, retry_at = NULL, held_reason = ?, "
+                       "held_since = ?, decision = ? WHERE id = ?",
+                       (row["decision"], time.time(), f"not closed yet: {row['decision']}", series_id))
+            return True
+
+    # ------------------------------------------------------------------------------------------- retention
+    def jobs_past_retention(self, done_before: float | None, failed_before: float | None,
+                            limit: int = 100) -> list[Job]:
+        """Finished jobs whose files retention has not deleted yet: done before ``done_before``, failed or
+        cancelled before ``failed_before`` (None: kept for ever)."""
+        clauses, args = [], []
+        if done_before is not None:
+            clauses.append(f"(state = '{State.DONE}' AND finished_at < ?)")
+            args.append(done_before)
+        if failed_before is not None:
+            clauses.append(f"(state IN ('{State.FAILED}', '{State.CANCELLED}') AND finished_at < ?)")
+            args.append(failed_before)
+        if not clauses:
+            return []
+        rows = self._db().execute(f"SELECT * FROM jobs WHERE purged_at IS NULL AND ({' OR '.join(clauses)}) "
+                                  "ORDER BY finished_at LIMIT ?", (*args, limit)).fetchall()
+        return [_job(r) for r in rows]
+
+    def mark_job_purged(self, job: Job, message: str, now: float | None = None) -> None:
+        """Record that the job's files were deleted (its row and events stay); refused (no change) when the job
+        was queued again meanwhile."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            cur = db.execute("UPDATE jobs SET purged_at = ? WHERE id = ? AND state = ? AND purged_at IS NULL",
+                             (now, job.id, job.state))
+            if cur.rowcount:
+                self._event(db, job.id, "retention", message, now)
+
+    def series_past_retention(self, closed_before: float | None, limit: int = 100) -> list[SeriesVersion]:
+        """Closed versions whose files retention may delete: every job of theirs purged, or no job at all and
+        closed before ``closed_before`` (None: those are kept)."""
+        no_job = "" if closed_before is None else " OR (NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_id = s.id) " \
+                                                   "AND s.closed_at < ?)"
+        rows = self._db().execute(
+            "SELECT s.*, (SELECT COUNT(*) FROM instances i WHERE i.series_id = s.id) AS instance_count FROM series s "
+            "WHERE s.state = 'closed' AND s.purged_at IS NULL AND ((EXISTS (SELECT 1 FROM jobs j WHERE j.series_id = "
+            "s.id) AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.series_id = s.id AND j.purged_at IS NULL))"
+            f"{no_job}) ORDER BY s.id LIMIT ?", (*(() if closed_before is None else (closed_before,)), limit)).fetchall()
+        return [_series(r) for r in rows]
+
+    def unshared_paths(self, series_id: int) -> list[str]:
+        """The spool paths of a version's instances that no other version still needing its files refers to
+        (versions of one series share the files of the instances they have in common)."""
+        rows = self._db().execute(
+            "SELECT i.path FROM instances i WHERE i.series_id = ? AND i.path IS NOT NULL AND NOT EXISTS (SELECT 1 "
+            "FROM instances o JOIN series v ON v.id = o.series_id WHERE o.path = i.path AND o.series_id != i.series_id "
+            "AND v.purged_at IS NULL)", (series_id,)).fetchall()
+        return [r["path"] for r in rows]
+
+    def mark_series_purged(self, series_id: int, deleted_paths: Iterable[str], now: float | None = None) -> None:
+        """Record that a version's files were deleted: its instances no longer point at them (a re-send puts the
+        path back), its decision and its jobs' rows stay."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            db.execute("UPDATE series SET purged_at = ? WHERE id = ?", (now, series_id))
+            for path in deleted_paths:
+                db.execute("UPDATE instances SET path = NULL WHERE path = ? AND series_id IN (SELECT id FROM series "
+                           "WHERE purged_at IS NOT NULL)", (path,))
+
 
 def _series(row: sqlite3.Row) -> SeriesVersion:
+    keys = row.keys()
     return SeriesVersion(id=row["id"], source=row["source"], study_uid=row["study_uid"], series_uid=row["series_uid"],
                          version=row["version"], modality=row["modality"], state=row["state"],
                          first_seen=row["first_seen"], last_seen=row["last_seen"], stable_at=row["stable_at"],
-                         instance_count=row["instance_count"], decision=row["decision"])
+                         instance_count=row["instance_count"], decision=row["decision"],
+                         held_reason=row["held_reason"] if "held_reason" in keys else None,
+                         retry_at=row["retry_at"] if "retry_at" in keys else None,
+                         purged_at=row["purged_at"] if "purged_at" in keys else None)
 

@@ -7,6 +7,10 @@
       jobs/RUN/output/          what the MAP wrote (RUN is the job's run name, :func:`.keys.run_name`)
       jobs/RUN/run.log          the container's log, one section per attempt
 
+Retention (:meth:`Workspace.remove_tree`, :meth:`Workspace.remove_spool_files`) deletes a finished job's
+``output/`` and its version's ``series/ID`` and spool files; ``run.log`` stays with the job record. The free-space
+floor (:meth:`Workspace.below_floor`) and the workdir gauge (:meth:`Workspace.usage_bytes`) read the same root.
+
 Several workers share one workdir (the Kubernetes runner mounts it into every MAP pod), so every path is derived
 from the job's identity, never from the process.
 """
@@ -63,6 +67,53 @@ class Workspace:
                 shutil.copyfile(path, tmp)
             os.replace(tmp, target)
         return folder
+
+    # -------------------------------------------------------------------------------- free space and retention
+    def free_bytes(self) -> int:
+        """Free space (bytes, for an unprivileged process) on the file system that holds the workdir."""
+        return shutil.disk_usage(self.root).free
+
+    def below_floor(self, floor_bytes: float) -> bool:
+        """True when less than ``floor_bytes`` are free where the workdir lies (the listener refuses instances
+        and the Orthanc follower pauses while it is; the job store still commits). A floor of 0: never."""
+        return floor_bytes > 0 and self.free_bytes() < floor_bytes
+
+    def usage_bytes(self) -> int:
+        """Bytes of the files under the workdir (each hard-linked file once): the workdir gauge."""
+        seen, total = set(), 0
+        for folder, _, names in os.walk(self.root):
+            for name in names:
+                try:
+                    st = os.lstat(os.path.join(folder, name))
+                except OSError:  # deleted meanwhile
+                    continue
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    total += st.st_size
+        return total
+
+    def remove_tree(self, folder: str | Path) -> None:
+        """Delete ``folder`` (a job's output, a version's input) -- only ever one under the workdir."""
+        folder = Path(folder)
+        if folder.resolve().is_relative_to(self.root.resolve()) and folder.resolve() != self.root.resolve():
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def remove_spool_files(self, paths: Iterable[str]) -> None:
+        """Delete spool files (and the study/series folders they leave empty); paths outside the spool are left
+        alone."""
+        spool = self.spool_dir.resolve()
+        for p in paths:
+            path = Path(p)
+            if not path.resolve().is_relative_to(spool):
+                continue
+            path.unlink(missing_ok=True)
+            for parent in (path.parent, path.parent.parent):
+                if parent.resolve() == spool:
+                    break
+                try:
+                    parent.rmdir()
+                except OSError:  # not empty (or gone)
+                    break
 
 
 def fresh_folder(folder: Path) -> None:

@@ -99,12 +99,14 @@ class DicomListener:
                  allowed_calling_ae_titles: Iterable[str] = (), allowed_peers: Iterable[str] = (),
                  max_pdu: int = DEFAULT_MAX_PDU, log: logging.Logger | None = None, network_timeout: float = 60.0,
                  acse_timeout: float = 10.0, max_associations: int = 16, first_pdu_timeout_s: float = 5.0,
-                 max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES, tls_context: ssl.SSLContext | None = None):
+                 max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES, tls_context: ssl.SSLContext | None = None,
+                 below_floor: Callable[[], bool] | None = None):
         self.ae_title = _check_ae_title(ae_title, "listener.ae_title")
         self.host = host
         self.port = int(port)
         self.spool = spool
         self.on_arrival = on_arrival
+        self.below_floor = below_floor  # True: free space under the floor, instances are refused (0xA700)
         self.allowed_calling = frozenset(_check_ae_title(t, "listener.allowed_calling_ae_titles")
                                          for t in allowed_calling_ae_titles)
         self.allowed_peers = tuple(_parse_peer(p) for p in allowed_peers)
@@ -134,7 +136,8 @@ class DicomListener:
 
     @classmethod
     def from_config(cls, lc, *, spool: Spool, on_arrival: OnArrival, base: Path | None = None,
-                    log: logging.Logger | None = None) -> "DicomListener":
+                    log: logging.Logger | None = None,
+                    below_floor: Callable[[], bool] | None = None) -> "DicomListener":
         """The listener the ``listener`` section ``lc`` (:class:`segmap.service.config.ListenerConfig`) describes;
         ``base`` is the configuration file's folder (relative TLS paths)."""
         from segmap.tls import server_context
@@ -144,7 +147,7 @@ class DicomListener:
                    allowed_calling_ae_titles=lc.allowed_calling_ae_titles, allowed_peers=lc.allowed_peers, log=log,
                    network_timeout=lc.network_timeout_s, acse_timeout=lc.acse_timeout_s,
                    max_associations=lc.max_associations, first_pdu_timeout_s=lc.first_pdu_timeout_s,
-                   max_instance_bytes=lc.max_instance_bytes, tls_context=tls)
+                   max_instance_bytes=lc.max_instance_bytes, tls_context=tls, below_floor=below_floor)
 
     def counters(self) -> dict[str, int]:
         """Totals since start (for /metrics): instances received (stored and recorded), instances refused (any
@@ -315,6 +318,11 @@ class DicomListener:
             self._count(event.assoc, 0, 1)
             return CANNOT_UNDERSTAND
         study, series, sop = target.parent.parent.name, target.parent.name, target.stem
+        if self.below_floor is not None and self.below_floor():
+            self.log.debug("C-STORE from %s (calling AE %s), study %s series %s SOP %s: free space is below the "
+                           "floor: answered out of resources", peer, calling, study, series, sop)
+            self._count(event.assoc, 0, 1, series)
+            return OUT_OF_RESOURCES
         try:
             path = self.spool.write_file(received, study, series, sop)
         except ConflictingInstance as exc:
