@@ -19,7 +19,8 @@ from segmap.packager.service_image import DEFAULT_TAG  # noqa: E402
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 MODELS = {"ServiceAccount": "V1ServiceAccount", "ConfigMap": "V1ConfigMap", "Service": "V1Service",
           "PersistentVolumeClaim": "V1PersistentVolumeClaim", "Deployment": "V1Deployment", "Role": "V1Role",
-          "RoleBinding": "V1RoleBinding", "NetworkPolicy": "V1NetworkPolicy", "StatefulSet": "V1StatefulSet"}
+          "RoleBinding": "V1RoleBinding", "NetworkPolicy": "V1NetworkPolicy", "StatefulSet": "V1StatefulSet",
+          "Namespace": "V1Namespace"}
 
 
 def built(overlay: str) -> dict[tuple[str, str], object]:
