@@ -144,7 +144,8 @@ TIERS = {
     "images": ("test_map_images.py", "test_holoscan_cli_compat.py"),
     "fidelity": ("test_fidelity.py", "test_engine_steps.py"),
     "service": ("test_service_store.py", "test_service_intake.py", "test_service_export.py", "test_service_client.py",
-                "test_service_web.py", "test_service_k8s.py"),
+                "test_service_web.py", "test_service_k8s.py", "test_service_cli.py", "test_service_leases.py",
+                "test_service_retention.py"),
 }
 
 

@@ -161,6 +161,7 @@ with atomic_outputs({str(out)!r}) as staging:
     assert (out / "segmentation.nii.gz").read_bytes() == b"an earlier run's result"
 
 
+@pytest.mark.e2e  # a whole `segmap run` in a subprocess
 def test_full_disk_while_writing_is_one_line_and_leaves_nothing(tmp_path):
     """segmap run into a 64 KiB tmpfs (root only; skipped elsewhere): the SEG of the phantom does not fit."""
     from segmap.demo.phantom import make_phantom, write_dicom_series

@@ -65,6 +65,7 @@ def test_a_mistake_names_its_key(example, edit, key, words):
     assert f": {key}: " in message and words in message and "\n" not in message, message
 
 
+@pytest.mark.service  # `segmap` in a subprocess: seconds, not in make test-fast
 def test_serve_check_and_example_from_the_command_line(example, tmp_path):
     ok = subprocess.run([sys.executable, "-m", "segmap.cli", "serve", "-c", str(example), "--check"],
                         capture_output=True, text=True, timeout=120)
@@ -80,6 +81,7 @@ def test_serve_check_and_example_from_the_command_line(example, tmp_path):
     assert printed.stdout == EXAMPLE
 
 
+@pytest.mark.service  # `segmap` in a subprocess: seconds, not in make test-fast
 def test_the_printed_example_passes_its_own_check_and_names_the_documented_image(tmp_path):
     from segmap.demo.run import DEMO_TASK
 

@@ -23,7 +23,7 @@ LEASE_S = 1.0
 _databases = itertools.count()
 
 
-@pytest.fixture(params=[pytest.param("sqlite", marks=pytest.mark.unit),
+@pytest.fixture(params=[pytest.param("sqlite"),
                         pytest.param("postgresql", marks=pytest.mark.service)])
 def database(request):
     """None (SQLite in the shared workdir) or the URL of a fresh PostgreSQL database."""

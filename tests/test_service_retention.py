@@ -30,7 +30,7 @@ DAY = 86400.0
 _databases = itertools.count()
 
 
-@pytest.fixture(params=[pytest.param("sqlite", marks=pytest.mark.unit),
+@pytest.fixture(params=[pytest.param("sqlite"),
                         pytest.param("postgresql", marks=pytest.mark.service)])
 def database(request):
     if request.param == "sqlite":
