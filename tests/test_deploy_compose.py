@@ -9,6 +9,7 @@ image is pulled). Slow: service tier. Skips only when docker-compose or chromium
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -36,6 +37,8 @@ VIEWER_TAG = os.environ.get("SEGMAP_TEST_VIEWER_TAG", "segmap-test/viewer:ci")
 OHIF_VERSION_ARG = re.compile(r"^ARG OHIF_VERSION=(\S+)$", re.MULTILINE)
 
 pytestmark = pytest.mark.service
+#: The job page's bearer token in the test's stack.
+TOKEN = "compose-test-token"
 
 
 def _missing(what: str) -> None:
@@ -57,11 +60,14 @@ def stack(engine, images, tmp_path_factory):
         ["docker", "image", "inspect", service], capture_output=True, text=True, check=True).stdout)[0]["Config"][
         "User"].split(":"))
     os.chown(work, uid, gid)
-    # The shipped configuration with the test's MAP image and work folder, and short waits.
+    ports = {"ORTHANC_DICOM_PORT": free_port(), "VIEWER_PORT": free_port(), "SEGMAP_HTTP_PORT": free_port()}
+    # The shipped configuration with the test's MAP image, work folder and ports, and short waits.
     config = yaml.safe_load((COMPOSE / "segmap.yaml").read_text())
     config["service"].update(workdir=str(work), quiet_period_s=1, poll_s=0.2)
     config["maps"][0]["image"] = images[0]
     config["orthanc"]["poll_interval_s"] = 0.5
+    config["service"]["http"]["viewer_url"] = config["service"]["http"]["viewer_url"].replace(
+        "127.0.0.1:3000", f"127.0.0.1:{ports['VIEWER_PORT']}")
     (folder / "segmap.yaml").write_text(yaml.safe_dump(config))
     (folder / "segmap.yaml").chmod(0o644)
     viewer_context = folder / "viewer"  # the viewer's context with OHIF's npm tarball, as `make stack-images` makes it
@@ -73,11 +79,10 @@ def stack(engine, images, tmp_path_factory):
     packed = subprocess.run([npm, "pack", f"@ohif/app@{version}"], cwd=viewer_context, capture_output=True,
                             text=True, timeout=900)
     assert packed.returncode == 0, packed.stderr[-2000:]
-    ports = {"ORTHANC_DICOM_PORT": free_port(), "VIEWER_PORT": free_port(), "SEGMAP_HTTP_PORT": free_port()}
     env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "SEGMAP_CONFIG": str(folder / "segmap.yaml"),
            "SEGMAP_TASKS": str(ROOT / "tasks"), "SEGMAP_WORKDIR": str(work), "SEGMAP_SERVICE_IMAGE": service,
            "ORTHANC_IMAGE": ORTHANC_TAG, "VIEWER_IMAGE": VIEWER_TAG, "VIEWER_CONTEXT": str(viewer_context),
-           "DOCKER_GID": str(socket_gid())}
+           "DOCKER_GID": str(socket_gid()), "SEGMAP_WEB_TOKEN": TOKEN}
     project = f"segmaptest{uuid.uuid4().hex[:8]}"
     base = [compose, "-p", project, "-f", str(COMPOSE / "docker-compose.yml")]
     t = time.perf_counter()
@@ -114,7 +119,7 @@ def test_stack_segments_a_study_and_the_viewer_shows_it(stack, tmp_path):
     jobs = f"http://127.0.0.1:{ports['SEGMAP_HTTP_PORT']}"
     wait_for(lambda: (r := get(viewer + "/dicom-web/studies")) is not None and r.status_code == 200, 120,
              "Orthanc's DICOMweb through the viewer's nginx", interval=1)
-    wait_for(lambda: (r := get(jobs + "/healthz")) is not None and r.status_code == 200, 120,
+    wait_for(lambda: (r := get(jobs + "/readyz")) is not None and r.status_code == 200, 120,
              f"the job service's /healthz ({stack['folder'] / 'compose.log'} after the test)", interval=1)
     index = get(viewer + "/viewer?StudyInstanceUIDs=1.2.3")  # a deep link: the single-page-app fallback
     assert index is not None and index.status_code == 200 and "app-config.js" in index.text
@@ -135,7 +140,21 @@ def test_stack_segments_a_study_and_the_viewer_shows_it(stack, tmp_path):
     print(f"time to SEG: {to_seg:.1f} s")
     assert len(segs) == 1
 
-    url = f"{viewer}/viewer?StudyInstanceUIDs={study['study_uid']}&hangingProtocolId=@ohif/seg"
+    # The job page links the done job to the viewer on its study: open that link.
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert get(jobs + "/api/jobs").status_code == 401, "the job page answers only with the token"
+    def done_job():
+        r = get(jobs + "/api/jobs?state=done", headers=auth)
+        return r is not None and r.status_code == 200 and [
+            j for j in r.json()["jobs"] if j["study_uid"] == study["study_uid"]]
+
+    done = wait_for(done_job, 60, "the job done", interval=1)
+    job = get(f"{jobs}/api/jobs/{done[0]['key']}", headers=auth).json()
+    url = job["viewer_url"]
+    assert url == f"{viewer}/viewer?StudyInstanceUIDs={study['study_uid']}&hangingProtocolId=@ohif/seg"
+    assert job["segments"] and job["segments"][0]["volume_ml"] > 0
+    page = get(f"{jobs}/jobs/{done[0]['key'][:12]}", headers=auth).text
+    assert f'href="{html.escape(url)}"' in page and "overlay.png" in page
     shot = screenshot(url, tmp_path)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shutil.copy(shot, ARTIFACTS / "compose-viewer-seg.png")

@@ -57,6 +57,10 @@ def _with(example: Path, edit) -> Path:
     (lambda d: d["destinations"].update(pacs={"kind": "dicom", "host": "pacs", "port": 0, "ae_title": "PACS"}),
      "destinations.pacs.port", "port"),
     (lambda d: (d.pop("listener"), d.pop("orthanc")), "listener", "no intake"),
+    (lambda d: d["service"]["http"].update(viewer_url="http://ohif/viewer"), "service.http.viewer_url",
+     "{study_uid}"),
+    (lambda d: d["service"]["http"].update(viewer_url="http://ohif/?s={study_uid}&p={patient}"),
+     "service.http.viewer_url", "placeholder other than"),
 ])
 def test_a_mistake_names_its_key(example, edit, key, words):
     with pytest.raises(ServiceConfigError) as e:

@@ -41,11 +41,6 @@ def http_status(url: str) -> int | None:
         return None
 
 
-def health_url(base: str) -> str:
-    """/readyz where the service has it, else /healthz."""
-    return base + ("/readyz" if http_status(base + "/readyz") == 200 else "/healthz")
-
-
 @pytest.fixture(scope="module")
 def service_tag(engine) -> str:
     return service_image()
@@ -98,10 +93,10 @@ def test_service_container_processes_a_study_through_the_socket(service_tag, ima
             if not state["Running"]:
                 pytest.fail(f"the service container exited ({state['ExitCode']}): "
                             f"{docker('logs', name, check=False).stderr[-3000:]}")
-            return http_status(base + "/healthz") == 200
+            return http_status(base + "/readyz") == 200
 
-        wait_for(up, 90, f"the service container to answer {base}/healthz", interval=0.5)
-        assert http_status(health_url(base)) == 200
+        wait_for(up, 90, f"the service container to answer {base}/readyz", interval=0.5)
+        assert http_status(base + "/livez") == 200
         pid = json.loads(docker("inspect", name).stdout)[0]["State"]["Pid"]
         uids = [line.split()[1:] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                 if line.startswith("Uid:")][0]

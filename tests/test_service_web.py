@@ -324,3 +324,42 @@ def test_a_slow_client_is_cut_off_by_the_socket_timeout(filled, monkeypatch):
         slow.close()
     finally:
         server.shutdown()
+
+
+def test_a_done_job_links_the_viewer_and_shows_its_overlay_and_volumes(filled, tmp_path):
+    """service.http.viewer_url: the list and the job page link a done job's study to the viewer; the page shows the
+    overlay picture and the per-segment volumes from the run report; a job whose outputs retention deleted says so."""
+    store, keys = filled
+    done = store.get_job(keys["done"])
+    out = Path(done.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    png = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
+    (out / "overlay.png").write_bytes(png)
+    (out / "run_report.json").write_text(json.dumps(
+        {"segments": [{"label_value": 1, "name": "Spleen", "voxels": 4242, "volume_ml": 123.4}]}))
+    template = "http://pacs.example:8042/viewer?StudyInstanceUIDs={study_uid}"
+    server = make_server(store, port=0, viewer_url=template)
+    server.serve_in_thread()
+    try:
+        link = template.format(study_uid=done.study_uid)
+        listing = requests.get(server.url + "/", timeout=10).text
+        assert listing.count(f'class="viewer" href="{link}"') == 1  # the done job only
+        page = requests.get(server.url + f"/jobs/{done.key[:12]}", timeout=10)
+        assert f'href="{link}"' in page.text and "Spleen" in page.text and "123.4" in page.text
+        assert f'src="/jobs/{done.key[:12]}/overlay.png"' in page.text
+        assert "img-src 'self'" in page.headers["Content-Security-Policy"]
+        picture = requests.get(server.url + f"/jobs/{done.key[:12]}/overlay.png", timeout=10)
+        assert picture.status_code == 200 and picture.headers["Content-Type"] == "image/png"
+        assert picture.content == png
+        api = requests.get(server.url + f"/api/jobs/{done.key}", timeout=10).json()
+        assert api["viewer_url"] == link and api["segments"][0]["volume_ml"] == 123.4
+        failed = requests.get(server.url + f"/jobs/{keys['failed'][:12]}", timeout=10).text
+        assert 'class="viewer"' not in failed
+        assert requests.get(server.url + f"/jobs/{keys['failed'][:12]}/overlay.png", timeout=10).status_code == 404
+        assert requests.get(server.url + f"/jobs/{done.key[:12]}/other.txt", timeout=10).status_code == 404
+
+        shutil.rmtree(out)  # retention deleted the outputs: the link stays, the page says why nothing is shown
+        page = requests.get(server.url + f"/jobs/{done.key[:12]}", timeout=10).text
+        assert f'href="{link}"' in page and "no longer kept" in page
+    finally:
+        server.shutdown()
