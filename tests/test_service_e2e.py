@@ -173,6 +173,16 @@ def test_listener_to_storescp_with_refusals_and_a_destination_down(service_facto
         scp.stop()
     assert len(svc.jobs()) == 1, "no job for the MR series"
     assert "STRANGER" in svc.log(), "the refusal is logged with the calling AE title"
+    import requests
+    metrics = requests.get(f"http://127.0.0.1:{svc.http_port}/metrics", timeout=10).text
+    figures = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
+               if line and not line.startswith("#")}
+    sent = len(study["dicom_files"]) + len(mr["dicom_files"])
+    assert figures["segmap_instances_received_total"] == sent, metrics
+    assert figures["segmap_associations_refused_total"] >= 1  # STRANGER
+    assert figures["segmap_export_retries_total"] >= 1  # the destination was down
+    assert figures["segmap_series_unprocessed"] == 0 and figures["segmap_workdir_bytes"] > 0
+    assert [v for k, v in figures.items() if k.startswith("segmap_build_info{")] == [1.0]
     no_secrets(svc.log(), store_dump(svc.store_path), *(Path(j.log_path).read_text() for j in svc.jobs()))
 
 

@@ -144,6 +144,8 @@ class Service:
         self._paused_for_space = False
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
+        self._export_retries = 0  # since this process started (/metrics: segmap_export_retries_total)
+        self._workdir_bytes: tuple[float, int] | None = None  # (when measured, bytes): walked at most once a minute
 
     # ------------------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -163,7 +165,7 @@ class Service:
         # Last: /healthz answering means the intake is listening.
         if cfg.http.port:
             self.web = make_server(self.store, host=cfg.http.host, port=cfg.http.port, auth=web_auth(cfg),
-                                   viewer_url=cfg.http.viewer_url)
+                                   viewer_url=cfg.http.viewer_url, process_figures=self.process_figures)
             self.web.serve_in_thread()
             log.info("job page on http://%s:%d/ (metrics /metrics, health /healthz)", cfg.http.host,
                      self.web.server_address[1])
@@ -252,6 +254,17 @@ class Service:
         self.store.close()  # this thread's connection
 
     # ------------------------------------------------------------------------------------------- free space
+    def process_figures(self) -> dict[str, float]:
+        """This process's own figures for /metrics (counters since it started, and the workdir's size)."""
+        figures: dict[str, float] = {"export_retries": self._export_retries}
+        if self.listener is not None:
+            figures.update(self.listener.counters())
+        now = time.monotonic()
+        if self._workdir_bytes is None or now - self._workdir_bytes[0] > 60:
+            self._workdir_bytes = (now, self.workspace.usage_bytes())
+        figures["workdir_bytes"] = self._workdir_bytes[1]
+        return figures
+
     def below_floor(self) -> bool:
         """Less free space where the workdir lies than ``free_space_floor_mb`` (intake refuses instances)."""
         return self.workspace.below_floor(self.cfg.free_space_floor_mb * 2**20)
@@ -517,6 +530,7 @@ class Service:
                 else:
                     delay = min(self.cfg.export_backoff_max_s, max(1.0, waited / 2))
                     self.store.export_retry(job, self.worker, f"{name}: {e}", delay)
+                    self._export_retries += 1
                     log.warning("job %s: %s unavailable (%s); retry in %.0f s", short, name, e, delay)
                 return
             except (ExportError, SegmapError) as e:

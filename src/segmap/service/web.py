@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -84,16 +85,31 @@ class StoreCollector:
     """Prometheus collector over the job store: read at each scrape, so the figures survive restarts. Every figure
     is an aggregate the database computes (counts, a minimum, histogram buckets): a scrape loads no job."""
 
-    def __init__(self, store: JobStore):
+    def __init__(self, store: JobStore, process_figures: Callable[[], dict[str, float]] | None = None):
         self.store = store
+        #: The serving process's own figures (:meth:`segmap.service.service.Service.process_figures`).
+        self.process_figures = process_figures
 
     def collect(self):
+        yield from self._process_metrics()
+        yield from self._store_metrics()
+
+    def _process_metrics(self):
+        figures = self.process_figures() if self.process_figures is not None else {}
+        for key, (name, kind, documentation) in PROCESS_METRICS.items():
+            if key in figures:
+                family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, documentation)
+                family.add_metric([], figures[key])
+                yield family
+
+    def _store_metrics(self):
         info = InfoMetricFamily("segmap_build", "The segmap version that serves this page")
         info.add_metric([], {"version": __version__})
         yield info
         up = GaugeMetricFamily("segmap_up", "1 when the service's job store can be read, else 0")
         try:
             counts = self.store.count_by_state()
+            unprocessed = self.store.count_unprocessed_series()
             oldest_at = self.store.oldest_queued_at()
             histograms = [(name, doc, self.store.timing_histogram(timing, BUCKETS, by_state), by_state)
                           for name, doc, timing, by_state in HISTOGRAMS]
@@ -118,6 +134,11 @@ class StoreCollector:
             finished.add_metric([state], counts.get(state, 0))
         yield finished
 
+        held = GaugeMetricFamily("segmap_series_unprocessed", "Series that could not be closed yet (engine, image, "
+                                 "Orthanc or a spool file missing): kept open and retried, never dropped")
+        held.add_metric([], unprocessed)
+        yield held
+
         oldest = GaugeMetricFamily("segmap_oldest_queued_job_age_seconds",
                                    "Age of the oldest queued job (0 when none): a stuck queue grows here")
         oldest.add_metric([], max(0.0, time.time() - oldest_at) if oldest_at is not None else 0.0)
@@ -132,6 +153,18 @@ class StoreCollector:
                 family.add_metric(list(labels), buckets, total)
             yield family
 
+
+#: The serving process's figures: key -> (metric, kind, help). Counters count since the process started.
+PROCESS_METRICS = {
+    "instances_received": ("segmap_instances_received", "counter", "DICOM instances received and recorded"),
+    "instances_refused": ("segmap_instances_refused", "counter",
+                          "DICOM instances answered with a failure status (too large, conflicting, no space, ...)"),
+    "associations_refused": ("segmap_associations_refused", "counter",
+                             "DICOM connections refused (peer address, calling AE title, TLS handshake)"),
+    "export_retries": ("segmap_export_retries", "counter", "Exports to a destination put off to be retried"),
+    "workdir_bytes": ("segmap_workdir_bytes", "gauge",
+                      "Bytes under the workdir (spool, series, job outputs; measured at most once a minute)"),
+}
 
 #: (metric, help, timing of :data:`~segmap.service.store.TIMINGS`, labelled by state)
 HISTOGRAMS = (
@@ -413,13 +446,13 @@ class WebServer(HTTPServer):
 
     def __init__(self, store: JobStore, host: str, port: int, auth: WebAuth | None = None, *,
                  workers: int = WORKERS, idle_timeout_s: float = IDLE_TIMEOUT_S, max_waiting: int = MAX_WAITING,
-                 viewer_url: str | None = None):
+                 viewer_url: str | None = None, process_figures: Callable[[], dict[str, float]] | None = None):
         self.store = store
         self.auth = auth or WebAuth()
         #: ``service.http.viewer_url``: where a done job's study is shown (None: no link).
         self.viewer_url = viewer_url
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(StoreCollector(store))
+        self.registry.register(StoreCollector(store, process_figures))
         self.started = time.monotonic()
         self.idle_timeout_s, self.max_waiting = idle_timeout_s, max_waiting
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="segmap-web")
@@ -506,7 +539,8 @@ class WebServer(HTTPServer):
 
 
 def make_server(store: JobStore, host: str = "127.0.0.1", port: int = 8642, auth: WebAuth | None = None,
-                viewer_url: str | None = None) -> WebServer:
+                viewer_url: str | None = None,
+                process_figures: Callable[[], dict[str, float]] | None = None) -> WebServer:
     """The web server bound to ``host:port`` (port 0: any free port; see ``.url``), asking for ``auth``'s
     credentials when it has any, linking done jobs to ``viewer_url``. Not started yet."""
-    return WebServer(store, host, port, auth, viewer_url=viewer_url)
+    return WebServer(store, host, port, auth, viewer_url=viewer_url, process_figures=process_figures)
