@@ -27,8 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +43,7 @@ from .keys import run_name, seg_uids
 from .routing import not_a_trigger, trigger_holds
 from .states import State
 from .store import JobStore, NewJob, SeriesVersion, _series
-from .workspace import Workspace
+from .workspace import Workspace, link_files
 
 log = logging.getLogger("segmap.service")
 
@@ -266,23 +264,6 @@ def study_lines(store: JobStore, states: Sequence[str] | None = (WAITING, FAILED
 # ----------------------------------------------------------------------------------------------- the loop's step
 
 
-def link_input(folder: Path, files: Iterable[tuple[str, Path]]) -> Path:
-    """``folder`` holding ``(name, source)`` as hard links (copies across file systems), each appearing whole."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, source in files:
-        target = folder / name
-        if target.exists():
-            continue
-        tmp = folder / f".{name}.{os.getpid()}.tmp"
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    return folder
-
-
 def study_input_dir(store: JobStore, workspace: Workspace, job) -> Path | None:
     """The input folder of a study job (``jobs/RUN/input``, refilled from its series versions when a restart or a
     cleanup lost it); None for a series job."""
@@ -292,7 +273,7 @@ def study_input_dir(store: JobStore, workspace: Workspace, job) -> Path | None:
     folder = Path(job.output_dir).parent / "input"
     for key, series_id in inputs:
         src = workspace.series_dir(series_id)
-        link_input(folder / str(series_id), [(p.name, p) for p in sorted(src.glob("*.dcm"))])
+        link_files(folder / str(series_id), [(p.name, p) for p in sorted(src.glob("*.dcm"))])
     return folder
 
 
@@ -365,7 +346,7 @@ def _look(service: Loop, book: StudyBook, m: MapConfig, study_uid: str, seen_clo
     name = run_name(key)
     output_dir = service.workspace.output_dir(name)
     for mk, v in inputs:  # the input exists before the job does
-        link_input(output_dir.parent / "input" / str(v.id),
+        link_files(output_dir.parent / "input" / str(v.id),
                    [(p.name, p) for p in sorted(service.workspace.series_dir(v.id).glob("*.dcm"))])
     job = NewJob(key=key, map_name=m.name, image=m.image, image_digest=digest, run_name=name,
                  seg_series_uid=seg_uids(key)[0], destinations=m.destinations, max_attempts=service.cfg.max_attempts,

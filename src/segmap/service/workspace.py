@@ -51,22 +51,8 @@ class Workspace:
             d.mkdir(parents=True, exist_ok=True)
 
     def link_series(self, series_id: int, files: Iterable[tuple[str, str]]) -> Path:
-        """The version's input folder filled with ``(sop_uid, spool path)`` as hard links (copies across file
-        systems); each file appears whole (temp name, then rename), so a crash never leaves half of one."""
-        folder = self.series_dir(series_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        for sop_uid, path in files:
-            target = folder / f"{sop_uid}.dcm"
-            if target.exists():
-                continue
-            tmp = folder / f".{sop_uid}.{os.getpid()}.tmp"
-            tmp.unlink(missing_ok=True)
-            try:
-                os.link(path, tmp)
-            except OSError:
-                shutil.copyfile(path, tmp)
-            os.replace(tmp, target)
-        return folder
+        """The version's input folder filled with ``(sop_uid, spool path)`` (see :func:`link_files`)."""
+        return link_files(self.series_dir(series_id), ((f"{sop_uid}.dcm", path) for sop_uid, path in files))
 
     # -------------------------------------------------------------------------------- free space and retention
     def free_bytes(self) -> int:
@@ -114,6 +100,24 @@ class Workspace:
                     parent.rmdir()
                 except OSError:  # not empty (or gone)
                     break
+
+
+def link_files(folder: Path, files: Iterable[tuple[str, str | Path]]) -> Path:
+    """``folder`` holding each ``(name, source)`` as a hard link (a copy across file systems); each file appears
+    whole (temp name, then rename), so a crash never leaves half of one; names already there are kept."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, source in files:
+        target = folder / name
+        if target.exists():
+            continue
+        tmp = folder / f".{name}.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    return folder
 
 
 def fresh_folder(folder: Path) -> None:
