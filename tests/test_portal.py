@@ -407,15 +407,24 @@ def test_twenty_concurrent_requests_with_a_queue_of_four(portal, tmp_path):
     assert portal.metric("segmap_portal_requests_total", model="spleen", status="503") >= 16
 
 
-def test_a_client_that_disconnects_gives_up_its_queued_request(portal, data):
+def test_a_client_that_disconnects_gives_up_its_queued_request(portal, data, tmp_path):
     """One request runs; a second waits behind it and its client hangs up: the second never runs."""
     body = data["nifti"].read_bytes()
-    running = threading.Thread(target=lambda: requests.post(
+    # The running request segments a larger volume, so that it still runs while the second one queues and hangs up
+    # (the demo phantom alone takes about a second on an idle CPU).
+    write_nifti(make_phantom(tuple(2 * n for n in SHAPE), SPACING, seed=5), tmp_path / "large.nii.gz")
+    large = (tmp_path / "large.nii.gz").read_bytes()
+    answers = []
+    running = threading.Thread(target=lambda: answers.append(requests.post(
         f"{portal.url}/infer/spleen", params={"output": "image"}, headers=AUTH, timeout=600,
-        files={"params": (None, "{}"), "file": ("a.nii.gz", body)}))
+        files={"params": (None, "{}"), "file": ("a.nii.gz", large)}).status_code))
+    # Earlier tests' requests (the 20 concurrent ones) may still be draining: start from an idle slot.
+    wait_for(lambda: portal.metric("segmap_portal_slot_requests", slot="cpu") == 0, 300, "an idle slot first")
     dropped_before = portal.metric("segmap_portal_requests_total", model="spleen", status="499")
     running.start()
-    wait_for(lambda: portal.metric("segmap_portal_slot_requests", slot="cpu") >= 1, 30, "the first request")
+    wait_for(lambda: portal.metric("segmap_portal_slot_requests", slot="cpu") >= 1 or answers, 60,
+             "the first request")
+    assert not answers, f"the first request ended before the second could queue behind it ({answers})"
     # The second request, sent by hand so that the connection can be closed while it waits.
     boundary = "segmapportaltest"
     form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"params\"\r\n\r\n{{}}\r\n"
