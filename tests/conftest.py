@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import os
 import subprocess
 import sys
@@ -211,6 +213,18 @@ def postgres_server(tmp_path_factory):
     """A throw-away PostgreSQL server (tests/postgres.py) shared by the job-store and scale-out tests."""
     from postgres import postgres_server_fixture
     yield from postgres_server_fixture(tmp_path_factory)
+
+
+_databases = itertools.count()
+
+
+@pytest.fixture(params=[pytest.param("sqlite"), pytest.param("postgresql", marks=pytest.mark.service)])
+def database(request):
+    """A job store for an in-process service: None (SQLite in its workdir) or the URL of a fresh PostgreSQL
+    database on the shared server."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("postgres_server").fresh_database(f"db{next(_databases)}")
 
 
 # ------------------------------------------------------------------------------------------------ measured figures

@@ -7,7 +7,6 @@ the database's clock, so a worker whose host clock is an hour off neither loses 
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from pathlib import Path
@@ -20,16 +19,6 @@ from segmap.service.store import JobStore
 from service_harness import in_process_service, seed_job, write_seg
 
 LEASE_S = 1.0
-_databases = itertools.count()
-
-
-@pytest.fixture(params=[pytest.param("sqlite"),
-                        pytest.param("postgresql", marks=pytest.mark.service)])
-def database(request):
-    """None (SQLite in the shared workdir) or the URL of a fresh PostgreSQL database."""
-    if request.param == "sqlite":
-        return None
-    return request.getfixturevalue("postgres_server").fresh_database(f"leases{next(_databases)}")
 
 
 class SlowDestination:

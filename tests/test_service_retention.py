@@ -10,7 +10,6 @@ nothing, while job-store transitions still commit; above it, the same instance i
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 import subprocess
 import sys
@@ -27,15 +26,6 @@ from segmap.service.store import Arrival
 from service_harness import arrive, in_process_service, write_seg
 
 DAY = 86400.0
-_databases = itertools.count()
-
-
-@pytest.fixture(params=[pytest.param("sqlite"),
-                        pytest.param("postgresql", marks=pytest.mark.service)])
-def database(request):
-    if request.param == "sqlite":
-        return None
-    return request.getfixturevalue("postgres_server").fresh_database(f"retention{next(_databases)}")
 
 
 def _finished(service, folder: Path, seed: int, at: float, state: State):

@@ -1,20 +1,19 @@
-"""DICOM TLS contexts (segmap.tls) against DCMTK: storescu +tls into a pynetdicom acceptor, and a pynetdicom
-requestor into storescp +tls; plain and wrongly-certified peers are refused."""
+"""DICOM TLS contexts (segmap.tls) against DCMTK: storescu +tls into a pynetdicom acceptor; plain, anonymous and
+wrongly-certified peers are refused. (Export over TLS to storescp +tls: tests/test_service_tls.py.)"""
 
 from __future__ import annotations
 
 import subprocess
 
 import pytest
-from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
 
 from certs import make_certs
 from dicom_factory import write_series
-from pacs import STORESCP, STORESCU, free_port, need, wait_for
+from pacs import STORESCU, free_port, need
 from segmap.errors import ServiceConfigError
-from segmap.tls import TlsFiles, client_context, server_context
+from segmap.tls import TlsFiles, server_context
 
 pytestmark = pytest.mark.service
 
@@ -61,47 +60,6 @@ def test_storescu_over_tls_is_accepted_plain_and_foreign_certificates_are_refuse
     anonymous = _storescu(port, files, "+tla", "+cf", str(certs.ca))
     assert anonymous.returncode != 0
     assert len(received) == 2, "a refused peer's instances were stored"
-
-
-def _store_with(context, port, path):
-    ae = AE(ae_title="SEGMAP")
-    ae.add_requested_context(CTImageStorage)
-    assoc = ae.associate("127.0.0.1", port, ae_title="STORESCP", tls_args=(context, None))
-    if not assoc.is_established:
-        return None
-    try:
-        status = assoc.send_c_store(dcmread(path))
-        return status.Status if status else None
-    finally:
-        assoc.release()
-
-
-def test_export_over_tls_to_storescp(certs, tmp_path):
-    out = tmp_path / "in"
-    out.mkdir()
-    port = free_port()
-    proc = subprocess.Popen([need(STORESCP, "dcmtk"), "+tls", str(certs.server_key), str(certs.server_cert),
-                             "+cf", str(certs.ca), "-aet", "STORESCP", "-od", str(out), str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: _open(port), 20, "storescp +tls listening")
-        (path,) = write_series(tmp_path / "s", n=1)
-        good = client_context(TlsFiles(certs.client_cert, certs.client_key, certs.ca))
-        assert _store_with(good, port, path) == 0x0000
-        assert len(list(out.iterdir())) == 1
-        no_client_cert = client_context(TlsFiles(ca=certs.ca))
-        assert _store_with(no_client_cert, port, path) is None
-        wrong_ca = client_context(TlsFiles(certs.client_cert, certs.client_key, certs.rogue_cert))
-        assert _store_with(wrong_ca, port, path) is None, "a server the CA did not sign was trusted"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def _open(port):
-    import socket
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.mark.unit
