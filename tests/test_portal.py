@@ -11,7 +11,6 @@ import http.client
 import importlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import pytest
 import requests
 
 from pacs import Orthanc, free_port, wait_for
+from test_app import dciodvfy_errors  # noqa: E402
 from segmap.demo.phantom import make_phantom, write_dicom_series, write_nifti
 
 pytestmark = pytest.mark.e2e
@@ -180,16 +180,6 @@ def client(portal):
     c.update_auth(c.auth_token("anyone", TOKEN))
     assert c.auth_valid_token()
     return c
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    tool = shutil.which("dciodvfy")
-    if tool is None:
-        if os.environ.get("CI"):
-            pytest.fail("dciodvfy (dicom3tools) must be installed in CI")
-        pytest.skip("dciodvfy not installed (apt-get install dicom3tools)")
-    proc = subprocess.run([tool, str(path)], capture_output=True, text=True)
-    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
 
 
 def seg_labels(seg_path: Path, series_folder: Path) -> np.ndarray:
