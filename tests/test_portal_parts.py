@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from segmap.portal.auth import load_auth
-from segmap.portal.config import AuthConfig, DatastoreConfig, PortalConfigError, is_loopback, load_config
+from segmap.portal.config import AuthConfig, DatastoreConfig, PortalConfigError, load_config
+from segmap.webauth import is_loopback
 from segmap.portal.datastore import ImageNotFound, LocalDatastore, nifti_suffix
 from segmap.portal.queue import ClientGone, QueueFull, Slot
 

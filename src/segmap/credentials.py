@@ -5,8 +5,8 @@ A setting that takes a secret accepts three forms, checked in this order:
 - ``NAME_file: /run/secrets/x`` -- the file's content, trailing newline stripped (Docker and Kubernetes Secrets
   mount this way);
 - ``NAME_env: VARIABLE`` -- the value of that environment variable;
-- ``NAME: value`` -- plaintext in the YAML: still accepted, but :func:`plaintext_warnings` names it so that
-  ``--check`` and the start-up log say where to move it.
+- ``NAME: value`` -- plaintext in the YAML: still accepted; :attr:`Secret.plaintext` lets ``--check`` and the
+  start-up log say where to move it (:func:`segmap.service.security.secret_warnings`).
 
 A :class:`Secret` never shows its value in ``repr``/``str``, so a configuration object printed in a log or an error
 leaks nothing.
@@ -82,10 +82,3 @@ def resolve_secret(section: Mapping[str, Any], name: str, where: str,
     if not isinstance(raw, str):
         raise ServiceConfigError(f"{where}.{key}: expected a string")
     return Secret(raw, "plaintext")
-
-
-def plaintext_warnings(secrets: Mapping[str, Secret | None]) -> list[str]:
-    """One line per secret that sits in the YAML as plaintext, saying where to move it."""
-    return [f"{where}: a secret is written in the configuration file; use {where.rpartition('.')[2]}_file: "
-            f"(a mounted Secret) or {where.rpartition('.')[2]}_env: instead"
-            for where, secret in secrets.items() if secret is not None and secret.plaintext]

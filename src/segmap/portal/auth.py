@@ -13,7 +13,8 @@ import hmac
 import os
 from dataclasses import dataclass
 
-from .config import AuthConfig, PortalConfigError, is_loopback
+from ..webauth import WebAuth, is_loopback
+from .config import AuthConfig, PortalConfigError
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,8 @@ class Auth:
         return self.token is not None
 
     def accepts(self, authorization: str | None) -> bool:
-        """Whether an ``Authorization`` header value carries the token (constant-time comparison)."""
-        if self.token is None:
-            return True
-        scheme, _, value = (authorization or "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), self.token.encode())
+        """Whether an ``Authorization`` header value carries the token (the job service's check: constant time)."""
+        return WebAuth(tokens=(self.token,) if self.token else (), open_paths=frozenset()).allows("/", authorization)
 
     def password_matches(self, password: str) -> bool:
         return self.token is not None and hmac.compare_digest(password.encode(), self.token.encode())
