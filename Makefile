@@ -37,13 +37,16 @@ generate: $(STAMP)
 # On demand only (never part of `make test`). Quick variants by default; BENCH_FULL=1 runs the realistic-size
 # scenario on the whole 512x512x300 series (64 tiles, mirroring on and off: hours on a CPU) and the many-class one
 # at full size. bench/gpu_check.sh is the GPU counterpart.
+# The engine's candidates (bench/bench_engine.py --help): exact, the fast path with and without OpenVINO, and int8
+# (measured, never offered by the engine: it missed the fidelity bar; docs/performance.md).
+BENCH_CANDIDATES ?= exact,fast,fast+openvino,fast+int8
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[app,bench]"
 	$(PY) bench/bench_dicom.py --slices 300 --repeat 3
 	$(PY) bench/bench_seg.py
-	$(PY) bench/bench_engine.py --scenario demo-clinical
-	$(PY) bench/bench_engine.py --scenario medium-net
-	$(PY) bench/bench_engine.py --scenario realistic $(if $(BENCH_FULL),,--tiles 2)
+	$(PY) bench/bench_engine.py --scenario demo-clinical --precision $(BENCH_CANDIDATES)
+	$(PY) bench/bench_engine.py --scenario medium-net --precision $(BENCH_CANDIDATES)
+	$(PY) bench/bench_engine.py --scenario realistic $(if $(BENCH_FULL),,--tiles 2) --precision $(BENCH_CANDIDATES)
 	$(PY) bench/bench_engine.py --scenario many-class --mirroring off $(if $(BENCH_FULL),,--shape 60 320 320)
 
 # The portal's warm latencies beside the network time, a cold `segmap run` and a cold `docker run` of the MAP.

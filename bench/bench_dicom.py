@@ -187,7 +187,7 @@ def parse_args(argv):
 class Loaded:
     """What stage 1 left for the later stages, for each side."""
 
-    inputs: object  # segmap.pipeline.Inputs
+    inputs: object  # segmap.run.values.InputImage
     sdk_selected: list  # the SDK's StudySelectedSeries list (slices sorted by convert_to_image)
     labels_ours: np.ndarray  # [z, y, x] in segmap's slice order
     labels_sdk: np.ndarray  # the same in the SDK's slice order
@@ -198,8 +198,7 @@ def stage_load(args, report: Report, series_dir: Path, labels_by_file: np.ndarra
     from monai.deploy.operators.dicom_series_selector_operator import DICOMSeriesSelectorOperator
     from monai.deploy.operators.dicom_series_to_volume_operator import DICOMSeriesToVolumeOperator
 
-    from segmap.dicom.loading import scan_dicom_folder
-    from segmap.pipeline import dicom_inputs, select_dicom_series
+    from segmap.run.steps import choose_series, load_series, scan_study
 
     loader = DICOMDataLoaderOperator(app, name="loader", input_folder=series_dir)
     selector = DICOMSeriesSelectorOperator(app, name="selector")
@@ -207,7 +206,7 @@ def stage_load(args, report: Report, series_dir: Path, labels_by_file: np.ndarra
     rules = task.modalities[0].rules  # the same selection rules for both sides
 
     def ours():
-        return dicom_inputs(select_dicom_series(scan_dicom_folder(series_dir), task), task)
+        return load_series(choose_series(scan_study(series_dir), task), task)
 
     def sdk():
         selected = selector.filter(rules, loader.load_data_to_studies(series_dir))

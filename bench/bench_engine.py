@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import sys
@@ -54,9 +55,12 @@ from segmap.demo.phantom import make_phantom  # noqa: E402
 from segmap_tools.plans import build_network, make_dataset_json, make_plans, write_nnunet_results_folder  # noqa: E402
 from segmap.engine import EngineOptions, Segmenter  # noqa: E402
 from segmap.engine.openvino_runtime import available as openvino_available  # noqa: E402
-from segmap.engine.precision import cpu_has_fast_bf16  # noqa: E402
+from segmap.engine.precision import FastestCandidate, cpu_bf16_flags, cpu_has_fast_bf16  # noqa: E402
+from segmap.engine import preprocess  # noqa: E402
 from segmap.model import export_monet, load_model  # noqa: E402
 
+#: The CPU flags that decide the arithmetic paths, printed with every run (the figures are per CPU).
+CPU_FLAGS_SHOWN = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni", "avx_vnni"}
 CT_PROPS = {"mean": 80.0, "std": 250.0, "percentile_00_5": -150.0, "percentile_99_5": 1000.0}
 
 
@@ -170,15 +174,32 @@ def nnunet_peak_estimate(n_classes: int, net_shape, shape) -> int:
     return n_classes * n_net * (2 + 4) + n_net * 2 + n_classes * n_in * 4 + n_in * 8
 
 
-def run_segmap(model_path, image, spacing, mirroring, precision, device):
-    """``precision`` is a setting value, or ``fast+openvino``: the fast path with OpenVINO allowed to compete
-    (``EngineOptions.openvino``; the optional extra)."""
-    openvino = precision == "fast+openvino"
+def parse_candidate(text: str) -> dict:
+    """``PRECISION[+openvino][+int8][@STEP]``: a precision setting, OpenVINO allowed to compete (optional extra),
+    int8 networks pinned (NNCF, tools/segmap_tools/quantize.py; measured, never offered by the engine), and a tile
+    step (nnU-Net's ``tile_step_size``; 0.5 when not given)."""
+    base, _, step = text.partition("@")
+    parts = base.split("+")
+    unknown = set(parts[1:]) - {"openvino", "int8"}
+    if unknown or parts[0] not in ("exact", "fast", "auto"):
+        raise SystemExit(f"bench_engine: unknown candidate {text!r} (PRECISION[+openvino][+int8][@STEP])")
+    return dict(precision=parts[0], openvino="openvino" in parts or "int8" in parts, int8="int8" in parts,
+                step=float(step) if step else 0.5)
+
+
+def run_segmap(model_path, image, spacing, mirroring, candidate: str, device):
+    """One segmap run of ``candidate`` (:func:`parse_candidate`)."""
+    c = parse_candidate(candidate)
     with PeakRSS() as mem:
         t = time.perf_counter()
         seg = Segmenter(load_model(model_path),
-                        EngineOptions(device=device, mirroring=mirroring, precision=precision.split("+")[0],
-                                      openvino=openvino))
+                        EngineOptions(device=device, mirroring=mirroring, precision=c["precision"],
+                                      openvino=c["openvino"], step=c["step"]))
+        if c["int8"]:
+            from segmap_tools.quantize import int8_candidate
+
+            seg.runner = FastestCandidate([int8_candidate(seg.networks, (seg.spec.num_channels,
+                                                                         *seg.spec.patch_size))])
         labels = seg.predict(image, spacing)
         elapsed = time.perf_counter() - t
     return labels, elapsed, mem.growth, seg
@@ -194,9 +215,12 @@ def main(argv=None) -> int:
                     help="shrink the field of view to this many tiles per axis (synthetic scenarios; quick checks)")
     ap.add_argument("--mirroring", choices=["off", "on", "both"], default="both")
     ap.add_argument("--precision", default="exact,fast",
-                    help="comma-separated segmap precisions to run (exact, fast, auto, fast+openvino); fast+openvino "
-                         "lets OpenVINO compete (optional extra; OpenVINO fp32 is the fast path where the CPU has no "
-                         "native bf16); fast is skipped with a note there")
+                    help="comma-separated segmap candidates to run, each PRECISION[+openvino][+int8][@STEP]: exact, "
+                         "fast, auto; +openvino lets OpenVINO compete (optional extra; OpenVINO fp32 is the fast path "
+                         "where the CPU has no native bf16; plain fast is skipped with a note there); +int8 pins "
+                         "NNCF-quantized int8 networks (openvino and nncf installed; measured, never offered by the "
+                         "engine); @STEP sets the tile step (nnU-Net's tile_step_size, default 0.5), e.g. "
+                         "fast+openvino@0.75")
     ap.add_argument("--no-nnunet", action="store_true", help="segmap only (no reference, no Dice)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cpu", help="cpu or cuda (both sides; peak memory is host memory)")
@@ -211,9 +235,10 @@ def main(argv=None) -> int:
             ap.error("--tiles needs a synthetic scenario (medium-net, realistic, many-class)")
         shape = shape_for_tiles(args.tiles, sc["patch"], sc["target"], spacing)
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
-    if "fast+openvino" in precisions and not openvino_available():
-        print("note: openvino is not installed (pip install segmap[openvino]): fast+openvino skipped")
-        precisions.remove("fast+openvino")
+    for p in [p for p in precisions if parse_candidate(p)["openvino"]]:
+        if not openvino_available() or (parse_candidate(p)["int8"] and importlib.util.find_spec("nncf") is None):
+            print(f"note: openvino (and nncf for int8) not installed (pip install segmap[openvino] nncf): {p} skipped")
+            precisions.remove(p)
     if "fast" in precisions and args.device == "cpu" and not cpu_has_fast_bf16():
         hint = " (fast+openvino runs OpenVINO fp32 here)" if openvino_available() else ""
         print(f"note: this CPU has no native bf16 (amx_bf16/avx512_bf16): fast would run exact; skipped{hint}")
@@ -237,12 +262,17 @@ def main(argv=None) -> int:
         print(f"scenario {args.scenario}: model {Path(model_path).name} ({folds} fold(s), {spec.num_outputs} outputs, "
               f"patch {spec.patch_size}); input {shape} at {spacing} mm -> about {net_shape} at the network's "
               f"spacing; {args.threads} torch threads")
+        flags = {w for line in open("/proc/cpuinfo") if line.startswith("flags") for w in line.split(":", 1)[1].split()}
+        box = preprocess.bbox_of(preprocess.nonzero_mask(image, fill_holes=False))
+        kept = float(np.prod([hi - lo for lo, hi in box]) / np.prod(image.shape[1:]))
+        print(f"CPU: {os.cpu_count()} cores, flags {' '.join(sorted(flags & CPU_FLAGS_SHOWN)) or 'none of ' + '/'.join(sorted(CPU_FLAGS_SHOWN))}; "
+              f"crop to nonzero keeps {100 * kept:.1f} % of the voxels (nnU-Net's rule, both sides)")
         if run_ref and estimate > 0.8 * available_bytes():
             print(f"nnUNetPredictor not run: its class arrays alone need about {estimate / 2**30:.1f} GiB, "
                   f"{available_bytes() / 2**30:.1f} GiB available")
             run_ref = False
         for mirroring in mirrorings:
-            ref = None
+            ref = exact_labels = None
             if run_ref:
                 ref_timings: dict = {}
                 with PeakRSS() as mem:
@@ -255,7 +285,7 @@ def main(argv=None) -> int:
                 rows.append(dict(side="nnUNetPredictor", mirroring=mirroring, seconds=t_ref,
                                  peak_mib=mem.growth / 2**20, network_seconds=ref_timings["network"],
                                  network_calls=ref_timings["calls"], exact_floor=floor))
-                print(f"  mirroring {'on ' if mirroring else 'off'} nnUNetPredictor      {t_ref:8.2f} s  "
+                print(f"  mirroring {'on ' if mirroring else 'off'} nnUNetPredictor                 {t_ref:8.2f} s  "
                       f"peak +{mem.growth / 2**20:7.0f} MiB  [network {ref_timings['network']:.2f} s in "
                       f"{ref_timings['calls']} calls: {100 * floor:.1f} % of its time, the floor of an exact "
                       f"path's time ratio]")
@@ -263,13 +293,21 @@ def main(argv=None) -> int:
                 labels, elapsed, growth, seg = run_segmap(model_path, image, spacing, mirroring, precision, args.device)
                 row = dict(side=f"segmap {precision}", mirroring=mirroring, seconds=elapsed,
                            peak_mib=growth / 2**20, path=seg.network_path, precision_used=seg.precision_used,
+                           tile_step=seg.step, network_calls=seg.network_calls,
                            stages={k: round(v, 3) for k, v in seg.timings.items()})
                 outside = elapsed - seg.timings.get("network", 0.0)
                 row["outside_network_share"] = outside / elapsed
-                line = (f"  mirroring {'on ' if mirroring else 'off'} segmap {precision:<13} {elapsed:8.2f} s  "
-                        f"peak +{growth / 2**20:7.0f} MiB  [{seg.network_path}; "
-                        f"network {seg.timings['network']:.2f} s, "
+                line = (f"  mirroring {'on ' if mirroring else 'off'} segmap {precision:<24} {elapsed:8.2f} s  "
+                        f"peak +{growth / 2**20:7.0f} MiB  [{seg.network_path}, step {seg.step:g}; "
+                        f"network {seg.timings['network']:.2f} s in {seg.network_calls} calls, "
                         f"outside it {100 * row['outside_network_share']:.1f} %]")
+                if precision == "exact":
+                    exact_labels = labels
+                elif exact_labels is not None:
+                    row["agreement_vs_exact"] = float((exact_labels == labels).mean())
+                    row["dice_vs_exact"] = dice_per_label(exact_labels, labels)
+                    line += (f"\n      against segmap exact: agreement {row['agreement_vs_exact']:.5f}; Dice "
+                             + ", ".join(f"{k}: {v:.4f}" for k, v in row["dice_vs_exact"].items()))
                 if ref is not None:
                     row["time_ratio"] = elapsed / t_ref
                     row["network_ratio"] = seg.timings["network"] / ref_timings["network"]
@@ -287,6 +325,7 @@ def main(argv=None) -> int:
                 rows.append(row)
                 del labels
                 gc.collect()
+            del exact_labels
     if args.json:
         args.json.write_text(json.dumps(dict(scenario=args.scenario, shape=shape, spacing=spacing, rows=rows,
                                              nnunet_estimate_gib=estimate / 2**30), indent=1, default=str))

@@ -42,16 +42,17 @@ def make_model_pair(root: Path, state_dicts: Sequence[dict], *, plans: dict, dat
 
 
 def nnunet_predict(results: Path, folds: int, image_czyx: np.ndarray, spacing_zyx, *, mirroring: bool,
-                   device: str = "cpu", timings: dict | None = None) -> np.ndarray:
+                   device: str = "cpu", timings: dict | None = None, step: float = 0.5) -> np.ndarray:
     """nnU-Net's own label map for an image already in SimpleITK's (c, z, y, x) order.
 
     On a GPU nnU-Net keeps everything on the device (its default there); on the CPU there is nothing to move.
     ``timings``, when given, receives ``network``: the seconds spent inside the network's forward calls (module
-    hooks; they change nothing in what runs) and ``calls``: how many there were."""
+    hooks; they change nothing in what runs) and ``calls``: how many there were. ``step`` is its
+    ``tile_step_size`` (``nnUNetv2_predict -step_size``; 0.5 by default, as there)."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     dev = torch.device(device)
-    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
+    predictor = nnUNetPredictor(tile_step_size=step, use_gaussian=True, use_mirroring=mirroring,
                                 perform_everything_on_device=dev.type == "cuda", device=dev, verbose=False,
                                 verbose_preprocessing=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(results), use_folds=tuple(range(folds)))

@@ -52,12 +52,42 @@ def test_separate_z_decision_equals_nnunet(cur, new, force):
     assert separate_z_axis(ResamplingSpec(3, 0, force), cur, new) == (axis if do_sep else None)
 
 
+@pytest.mark.parametrize("step", [0.5, 0.75, 1.0])
 @pytest.mark.parametrize("size,tile", [((64, 130, 131), (32, 48, 48)), ((32, 48, 48), (32, 48, 48)),
-                                       ((33, 200, 49), (32, 64, 48))])
-def test_tile_starts_equal_nnunet(size, tile):
+                                       ((33, 200, 49), (32, 64, 48)), ((300, 273, 273), (128, 128, 128))])
+def test_tile_starts_equal_nnunet(size, tile, step):
     from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
 
-    assert tile_starts(size, tile, 0.5) == [list(s) for s in compute_steps_for_sliding_window(size, tile, 0.5)]
+    assert tile_starts(size, tile, step) == [list(s) for s in compute_steps_for_sliding_window(size, tile, step)]
+
+
+def test_larger_tile_step_means_fewer_tiles_on_a_large_ct():
+    """A 512x512x300 CT at 0.8x0.8x1.5 mm resampled to 1.5 mm (300x273x273), nnU-Net's default CT patch: 64 tiles
+    at nnU-Net's step 0.5, 27 at 0.75 (the figure the tile_step_size setting's help gives)."""
+    count = lambda step: int(np.prod([len(s) for s in tile_starts((300, 273, 273), (128, 128, 128), step)]))
+    assert (count(0.5), count(0.75), count(1.0)) == (64, 27, 27)
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+def test_crop_on_a_phantom_equals_nnunet(modality):
+    """nnU-Net crops to the nonzero region before tiling. On CT air is -1024, not 0, so nothing is cropped and
+    every tile is needed; on MR-like images (zero outside the body) the crop removes the empty border, on both
+    sides alike, so no tile lies wholly outside it."""
+    from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
+
+    from segmap.demo.phantom import make_phantom
+
+    image = make_phantom((40, 96, 96), (3.0, 1.5, 1.5), seed=2).hu[None].astype(np.float32)
+    if modality == "MR":
+        image = np.where(image > -500, image + 1024, 0).astype(np.float32)
+    _, _, bbox = crop_to_nonzero(image.copy())
+    ours = preprocess.bbox_of(preprocess.nonzero_mask(image, fill_holes=False))
+    assert [list(b) for b in ours] == [list(b) for b in bbox]
+    kept = np.prod([hi - lo for lo, hi in ours]) / np.prod(image.shape[1:])
+    if modality == "CT":
+        assert kept == 1.0
+    else:
+        assert kept < 0.8
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])

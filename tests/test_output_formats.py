@@ -133,18 +133,20 @@ def test_compose_shows_named_ports(kind, tmp_path):
     assert flows == expected
 
 
-def test_precision_and_seg_type_settings_reach_the_engine_and_the_writer(dicom_study, tmp_path):
+def test_precision_step_and_seg_type_settings_reach_the_engine_and_the_writer(dicom_study, tmp_path):
     import pydicom
 
     proc = subprocess.run([sys.executable, "-m", "segmap.cli", "run", "-m", str(DEMO_MODEL), "-t", str(SPLEEN_TASK),
                            "-i", str(dicom_study), "-o", str(tmp_path / "o"), "--device", "cpu", "--no-overlay",
-                           "--segmentation-type", "labelmap", "--precision", "exact"], capture_output=True, text=True,
+                           "--segmentation-type", "labelmap", "--precision", "exact", "--tile-step-size", "0.75"],
+                          capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seg = pydicom.dcmread(tmp_path / "o" / "segmentation.dcm", stop_before_pixels=True)
     assert seg.SegmentationType == "LABELMAP"
     report = json.loads((tmp_path / "o" / "run_report.json").read_text())
     assert report["engine"]["precision"] == "exact" and report["engine"]["arithmetic"] == "fp32"
+    assert report["engine"]["tile_step"] == 0.75 and report["engine"]["network_calls"] > 0
     assert [o["kind"] for o in report["outputs"]] == ["dicom-seg"]  # --no-overlay
 
 
@@ -158,7 +160,7 @@ def test_openvino_setting_reaches_the_engine(dicom_study, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "o" / "run_report.json").read_text())
-    assert report["engine"]["precision"] == "fast"
+    assert report["engine"]["precision"] == "fast" and report["engine"]["tile_step"] == 0.5
     if importlib.util.find_spec("openvino") is None:
         assert "openvino package is not installed" in proc.stderr
         assert report["engine"]["network_path"].startswith("torchscript")

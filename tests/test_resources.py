@@ -97,6 +97,9 @@ def test_settings_threads_and_umask_are_validated():
         validate_settings(Settings(threads="lots"))
     with pytest.raises(SettingsError, match=r"^SEGMAP_UMASK: umask must be an octal mode such as 027, got '089'$"):
         validate_settings(Settings(umask="089"))
+    with pytest.raises(SettingsError, match=r"^SEGMAP_TILE_STEP_SIZE: tile step '0' must be a number in \(0, 1\] "):
+        validate_settings(Settings(tile_step_size="0"))
+    validate_settings(Settings(tile_step_size="0.75"))
 
 
 def test_default_umask_writes_files_0640(tmp_path):

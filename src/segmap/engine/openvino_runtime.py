@@ -85,17 +85,11 @@ def openvino_module():
     return openvino
 
 
-class OpenVinoNetwork:
-    """A TorchScript network converted and compiled by OpenVINO for one input shape; called like the network."""
+class CompiledNetwork:
+    """An OpenVINO model compiled for the CPU and one input shape; called like the network."""
 
-    def __init__(self, network, example: torch.Tensor, hint: str, threads: int):
-        ov = openvino_module()
-
-        core = ov.Core()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TorchScript deprecation warnings from the conversion
-            model = ov.convert_model(network, example_input=example)
-        self.shape = tuple(example.shape)
+    def __init__(self, core, model, shape: Sequence[int], hint: str, threads: int):
+        self.shape = tuple(shape)
         # One request at a time on all of torch's threads: LATENCY (THROUGHPUT splits the threads into streams
         # and took twice as long per tile on 2 cores).
         self.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint,
@@ -114,6 +108,17 @@ def bf16_capable() -> bool:
     ov = openvino_module()
 
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+class OpenVinoNetwork(CompiledNetwork):
+    """A TorchScript network converted and compiled by OpenVINO for one input shape; called like the network."""
+
+    def __init__(self, network, example: torch.Tensor, hint: str, threads: int):
+        ov = openvino_module()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript deprecation warnings from the conversion
+            model = ov.convert_model(network, example_input=example)
+        super().__init__(ov.Core(), model, example.shape, hint, threads)
 
 
 def _compiled(networks: Sequence, tile_shape: Sequence[int], hint: str) -> list:

@@ -14,6 +14,9 @@ from ..errors import SegmapError
 #: The network's arithmetic: exact (fp32), fast (bf16/fp16 where the hardware has it) or auto (fast where it has).
 PRECISIONS = ("exact", "fast", "auto")
 
+#: nnU-Net's ``tile_step_size`` (its predictor's default and ``nnUNetv2_predict -step_size``): the exact path's step.
+NNUNET_STEP = 0.5
+
 
 @dataclass
 class EngineOptions:
@@ -21,9 +24,12 @@ class EngineOptions:
     device: str = "auto"
     #: Test-time mirroring over the model's allowed axes (nnU-Net's default is on; 8x the network time in 3D).
     mirroring: bool = False
-    #: Tile step as a fraction of the patch size, nnU-Net's ``tile_step_size`` (0.5; its predictor's default).
-    #: Larger steps mean fewer, less overlapping tiles: faster, and further from the model's reference output.
-    step: float = 0.5
+    #: Tile step as a fraction of the patch size, nnU-Net's ``tile_step_size`` (``nnUNetv2_predict -step_size``),
+    #: on both paths. Larger steps mean fewer, less overlapping tiles: faster (0.75 cuts a 512x512x300 CT's tiles at
+    #: 1.5 mm from 64 to 27), and further from the model's output at nnU-Net's default. The fast path does not pick
+    #: a larger one: on the trained fidelity networks 0.75 moved nnU-Net's own output by up to half a label (Dice
+    #: 0.50-0.99 against 0.5; docs/performance.md), so fewer tiles are the user's choice, never a default.
+    step: float = NNUNET_STEP
     #: "exact" (fp32, matches nnU-Net to Dice >= 0.999), "fast" (bf16 on CPUs with native bf16, fp16 on CUDA;
     #: Dice >= 0.99) or "auto" (fast where the hardware has it, else exact). See :mod:`segmap.engine.precision`.
     precision: str = "exact"
@@ -40,8 +46,19 @@ class EngineOptions:
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
-        if not 0 < float(self.step) <= 1:
-            raise SegmapError(f"tile step {self.step} must be in (0, 1] (a fraction of the patch size)")
+        self.step = check_step(self.step)
+
+
+def check_step(step) -> float:
+    """A tile step as a number in (0, 1], or a one-line error."""
+    try:
+        value = float(step)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0 < value <= 1:
+        raise SegmapError(f"tile step {step!r} must be a number in (0, 1] (a fraction of the patch size; "
+                          f"nnU-Net's default is {NNUNET_STEP})")
+    return value
 
 
 def check_precision(precision: str) -> None:

@@ -134,10 +134,22 @@ class Candidate:
     #: Tried only while the best timed call so far is shorter than this (seconds; None: always tried). For paths
     #: that win only on small networks, where a trial call is cheap; elsewhere a trial costs seconds.
     try_below: float | None = None
+    #: The arithmetic's name where autocast's dtype does not tell it (e.g. int8 networks measured by bench/).
+    arithmetic: str = ""
 
     @property
     def precision(self) -> str:
-        return _DTYPE_NAMES[self.dtype]
+        return self.arithmetic or _DTYPE_NAMES[self.dtype]
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the networks must see a tile of the input before their first call (quantized networks, which
+        have a ``calibrate(tile)`` method and no compiled graph until then)."""
+        return getattr(self.networks, "compiled", True) is None
+
+    def calibrate(self, sample: torch.Tensor) -> None:
+        """Calibrate on ``sample`` (a ``[1, c, *patch]`` tile of the input) where this path needs it."""
+        self.networks.calibrate(sample)
 
     def __call__(self, fold: int, x: torch.Tensor) -> torch.Tensor:
         """Fold ``fold``'s network on ``x`` in this candidate's arithmetic."""
@@ -215,6 +227,10 @@ class FastestCandidate:
     #: Calls each candidate ran.
     calls: dict[str, int] = field(default_factory=dict)
     chosen: Candidate | None = None
+    #: A representative tile of the current input (``() -> [1, c, *patch]``) for candidates that calibrate on it
+    #: (:attr:`Candidate.needs_calibration`); set by the sliding window. Without it such a candidate calibrates on
+    #: the tile of its first call.
+    calibration_sample: Callable[[], torch.Tensor] | None = None
     _timed: set = field(default_factory=set, init=False, repr=False)  # candidates with a timed call
     _warm: set = field(default_factory=set, init=False, repr=False)  # (candidate, fold) pairs called at least once
 
@@ -252,6 +268,9 @@ class FastestCandidate:
 
     def call(self, fold: int, x: torch.Tensor) -> torch.Tensor:
         candidate = self.next()
+        if candidate.needs_calibration:
+            if not self._calibrate(candidate, x):
+                return self.call(fold, x)
         self.calls[candidate.name] = self.calls.get(candidate.name, 0) + 1
         if self.chosen is not None:
             return candidate(fold, x)
@@ -264,6 +283,21 @@ class FastestCandidate:
             self._timed.add(candidate.name)
         self._warm.add((candidate.name, fold))
         return out
+
+    def _calibrate(self, candidate: Candidate, x: torch.Tensor) -> bool:
+        """Calibrate ``candidate`` (not timed as a call); on failure drop it with a warning. True when it can run."""
+        try:
+            candidate.calibrate(self.calibration_sample() if self.calibration_sample is not None else x)
+            return True
+        except Exception as e:  # a network that cannot be quantized: the other paths run, where there are any
+            others = [c for c in self.candidates if c is not candidate]
+            if not others:
+                raise
+            log.warning("%s dropped: its calibration failed (%s: %s)", candidate.name, type(e).__name__,
+                        str(e).splitlines()[0][:200] if str(e) else "")
+            self.candidates = others
+            self.chosen = others[0] if len(others) == 1 else None
+            return False
 
     def pin(self, precision: str) -> Candidate:
         """Run every call with the candidate named ``precision``, else the first of that arithmetic (fp32, bf16,

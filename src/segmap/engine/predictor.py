@@ -95,8 +95,10 @@ class Segmenter:
             else:
                 log.warning("mirroring requested but the model allows no mirroring axes; running without it")
         self.timings: dict[str, float] = {"load_model": time.perf_counter() - t0}
-        log.info("model loaded: %d fold(s) on %s in %.2f s; precision %s (%s)", len(self.networks), self.device,
-                 self.timings["load_model"], self.options.precision, self.precision_used)
+        #: Network calls of the last :meth:`predict` (one fold's network on one tile or one mirrored copy of it).
+        self.network_calls = 0
+        log.info("model loaded: %d fold(s) on %s in %.2f s; precision %s (%s), tile step %g", len(self.networks),
+                 self.device, self.timings["load_model"], self.options.precision, self.precision_used, self.step)
 
     def _load(self, device: torch.device) -> None:
         self.device = device
@@ -104,6 +106,8 @@ class Segmenter:
         tile_shape = self._openvino_tile_shape() if device.type == "cpu" and self.options.precision != "exact" \
             else None
         dtype = resolve_precision(self.options.precision, device, use_openvino=tile_shape is not None)
+        #: The tile step this segmenter runs (nnU-Net's ``tile_step_size``).
+        self.step = self.options.step
         self.runner = FastestCandidate(candidates_for(self.networks, device, dtype, self.options.optimize,
                                                       tile_shape=tile_shape, openvino_fp32=tile_shape is not None))
 
@@ -169,16 +173,19 @@ class Segmenter:
         full[tuple(slice(lo, hi) for lo, hi in bbox)] = labels
         labels = np.ascontiguousarray(full.transpose(spec.transpose_backward))
         timings["postprocess"] = time.perf_counter() - t
-        log.info("network %.2f s (%s), resampling back and argmax %.2f s", timings["network"], self.network_path,
-                 timings["postprocess"])
+        log.info("network %.2f s in %d calls (%s, tile step %g), resampling back and argmax %.2f s",
+                 timings["network"], self.network_calls, self.network_path, self.step, timings["postprocess"])
         self.timings.update(timings)
         return labels
 
     def _sliding_window(self, data: np.ndarray) -> torch.Tensor:
         def run() -> torch.Tensor:
-            return sliding_window_logits(data, self.runner, self.spec.patch_size, self.spec.num_outputs,
-                                         device=self.device, mirror_axes=self.mirror_axes, step=self.options.step,
-                                         progress=TileProgress())
+            before = sum(self.runner.calls.values())
+            logits = sliding_window_logits(data, self.runner, self.spec.patch_size, self.spec.num_outputs,
+                                           device=self.device, mirror_axes=self.mirror_axes, step=self.step,
+                                           progress=TileProgress())
+            self.network_calls = sum(self.runner.calls.values()) - before
+            return logits
 
         if self.device.type != "cuda":
             return run()
