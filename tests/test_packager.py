@@ -157,7 +157,7 @@ def test_app_yaml_bakes_in_variant_task_and_model(dicom_context):
                                 "model": "spleen", "folds": None, "checkpoint": None, "device": "auto",
                                 "mirroring": False, "omit_empty_frames": False, "overlay": True,
                                 "log_level": "INFO", "threads": "auto", "umask": "027", "precision": "exact",
-                                "openvino": False, "segmentation_type": "binary"}
+                                "tile_step_size": "0.5", "openvino": False, "segmentation_type": "binary"}
     # The keys holoscan-cli's `monai-deploy package` requires of an app.yaml.
     assert config["application"]["title"] and config["application"]["version"] == "1.2"
     assert {"cpu", "gpu", "memory", "gpuMemory"} <= set(config["resources"])
