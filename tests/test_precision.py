@@ -228,6 +228,7 @@ def test_a_calibrating_path_is_calibrated_once_on_the_middle_tile_before_its_fir
     # 7 tiles along z start at 0, 5, ..., 30: the middle one starts at 15
     assert nets.samples[0].shape == (1, 1, 10, 10, 10) and float(nets.samples[0][0, 0, 0, 0, 0]) == 15.0
     assert runner.current().precision == "int8"
+    assert runner.calibration_sample is None  # a warm model keeps no reference to the last input
 
 
 def test_a_path_whose_calibration_fails_is_dropped_with_a_warning(caplog):

@@ -145,19 +145,23 @@ def sliding_window_logits(data: np.ndarray, runner: FastestCandidate | Sequence[
     networks = runner.networks()
     if progress is not None:
         progress(0, len(tiles))
+    try:
+        with torch.inference_mode():
+            for done, sl in enumerate(tiles, start=1):
+                x = source[(slice(None), *sl)][None]
+                if on_gpu:  # page-locked memory lets the copy overlap with the previous tile's work
+                    x = x.pin_memory().to(device, non_blocking=True)
+                else:
+                    x = x.contiguous()
+                pred = predict_tile(networks, x, mirror_axes, batch_mirrors=on_gpu)[0].to(acc_device)
+                pred *= g  # float32 times the (float16) weights, as nnU-Net
+                weights[sl] += g
+                logits[(slice(None), *sl)] += pred
+                if progress is not None:
+                    progress(done, len(tiles))
+    finally:
+        runner.calibration_sample = None  # it holds this input: a warm model must not keep it
     with torch.inference_mode():
-        for done, sl in enumerate(tiles, start=1):
-            x = source[(slice(None), *sl)][None]
-            if on_gpu:  # page-locked memory lets the copy overlap with the previous tile's work
-                x = x.pin_memory().to(device, non_blocking=True)
-            else:
-                x = x.contiguous()
-            pred = predict_tile(networks, x, mirror_axes, batch_mirrors=on_gpu)[0].to(acc_device)
-            pred *= g  # float32 times the (float16) weights, as nnU-Net
-            weights[sl] += g
-            logits[(slice(None), *sl)] += pred
-            if progress is not None:
-                progress(done, len(tiles))
         torch.div(logits, weights, out=logits)
         # Class by class: a boolean copy of all logits would be a quarter of their size again (many-class models).
         if accumulate == torch.float16 and any(bool(torch.isinf(ch).any()) for ch in logits):
