@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import sys
@@ -52,10 +51,11 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from nnunet_reference import dice_per_label, nnunet_predict  # noqa: E402
 from segmap.demo.phantom import make_phantom  # noqa: E402
+from segmap_tools.quantize import int8_available  # noqa: E402
 from segmap_tools.plans import build_network, make_dataset_json, make_plans, write_nnunet_results_folder  # noqa: E402
 from segmap.engine import EngineOptions, Segmenter  # noqa: E402
 from segmap.engine.openvino_runtime import available as openvino_available  # noqa: E402
-from segmap.engine.precision import FastestCandidate, cpu_bf16_flags, cpu_has_fast_bf16  # noqa: E402
+from segmap.engine.precision import FastestCandidate, cpu_flags, cpu_has_fast_bf16  # noqa: E402
 from segmap.engine import preprocess  # noqa: E402
 from segmap.model import export_monet, load_model  # noqa: E402
 
@@ -235,9 +235,10 @@ def main(argv=None) -> int:
             ap.error("--tiles needs a synthetic scenario (medium-net, realistic, many-class)")
         shape = shape_for_tiles(args.tiles, sc["patch"], sc["target"], spacing)
     precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
-    for p in [p for p in precisions if parse_candidate(p)["openvino"]]:
-        if not openvino_available() or (parse_candidate(p)["int8"] and importlib.util.find_spec("nncf") is None):
-            print(f"note: openvino (and nncf for int8) not installed (pip install segmap[openvino] nncf): {p} skipped")
+    for p in list(precisions):
+        c = parse_candidate(p)
+        if (c["int8"] and not int8_available()) or (c["openvino"] and not openvino_available()):
+            print(f"note: openvino (and nncf for int8) not installed (pip install segmap[bench]): {p} skipped")
             precisions.remove(p)
     if "fast" in precisions and args.device == "cpu" and not cpu_has_fast_bf16():
         hint = " (fast+openvino runs OpenVINO fp32 here)" if openvino_available() else ""
@@ -262,11 +263,11 @@ def main(argv=None) -> int:
         print(f"scenario {args.scenario}: model {Path(model_path).name} ({folds} fold(s), {spec.num_outputs} outputs, "
               f"patch {spec.patch_size}); input {shape} at {spacing} mm -> about {net_shape} at the network's "
               f"spacing; {args.threads} torch threads")
-        flags = {w for line in open("/proc/cpuinfo") if line.startswith("flags") for w in line.split(":", 1)[1].split()}
+        shown = " ".join(sorted(cpu_flags() & CPU_FLAGS_SHOWN)) or "none of " + "/".join(sorted(CPU_FLAGS_SHOWN))
         box = preprocess.bbox_of(preprocess.nonzero_mask(image, fill_holes=False))
         kept = float(np.prod([hi - lo for lo, hi in box]) / np.prod(image.shape[1:]))
-        print(f"CPU: {os.cpu_count()} cores, flags {' '.join(sorted(flags & CPU_FLAGS_SHOWN)) or 'none of ' + '/'.join(sorted(CPU_FLAGS_SHOWN))}; "
-              f"crop to nonzero keeps {100 * kept:.1f} % of the voxels (nnU-Net's rule, both sides)")
+        print(f"CPU: {os.cpu_count()} cores, flags {shown}; crop to nonzero keeps {100 * kept:.1f} % of the voxels "
+              f"(nnU-Net's rule, both sides)")
         if run_ref and estimate > 0.8 * available_bytes():
             print(f"nnUNetPredictor not run: its class arrays alone need about {estimate / 2**30:.1f} GiB, "
                   f"{available_bytes() / 2**30:.1f} GiB available")

@@ -259,7 +259,7 @@ def resolve(flags: Mapping[str, Any] | None = None, *, env: Mapping[str, str] | 
 
 def validate_settings(settings) -> None:
     """Check the ``threads``, ``tile_step_size`` and ``umask`` settings (one line naming the variable when wrong)."""
-    for name, check in (("threads", _check_threads), ("tile_step_size", tile_step), ("umask", _check_umask)):
+    for name, check in (("threads", _check_threads), ("tile_step_size", check_step), ("umask", _check_umask)):
         try:
             check(getattr(settings, name))
         except SegmapError as e:
@@ -271,11 +271,6 @@ def _check_threads(value) -> None:
         return
     if not str(value).strip().isdigit():
         raise SegmapError(f"threads must be auto, 0 or a positive whole number, got {value!r}")
-
-
-def tile_step(value) -> float:
-    """The ``tile_step_size`` setting as the engine's step (a number in (0, 1])."""
-    return check_step(str(value).strip())
 
 
 def _check_umask(value) -> None:

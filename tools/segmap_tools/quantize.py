@@ -30,27 +30,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from segmap.engine.openvino_runtime import CompiledNetwork, available, openvino_module
+from segmap.engine.openvino_runtime import CompiledNetwork, available, convert, openvino_module
 from segmap.engine.precision import Candidate
 
 log = logging.getLogger("segmap.engine")
 
-#: CPU flags for int8 dot products (what "int8 where the CPU has it" means); reported beside the figures.
-INT8_CPU_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
-
-
 def int8_available() -> bool:
     """Whether NNCF is installed beside OpenVINO (without importing either)."""
     return available() and importlib.util.find_spec("nncf") is not None
-
-
-def cpu_int8_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, ...]:
-    try:
-        with open(cpuinfo, errors="replace") as f:
-            flags = {w for line in f if line.startswith("flags") for w in line.split(":", 1)[1].split()}
-    except OSError:
-        return ()
-    return tuple(f for f in INT8_CPU_FLAGS if f in flags)
 
 
 def _nncf():
@@ -63,30 +50,28 @@ def _nncf():
 
 class Int8Networks:
     """A model's fold networks, quantized to int8 by NNCF on a calibration tile and compiled by OpenVINO for
-    ``[1, *tile_shape]`` inputs. ``keep_fp32_ends`` leaves the first and the last convolution (the segmentation
-    head) unquantized. Until :meth:`calibrate` runs, ``compiled`` is None and the engine calibrates first."""
+    ``[1, *tile_shape]`` inputs, the first and the last convolution (the segmentation head) left in fp32 (without
+    that, agreement with nnU-Net was lower still). Until :meth:`calibrate` runs, ``compiled`` is None and the engine
+    calibrates first."""
 
-    def __init__(self, networks: Sequence, tile_shape: Sequence[int], keep_fp32_ends: bool = True):
+    def __init__(self, networks: Sequence, tile_shape: Sequence[int]):
         self._sources = list(networks)
         self.shape = (1, *tile_shape)
-        self.keep_fp32_ends = keep_fp32_ends
         self.compiled: list | None = None
         #: Seconds the quantization took (conversion, statistics, bias correction, compiling).
         self.seconds = 0.0
 
     def calibrate(self, sample: torch.Tensor) -> None:
-        ov, nncf = openvino_module(), _nncf()
+        nncf = _nncf()
         t = time.perf_counter()
         example = torch.zeros(self.shape, dtype=torch.float32)
         data = np.ascontiguousarray(sample.detach().cpu().numpy(), dtype=np.float32)
-        core = ov.Core()
+        core = openvino_module().Core()
         out = []
         for network in self._sources:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # TorchScript deprecation warnings from the conversion
-                model = ov.convert_model(network, example_input=example)
+            model = convert(network, example)
             convs = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"]
-            ignored = nncf.IgnoredScope(names=[convs[0], convs[-1]]) if self.keep_fp32_ends and convs else None
+            ignored = nncf.IgnoredScope(names=[convs[0], convs[-1]]) if convs else None
             # NNCF draws progress bars on standard output: a run's output is its log, not a terminal.
             with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -110,15 +110,19 @@ def bf16_capable() -> bool:
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
+def convert(network, example: torch.Tensor):
+    """A TorchScript network as an OpenVINO model for inputs shaped like ``example``."""
+    ov = openvino_module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript deprecation warnings from the conversion
+        return ov.convert_model(network, example_input=example)
+
+
 class OpenVinoNetwork(CompiledNetwork):
     """A TorchScript network converted and compiled by OpenVINO for one input shape; called like the network."""
 
     def __init__(self, network, example: torch.Tensor, hint: str, threads: int):
-        ov = openvino_module()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # TorchScript deprecation warnings from the conversion
-            model = ov.convert_model(network, example_input=example)
-        super().__init__(ov.Core(), model, example.shape, hint, threads)
+        super().__init__(openvino_module().Core(), convert(network, example), example.shape, hint, threads)
 
 
 def _compiled(networks: Sequence, tile_shape: Sequence[int], hint: str) -> list:

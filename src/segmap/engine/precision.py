@@ -48,16 +48,19 @@ log = logging.getLogger("segmap.engine")
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
-def cpu_bf16_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str, ...]:
-    """The native-bf16 flags this CPU reports (empty when none, or when the CPU cannot be inspected)."""
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """The feature flags the CPU reports (empty when it cannot be inspected: not Linux, or /proc hidden)."""
     try:
         text = Path(cpuinfo).read_text(errors="replace")
     except OSError:
-        return ()
-    flags: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith("flags") and ":" in line:
-            flags.update(line.split(":", 1)[1].split())
+        return frozenset()
+    return frozenset(w for line in text.splitlines() if line.startswith("flags") and ":" in line
+                     for w in line.split(":", 1)[1].split())
+
+
+def cpu_bf16_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str, ...]:
+    """The native-bf16 flags this CPU reports (empty when none, or when the CPU cannot be inspected)."""
+    flags = cpu_flags(cpuinfo)
     return tuple(f for f in BF16_CPU_FLAGS if f in flags)
 
 

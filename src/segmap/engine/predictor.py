@@ -106,8 +106,6 @@ class Segmenter:
         tile_shape = self._openvino_tile_shape() if device.type == "cpu" and self.options.precision != "exact" \
             else None
         dtype = resolve_precision(self.options.precision, device, use_openvino=tile_shape is not None)
-        #: The tile step this segmenter runs (nnU-Net's ``tile_step_size``).
-        self.step = self.options.step
         self.runner = FastestCandidate(candidates_for(self.networks, device, dtype, self.options.optimize,
                                                       tile_shape=tile_shape, openvino_fp32=tile_shape is not None))
 
@@ -125,6 +123,11 @@ class Segmenter:
     def precision_used(self) -> str:
         """``fp32``, ``bf16`` or ``fp16``: the network's arithmetic on the last run (before one: the likeliest)."""
         return self.runner.current().precision
+
+    @property
+    def step(self) -> float:
+        """The tile step this segmenter runs (nnU-Net's ``tile_step_size``)."""
+        return self.options.step
 
     @property
     def network_path(self) -> str:

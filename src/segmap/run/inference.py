@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from ..model import MonetModel
-from ..settings import Settings, tile_step
+from ..settings import Settings
 from ..volume import Volume
 from .host import check_memory_for, use_threads
 from .values import InputImage, timed
@@ -33,7 +33,7 @@ class Inference:
         if self._segmenter is None:
             self._segmenter = timed(timings, "load_model", lambda: Segmenter(self.model, EngineOptions(
                 device=self.settings.device, mirroring=self.settings.mirroring, precision=self.settings.precision,
-                step=tile_step(self.settings.tile_step_size), openvino=self.settings.openvino)))
+                step=self.settings.tile_step_size, openvino=self.settings.openvino)))
         labels = timed(timings, "inference", lambda: self._segmenter.segment(image.volume))
         for k in ("preprocess", "network", "postprocess"):
             timings[f"inference.{k}"] = self._segmenter.timings.get(k, 0.0)
